@@ -80,11 +80,13 @@ def train_cmd(
     _train(model, pairs, n_pairs, steps, seed, rank, out, allow_network, threads)
 
 
-def _evaluate(lm, adapter, split, methods, data_dir, n_target, n_other, n_dd, seed, out: Path, batch_size):
+def _evaluate(lm, adapter, split, methods, data_dir, n_target, n_other, n_dd, seed, out: Path, batch_size,
+              dd_file=None, dd_value=None):
     from .report import write_report
     from .suite import build_methods, default_datasets, run_suite
 
-    datasets = default_datasets(data_dir, n_target=n_target, n_other=n_other, n_dd=n_dd, seed=seed)
+    datasets = default_datasets(data_dir, n_target=n_target, n_other=n_other, n_dd=n_dd, seed=seed,
+                                dd_file=dd_file, dd_value=dd_value)
     ms = build_methods(lm.model, lm.tokenizer, adapter, list(split.train), seed, tuple(methods.split(",")))
     results = run_suite(lm.model, lm.tokenizer, ms, datasets, seed=seed, batch_size=batch_size,
                         meta={"model": lm.spec, "command": "ipissa " + shlex.join(sys.argv[1:])})
@@ -116,6 +118,8 @@ def eval_cmd(
     n_other: int = EvalOpts["n_other"],
     n_dd: int = EvalOpts["n_dd"],
     batch_size: int = EvalOpts["batch_size"],
+    dd_file: Optional[Path] = typer.Option(None, help="DailyDilemmas in the full per-action layout (HF release)"),
+    dd_value: Optional[str] = typer.Option(None, help="value that labels DailyDilemmas items, e.g. honesty"),
     seed: int = typer.Option(0),
     out: Path = typer.Option(Path("runs/eval")),
     allow_network: bool = typer.Option(False),
@@ -130,7 +134,7 @@ def eval_cmd(
     lm = load_model(model or meta.get("base_model"), allow_network=allow_network)
     ad = load_adapter(lm.model, adapter)
     split = _pairs(lm.tokenizer, pairs, n_pairs, seed)
-    _evaluate(lm, ad, split, methods, data_dir, n_target, n_other, n_dd, seed, out, batch_size)
+    _evaluate(lm, ad, split, methods, data_dir, n_target, n_other, n_dd, seed, out, batch_size, dd_file, dd_value)
 
 
 @app.command("run")

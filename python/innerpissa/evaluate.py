@@ -13,7 +13,6 @@ invalid when that mass is below ``MIN_MASS``. Coherence is the mean per-token NL
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -144,7 +143,3 @@ def run_sweep(model, tokenizer, method, datasets: list[EvalDataset], neutral_tex
         if progress is not None:
             progress(method.name, c)
     return Sweep(method.name, list(method.coeffs), scores, mass, nll)
-
-
-def finite(x: float) -> float | None:
-    return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else x

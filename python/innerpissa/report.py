@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .adapter.model import _atomic_write
+from .adapter.model import atomic_write
 
 
 def _fmt(x, nd=2) -> str:
@@ -26,10 +26,8 @@ def markdown_report(results: dict) -> str:
              "## Usable ranges", "", "| method | swept c | usable C | usable? | ΔNLL at ±C |", "|---|---|---|---|---|"]
     for name, m in methods.items():
         cmax = m["usable_cmax"]
-        i = [abs(c) for c in m["coeffs"]].index(cmax) if cmax in [abs(c) for c in m["coeffs"]] else None
         dn = max(m["neutral_dnll"][m["coeffs"].index(cmax)], m["neutral_dnll"][m["coeffs"].index(-cmax)])
         lines.append(f"| {name} | {m['coeffs']} | {cmax:g} | {'yes' if m['usable'] else 'no'} | {dn:+.3f} |")
-        del i
     datasets = results["datasets"]
     lab = [d for d, info in datasets.items() if info["labelled"]]
     unl = [d for d, info in datasets.items() if not info["labelled"]]
@@ -83,8 +81,8 @@ def write_report(results: dict, out_dir: str | Path) -> Path:
     """Write results.json, report.md and <dataset>.png files into ``out_dir`` (atomic per file)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "results.json", lambda p: Path(p).write_text(json.dumps(results, indent=1)))
-    _atomic_write(out / "report.md", lambda p: Path(p).write_text(markdown_report(results)))
+    atomic_write(out / "results.json", lambda p: Path(p).write_text(json.dumps(results, indent=1)))
+    atomic_write(out / "report.md", lambda p: Path(p).write_text(markdown_report(results)))
     for d, info in results["datasets"].items():
         if info["labelled"]:
             plot_dose_response(results, d, out / f"{d}.png")

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -36,7 +35,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .adapter import Adapter
-from .adapter.model import _atomic_write, decoder_blocks
+from .adapter.model import atomic_write, decoder_blocks
 from .pairs import ContrastivePair
 
 LOSS_NAME = "reprpo-svd"
@@ -164,13 +163,11 @@ def _basis_for_block(adapter: Adapter, block_index: int) -> str:
     """Name of the adapted residual writer whose U basis measures the loss-layer residual."""
     blocks = decoder_blocks(adapter.model)
     names = {id(b): n for n, b in adapter.model.named_modules() if any(b is x for x in blocks)}
-    by_block = []
     for i in range(block_index, -1, -1):
         prefix = names[id(blocks[i])] + "."
         cands = [t for t in adapter.target_names if t.startswith(prefix)]
         if cands:
             return cands[-1]  # the later writer of the block (MLP down projection)
-        by_block.append(i)
     return adapter.target_names[0]
 
 
@@ -265,7 +262,7 @@ def train(adapter: Adapter, tokenizer, train_pairs: list[ContrastivePair], val_p
     start = 0
     if run is not None:
         run.mkdir(parents=True, exist_ok=True)
-        _atomic_write(run / "train_config.json", lambda p: Path(p).write_text(json.dumps(asdict(cfg), indent=2)))
+        atomic_write(run / "train_config.json", lambda p: Path(p).write_text(json.dumps(asdict(cfg), indent=2)))
         ck = run / "checkpoint" / "state.pt"
         if ck.exists():
             state = torch.load(ck, weights_only=False)
@@ -304,7 +301,7 @@ def train(adapter: Adapter, tokenizer, train_pairs: list[ContrastivePair], val_p
                 (run / "checkpoint").mkdir(exist_ok=True)
                 state = {"adapter": adapter.state_dict(), "optimizer": opt.state_dict(),
                          "scheduler": sched.state_dict(), "step": step + 1}
-                _atomic_write(run / "checkpoint" / "state.pt", lambda p: torch.save(state, p))
+                atomic_write(run / "checkpoint" / "state.pt", lambda p: torch.save(state, p))
     if run is not None:
         adapter.save(run / "adapter")
     return last_val

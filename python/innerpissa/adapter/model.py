@@ -244,12 +244,12 @@ class Adapter(nn.Module):
             "base_model_class": type(self.model).__name__,
             **self.meta,
         }
-        _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, str(p)))
-        _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(cfg, indent=2, default=str)))
+        atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, str(p)))
+        atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(cfg, indent=2, default=str)))
         return out
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
     try:
