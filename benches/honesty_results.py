@@ -85,7 +85,7 @@ def results_markdown(results: dict, seed_methods: list[str], cmd: str, minutes: 
         f"Machine: 2 vCPU Xeon (AVX-512), no GPU, torch fp32, 2 threads. Date: {datetime.date.today()}. "
         f"Wall time {minutes:.0f} min (training per seed: "
         + (", ".join(f"{v:.1f} min" for v in train_minutes.values()) or "resumed") + ").  ",
-        f"Eval items: seeded subsets (seed 0) split 50/50 dev/test; tables report **test** items only.", "",
+        "Eval items: seeded subsets (seed 0) split 50/50 dev/test; tables report **test** items only.", "",
         "Effect: mean over test items of the least-squares slope of the label-aligned Yes/No log-odds (nats) "
         "against t = c / C, where ±C is the method's usable range chosen on dev items (neutral-text ΔNLL ≤ 0.2 "
         "nats/token and invalid-answer rate ≤ +5 points). Label-aligned means positive = more agreement with the "

@@ -20,17 +20,17 @@ from __future__ import annotations
 
 import ast
 import csv
-import json
 import math
 import os
 import random
-import re
 import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
+
+from .jsonl import iter_jsonl
 
 __all__ = [
     "EvalItem",
@@ -114,24 +114,6 @@ def _answer_kind(answer: str) -> tuple[str, int] | None:
     return None
 
 
-def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    """Yield (1-based line number, parsed JSON) for non-blank lines; EvalDataError on bad UTF-8 or JSON."""
-    with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise EvalDataError(path, lineno, f"not valid UTF-8 ({err.reason} at byte {err.start})") from None
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as err:
-                raise EvalDataError(
-                    path, lineno, f"invalid JSON ({err.msg} at column {err.colno}); write one JSON object per line"
-                ) from None
-
-
 def load_mwe(path: str | Path) -> EvalDataset:
     """Load an Anthropic model-written-evals JSONL file.
 
@@ -156,7 +138,7 @@ def load_mwe(path: str | Path) -> EvalDataset:
         raise FileNotFoundError(f"model-written-evals file not found: {path}")
     items: list[EvalItem] = []
     kind: str | None = None
-    for lineno, row in _iter_jsonl(path):
+    for lineno, row in iter_jsonl(path, EvalDataError):
         if not isinstance(row, dict):
             raise EvalDataError(path, lineno, f"expected a JSON object, got {type(row).__name__}")
         for field in ("question", "answer_matching_behavior", "answer_not_matching_behavior"):
@@ -247,7 +229,7 @@ def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]
     """Rows of a CSV (header + (start line, row)) or JSONL (keys of the first row, (line, row))."""
     if path.suffix.lower() in (".jsonl", ".json"):
         rows = []
-        for lineno, row in _iter_jsonl(path):
+        for lineno, row in iter_jsonl(path, EvalDataError):
             if not isinstance(row, dict):
                 raise EvalDataError(path, lineno, f"expected a JSON object, got {type(row).__name__}")
             rows.append((lineno, row))

@@ -20,12 +20,13 @@ This module imports nothing heavy; the tokenizer is duck-typed (anything with ``
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
+
+from .jsonl import iter_jsonl
 
 __all__ = [
     "ContrastivePair",
@@ -683,21 +684,8 @@ def load_pairs(path: str | Path, tokenizer: Any, val_fraction: float = 0.1, seed
     if not path.is_file():
         raise FileNotFoundError(f"pair file not found: {path}")
     rows: list[tuple[ContrastivePair, str]] = []
-    with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise PairFileError(path, lineno, f"not valid UTF-8 ({err.reason} at byte {err.start})") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise PairFileError(
-                    path, lineno, f"invalid JSON ({err.msg} at column {err.colno}); write one JSON object per line"
-                ) from None
-            rows.append(_parse_pair_row(obj, path, lineno, tokenizer))
+    for lineno, obj in iter_jsonl(path, PairFileError):
+        rows.append(_parse_pair_row(obj, path, lineno, tokenizer))
     if not rows:
         raise PairFileError(path, None, f"no pairs found (the file is empty or blank); {_FORMAT_HELP}")
     return _split_groups(rows, val_fraction, seed)
