@@ -82,7 +82,7 @@ def results_markdown(results: dict, seed_methods: list[str], cmd: str, minutes: 
     lines = [
         "# Results: honesty steering on SmolLM2-135M-Instruct", "",
         f"Command: `{cmd}`  ",
-        f"Machine: 2 vCPU Xeon (AVX-512), no GPU, torch fp32, 2 threads. Date: {datetime.date.today()}. "
+        f"Machine: 2 vCPU with AVX-512 (AMD EPYC), no GPU, torch fp32, 2 threads. Date: {datetime.date.today()}. "
         f"Wall time {minutes:.0f} min (training per seed: "
         + (", ".join(f"{v:.1f} min" for v in train_minutes.values()) or "resumed") + ").  ",
         "Eval items: seeded subsets (seed 0) split 50/50 dev/test; tables report **test** items only.", "",
