@@ -83,12 +83,11 @@ def answer_scores(model, tokenizer, prompts: list[str], kind: str = "yesno", bat
 def text_nll(model, tokenizer, texts: list[str], system: str | None = None, batch_size: int = 16) -> float:
     """Mean per-token NLL (nats/token) of ``texts`` as the assistant's reply to a fixed neutral request."""
     total, count = 0.0, 0
+    head = tokenizer(render_prompt(tokenizer, "Write a short paragraph.", system=system),
+                     add_special_tokens=False)["input_ids"]
     for i in range(0, len(texts), batch_size):
-        chunk = texts[i:i + batch_size]
-        heads = [tokenizer(render_prompt(tokenizer, "Write a short paragraph.", system=system),
-                           add_special_tokens=False)["input_ids"] for _ in chunk]
-        bodies = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in chunk]
-        ids, mask, pos = left_pad([h + b for h, b in zip(heads, bodies)], tokenizer.pad_token_id)
+        bodies = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[i:i + batch_size]]
+        ids, mask, pos = left_pad([head + b for b in bodies], tokenizer.pad_token_id)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits.float()
         logp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (B, T-1)
         body_mask = torch.zeros_like(ids[:, 1:], dtype=torch.bool)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 
 @dataclass
@@ -33,7 +33,6 @@ class AdapterConfig:
     rotate: bool = True
     init_std: float = 1e-3
     seed: int = 0
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.scale not in ("additive", "multiplicative"):
