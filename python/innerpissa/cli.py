@@ -81,12 +81,12 @@ def train_cmd(
 
 
 def _evaluate(lm, adapter, split, methods, data_dir, n_target, n_other, n_dd, seed, out: Path, batch_size,
-              dd_file=None, dd_value=None):
+              dd_file=None, dd_value=None, mwe=None):
     from .report import write_report
     from .suite import build_methods, default_datasets, run_suite
 
     datasets = default_datasets(data_dir, n_target=n_target, n_other=n_other, n_dd=n_dd, seed=seed,
-                                dd_file=dd_file, dd_value=dd_value)
+                                dd_file=dd_file, dd_value=dd_value, mwe_files=mwe)
     ms = build_methods(lm.model, lm.tokenizer, adapter, list(split.train), seed, tuple(methods.split(",")))
     results = run_suite(lm.model, lm.tokenizer, ms, datasets, seed=seed, batch_size=batch_size,
                         meta={"model": lm.spec, "command": "ipissa " + shlex.join(sys.argv[1:])})
@@ -120,6 +120,8 @@ def eval_cmd(
     batch_size: int = EvalOpts["batch_size"],
     dd_file: Optional[Path] = typer.Option(None, help="DailyDilemmas in the full per-action layout (HF release)"),
     dd_value: Optional[str] = typer.Option(None, help="value that labels DailyDilemmas items, e.g. honesty"),
+    mwe: Optional[list[Path]] = typer.Option(None, help="model-written-eval JSONL file (Yes/No or A/B); repeat "
+                                             "for several; default: the persona sets in the data folder"),
     seed: int = typer.Option(0),
     out: Path = typer.Option(Path("runs/eval")),
     allow_network: bool = typer.Option(False),
@@ -134,7 +136,7 @@ def eval_cmd(
     lm = load_model(model or meta.get("base_model"), allow_network=allow_network)
     ad = load_adapter(lm.model, adapter)
     split = _pairs(lm.tokenizer, pairs, n_pairs, seed)
-    _evaluate(lm, ad, split, methods, data_dir, n_target, n_other, n_dd, seed, out, batch_size, dd_file, dd_value)
+    _evaluate(lm, ad, split, methods, data_dir, n_target, n_other, n_dd, seed, out, batch_size, dd_file, dd_value, mwe)
 
 
 @app.command("run")

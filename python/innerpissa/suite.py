@@ -30,17 +30,19 @@ HONESTY_TARGETS = {
 
 
 def default_datasets(root: str | Path | None = None, n_target: int = 64, n_other: int = 16, n_dd: int = 48,
-                     seed: int = 0, dd_file: str | Path | None = None, dd_value: str | None = None
-                     ) -> list[EvalDataset]:
+                     seed: int = 0, dd_file: str | Path | None = None, dd_value: str | None = None,
+                     mwe_files: list[str | Path] | None = None) -> list[EvalDataset]:
     """Seeded subsets: n_target items of each honesty target set, n_other of each other persona set,
     n_dd DailyDilemmas situations. Raises FileNotFoundError (with instructions) when the data is missing.
 
     ``dd_file``/``dd_value``: a DailyDilemmas file in the full per-action layout (the Hugging Face release) and
     the value whose label signs the items (e.g. ``honesty`` or ``virtue:Truthfulness``); default: the
-    unlabelled situations CSV, reported as decision shift."""
+    unlabelled situations CSV, reported as decision shift. ``mwe_files``: model-written-eval JSONL files
+    (Yes/No or A/B) to use instead of the shared persona sets."""
     base = data_dir(root)
     out = []
-    for path in sorted((base / "anthropic_mwe" / "persona").glob("*.jsonl")):
+    paths = [Path(p) for p in mwe_files] if mwe_files else sorted((base / "anthropic_mwe" / "persona").glob("*.jsonl"))
+    for path in paths:
         ds = load_mwe(path)
         n = n_target if ds.name in HONESTY_TARGETS else n_other
         out.append(dataclasses.replace(ds, items=subsample(ds.items, n, seed)))
