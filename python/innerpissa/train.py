@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .adapter import Adapter
-from .adapter.model import atomic_write, decoder_blocks
+from .adapter.model import atomic_write, block_names, decoder_blocks
 from .pairs import ContrastivePair
 
 LOSS_NAME = "reprpo-svd"
@@ -161,10 +161,9 @@ class PreferenceDirection:
 
 def _basis_for_block(adapter: Adapter, block_index: int) -> str:
     """Name of the adapted residual writer whose U basis measures the loss-layer residual."""
-    blocks = decoder_blocks(adapter.model)
-    names = {id(b): n for n, b in adapter.model.named_modules() if any(b is x for x in blocks)}
+    names = block_names(adapter.model)
     for i in range(block_index, -1, -1):
-        prefix = names[id(blocks[i])] + "."
+        prefix = names[i] + "."
         cands = [t for t in adapter.target_names if t.startswith(prefix)]
         if cands:
             return cands[-1]  # the later writer of the block (MLP down projection)

@@ -110,18 +110,25 @@ def select_layers(n_layers_total: int, config: AdapterConfig) -> list[int]:
     return layers
 
 
+def block_names(model: nn.Module) -> list[str]:
+    """Full module names of the decoder blocks, in depth order (e.g. ``model.layers.3``)."""
+    blocks = decoder_blocks(model)
+    prefix = next(n for n, m in model.named_modules() if m is blocks)
+    return [f"{prefix}.{i}" for i in range(len(blocks))]
+
+
 def find_targets(model: nn.Module, config: AdapterConfig) -> dict[str, nn.Linear]:
     """Map of full module name → linear layer to adapt, in depth order."""
     blocks = decoder_blocks(model)
+    names = block_names(model)
     d_model = hidden_size(model)
-    block_names = {id(b): n for n, b in model.named_modules() if any(b is x for x in blocks)}
     targets: dict[str, nn.Linear] = {}
     for i in select_layers(len(blocks), config):
         writers = residual_writers(blocks[i], d_model)
         for kind in ("attn", "mlp"):
             if kind in config.modules:
                 rel, lin = writers[kind]
-                targets[f"{block_names[id(blocks[i])]}.{rel}"] = lin
+                targets[f"{names[i]}.{rel}"] = lin
     return targets
 
 
