@@ -28,7 +28,12 @@ from tiny_gguf import VOCAB_SIZE, tiny_llama_for_gguf, write_llama_gguf
 from conftest import tiny_gemma3
 
 COEFFS = (-2.0, -1.0, 0.5, 1.0, 2.0)
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
 
 
 def _randomize(adapter: Adapter, seed: int = 0, theta: float = 0.05, delta: float = 0.3) -> Adapter:
