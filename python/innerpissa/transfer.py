@@ -1,0 +1,328 @@
+"""Cross-model steering: read contrast directions in a teacher and a student, align them, steer the student.
+
+Pipeline (DESIGN.md §9; ``ipissa align`` runs all of it):
+
+1. ``contrasts.render_contrasts`` → the same manifest items rendered with each model's own chat template.
+2. ``last_token_states`` at one block per model (default: 60 % of depth) for every variant.
+3. Directions per contrast on the *train* rows: mean(positive − negative) (N−S, E−W, trait = N − N-without-trait).
+4. ``procrustes.fit_alignment`` on the stacked train differences of all contrasts, weighted per contrast.
+5. Held-out evaluation: cosine of mapped teacher directions to the student's own, AUROC of each direction on the
+   student's held-out activations; steering by adding c·v at the student's block (mapped teacher vs the student's
+   own vs a random direction of equal norm), scored as the shift in per-token log-likelihood of style-typical
+   continuations, with ΔNLL on neutral text.
+6. ``fold_addition`` / ``fold_projection``: the same edits as weights, so the student runs with no hooks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from .adapter.model import UnsupportedArchitectureError, decoder_blocks, hidden_size, residual_writers
+from .baselines import VectorMethod
+from .contrasts import TOUR_GUIDE, ContrastTemplate, ManifestRow, continuation_pairs, render_contrasts
+from .evaldata import NEUTRAL_TEXTS
+from .evaluate import text_nll
+from .metrics import bootstrap_ci, item_slopes
+from .procrustes import AlignmentMap, cosine, fit_alignment
+from .train import left_pad
+
+
+@torch.no_grad()
+def last_token_states(model: nn.Module, tokenizer, texts: list[str], layers: list[int],
+                      batch_size: int = 16) -> dict[int, torch.Tensor]:
+    """Decoder-block outputs at each text's last token: {block ℓ: (n, d) float32}. Texts are used verbatim."""
+    blocks = decoder_blocks(model)
+    device = next(model.parameters()).device
+    captured: dict[int, torch.Tensor] = {}
+    out: dict[int, list[torch.Tensor]] = {ell: [] for ell in layers}
+
+    def make_hook(ell: int):
+        def hook(_m, _a, o):
+            captured[ell] = (o[0] if isinstance(o, tuple) else o)[:, -1].float().cpu()
+        return hook
+
+    handles = [blocks[ell].register_forward_hook(make_hook(ell)) for ell in layers]
+    try:
+        for i in range(0, len(texts), batch_size):
+            seqs = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[i:i + batch_size]]
+            ids, mask, pos = left_pad(seqs, tokenizer.pad_token_id)
+            model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
+                  logits_to_keep=1, use_cache=False)
+            for ell in layers:
+                out[ell].append(captured[ell])
+    finally:
+        for h in handles:
+            h.remove()
+    return {ell: torch.cat(v) for ell, v in out.items()}
+
+
+@torch.no_grad()
+def continuation_logprob(model: nn.Module, tokenizer, prompts: list[str], continuations: list[str],
+                         batch_size: int = 16) -> np.ndarray:
+    """Mean per-token log-probability (nats/token) of each continuation after its prompt, (n,)."""
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        heads = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[i:i + batch_size]]
+        bodies = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in continuations[i:i + batch_size]]
+        ids, mask, pos = left_pad([h + b for h, b in zip(heads, bodies)], tokenizer.pad_token_id)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits.float()
+        logp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        for r, b in enumerate(bodies):
+            out.append(float(logp[r, ids.shape[1] - 1 - len(b):].mean()))
+    return np.array(out)
+
+
+@dataclass
+class TransferConfig:
+    """Settings of ``align``.
+
+    Attributes:
+        teacher_depth, student_depth: block read in each model, as a fraction of its depth.
+        k: task-subspace size (≤ number of train differences; 32–128 on big models).
+        weights: Procrustes row weight per contrast (others: ``default_weight``).
+        n_suffixes: shared suffixes per row (more items, more compute).
+        coeffs: steering sweep, in units of the student's own direction norm.
+        seed: random-direction seed.
+    """
+
+    teacher_depth: float = 0.6
+    student_depth: float = 0.6
+    k: int = 32
+    weights: dict[str, float] = field(default_factory=lambda: {"N-S": 4.0, "E-W": 1.0})
+    default_weight: float = 2.0
+    n_suffixes: int = 4
+    coeffs: tuple[float, ...] = (-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0)
+    batch_size: int = 16
+    seed: int = 0
+
+
+def _layer(model: nn.Module, depth: float) -> int:
+    n = len(decoder_blocks(model))
+    return min(n - 1, max(1, int(round(depth * n))))
+
+
+def _auroc(pos: np.ndarray, neg: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(np.r_[np.ones(len(pos)), np.zeros(len(neg))], np.r_[pos, neg]))
+
+
+@dataclass
+class AlignResult:
+    """Everything ``align`` measured; ``report()`` renders it. Vectors are (d_S,) or (d_T,) float32."""
+
+    config: TransferConfig
+    teacher_layer: int
+    student_layer: int
+    map: AlignmentMap
+    teacher_dirs: dict[str, torch.Tensor]
+    student_dirs: dict[str, torch.Tensor]
+    mapped_dirs: dict[str, torch.Tensor]
+    random_dirs: dict[str, torch.Tensor]
+    separation: dict[str, dict[str, float]]
+    steering: dict[str, dict[str, dict]] = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"config": asdict(self.config), "teacher_layer": self.teacher_layer,
+                "student_layer": self.student_layer, "k": self.map.k, "residual": self.map.residual,
+                "separation": self.separation, "steering": self.steering, **self.meta}
+
+
+def align(teacher, student, rows: list[ManifestRow], template: ContrastTemplate = TOUR_GUIDE,
+          cfg: TransferConfig | None = None, progress=print) -> AlignResult:
+    """Read contrasts in both models, fit the weighted Procrustes map, and measure separation on held-out rows.
+
+    Args:
+        teacher, student: ``LoadedModel`` (model + tokenizer).
+        rows: manifest rows; rows with ``split == "heldout"`` are never used to fit anything.
+    Raises:
+        ValueError: no train or no held-out rows, or k larger than the number of train differences.
+    """
+    cfg = cfg or TransferConfig()
+    lt, ls = _layer(teacher.model, cfg.teacher_depth), _layer(student.model, cfg.student_depth)
+    cs_t = render_contrasts(teacher.tokenizer, rows, template, cfg.n_suffixes)
+    cs_s = render_contrasts(student.tokenizer, rows, template, cfg.n_suffixes)
+    train, held = cs_s.indices("train"), cs_s.indices("heldout")
+    if not train or not held:
+        raise ValueError(f"need train and heldout rows (got {len(train)} train, {len(held)} held-out items)")
+    states_t, states_s = {}, {}
+    for v in cs_s.prompts:
+        progress(f"reading variant {v}: teacher block {lt}, student block {ls}")
+        states_t[v] = last_token_states(teacher.model, teacher.tokenizer, cs_t.prompts[v], [lt], cfg.batch_size)[lt]
+        states_s[v] = last_token_states(student.model, student.tokenizer, cs_s.prompts[v], [ls], cfg.batch_size)[ls]
+    dt, ds, w = [], [], []
+    teacher_dirs, student_dirs = {}, {}
+    for name, (pos, neg, _, _) in template.contrasts.items():
+        d_t = states_t[pos][train] - states_t[neg][train]
+        d_s = states_s[pos][train] - states_s[neg][train]
+        teacher_dirs[name], student_dirs[name] = d_t.mean(0), d_s.mean(0)
+        dt.append(d_t)
+        ds.append(d_s)
+        w += [cfg.weights.get(name, cfg.default_weight)] * len(train)
+    amap = fit_alignment(torch.cat(dt), torch.cat(ds), cfg.k, torch.tensor(w))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    mapped, rand, sep = {}, {}, {}
+    for name, (pos, neg, _, _) in template.contrasts.items():
+        own = student_dirs[name]
+        mapped[name] = amap.map(teacher_dirs[name])
+        r = torch.randn(own.shape, generator=gen)
+        rand[name] = r / r.norm() * own.norm()
+        held_t = (states_t[pos][held] - states_t[neg][held]).mean(0)
+        held_s = (states_s[pos][held] - states_s[neg][held]).mean(0)
+        s_pos, s_neg = states_s[pos][held], states_s[neg][held]
+        sep[name] = {
+            "cos_mapped_vs_own": cosine(mapped[name], own),
+            "cos_heldout_mapped_vs_own": cosine(amap.map(held_t), held_s),
+            "cos_teacher_train_vs_heldout": cosine(teacher_dirs[name], held_t),
+            "cos_student_train_vs_heldout": cosine(own, held_s),
+            "cos_random_vs_own": cosine(rand[name], own),
+        }
+        for label, vec in (("mapped", mapped[name]), ("own", own), ("random", rand[name])):
+            sep[name][f"auroc_{label}"] = _auroc((s_pos @ vec).numpy(), (s_neg @ vec).numpy())
+    meta = {"n_train_items": len(train), "n_heldout_items": len(held), "contrasts": list(template.contrasts)}
+    return AlignResult(cfg, lt, ls, amap, teacher_dirs, student_dirs, mapped, rand, sep, meta=meta)
+
+
+def steering_effects(result: AlignResult, student, rows: list[ManifestRow], template: ContrastTemplate = TOUR_GUIDE,
+                     progress=print) -> dict:
+    """Steer the student at its block with mapped / own / random directions (equal norm = ‖own‖) over the sweep.
+
+    Score per held-out row: mean log p(positive continuation) − mean log p(negative continuation), nats/token,
+    after a neutral request. Reported per method: the score shift at each c relative to c = 0, the slope
+    (nats/token per unit c) with a 95 % bootstrap CI over rows, and neutral-text ΔNLL at each c.
+    """
+    cfg = result.config
+    held_rows = [r for r in rows if r.split == "heldout"]
+    coeffs = np.array(cfg.coeffs)
+    i0 = int(np.flatnonzero(coeffs == 0)[0])
+    neutral = list(NEUTRAL_TEXTS[:24])
+    nll_base = text_nll(student.model, student.tokenizer, neutral)
+    out: dict = {}
+    for name in template.contrasts:
+        triples = continuation_pairs(student.tokenizer, held_rows, name, template)
+        prompts = [p for p, _, _ in triples]
+        own = result.student_dirs[name]
+        vectors = {"mapped": result.mapped_dirs[name] / result.mapped_dirs[name].norm() * own.norm(),
+                   "own": own, "random": result.random_dirs[name]}
+        out[name] = {}
+        base = None
+        for method, vec in vectors.items():
+            progress(f"steering {name} with the {method} direction")
+            scores, dnll = [], []
+            for c in coeffs:
+                if c == 0:
+                    if base is None:
+                        pos = continuation_logprob(student.model, student.tokenizer, prompts,
+                                                   [t[1] for t in triples], cfg.batch_size)
+                        neg = continuation_logprob(student.model, student.tokenizer, prompts,
+                                                   [t[2] for t in triples], cfg.batch_size)
+                        base = pos - neg
+                    scores.append(base)
+                    dnll.append(0.0)
+                    continue
+                vm = VectorMethod(student.model, {result.student_layer: vec}, coeffs=(float(c),))
+                with vm.steer(float(c)):
+                    pos = continuation_logprob(student.model, student.tokenizer, prompts, [t[1] for t in triples],
+                                               cfg.batch_size)
+                    neg = continuation_logprob(student.model, student.tokenizer, prompts, [t[2] for t in triples],
+                                               cfg.batch_size)
+                    dnll.append(text_nll(student.model, student.tokenizer, neutral) - nll_base)
+                scores.append(pos - neg)
+            a = np.stack(scores)  # (n_coeffs, n_rows)
+            slopes = item_slopes(a, coeffs)
+            lo, hi = bootstrap_ci(slopes, seed=cfg.seed)
+            out[name][method] = {
+                "slope": float(slopes.mean()), "ci": [lo, hi],
+                "shift": {float(c): float((a[i] - a[i0]).mean()) for i, c in enumerate(coeffs)},
+                "dnll": {float(c): float(x) for c, x in zip(coeffs, dnll)},
+                "norm": float(vec.norm()),
+            }
+    result.steering = out
+    return out
+
+
+# ---- one-time weight edits ----
+
+def fold_addition(model: nn.Module, layer: int, vector: torch.Tensor) -> None:
+    """Fold "add ``vector`` to block ``layer``'s output" into the weights, in place: a bias on its MLP down projection.
+
+    Llama-family only (the MLP writes straight into the residual stream and ``config.mlp_bias`` exists): all MLP
+    projections get biases (zeros except this one) and ``config.mlp_bias = True``, so ``save_pretrained`` writes
+    a standard checkpoint. Equals ``VectorMethod({layer: vector}).steer(1.0)``.
+    Raises:
+        UnsupportedArchitectureError: no ``mlp_bias`` in the config (e.g. Gemma 3, whose MLP output is normed).
+    """
+    cfg = model.config
+    if not hasattr(cfg, "mlp_bias") or "Gemma" in type(model).__name__:
+        raise UnsupportedArchitectureError(
+            f"{type(model).__name__}: folding an addition needs an MLP that writes the residual directly and a "
+            "config with mlp_bias (Llama family); use hook-based steering for this model")
+    blocks = decoder_blocks(model)
+    d = hidden_size(model)
+    for i, block in enumerate(blocks):
+        mlp_name = residual_writers(block, d)["mlp"][0].split(".")[0]
+        for lin in getattr(block, mlp_name).modules():
+            if isinstance(lin, nn.Linear) and lin.bias is None:
+                lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype,
+                                                    device=lin.weight.device), requires_grad=False)
+    cfg.mlp_bias = True
+    _, down = residual_writers(blocks[layer], d)["mlp"]
+    with torch.no_grad():
+        down.bias += vector.to(down.bias.dtype)
+
+
+@contextlib.contextmanager
+def project_out(model: nn.Module, directions: list[torch.Tensor]):
+    """Hook form of directional ablation: remove span(directions) from every residual write (embeddings, attention
+    outputs, MLP outputs), so the residual stream never carries it. Source: Arditi et al. 2024, "Refusal in
+    language models is mediated by a single direction" (weight orthogonalisation)."""
+    q = _orthonormal(directions)
+    handles = []
+
+    def hook(_m, _a, out):
+        return out - (out.float() @ q) @ q.T.to(out.dtype) if torch.is_tensor(out) else out
+
+    try:
+        handles.append(model.get_input_embeddings().register_forward_hook(hook))
+        d = hidden_size(model)
+        for block in decoder_blocks(model):
+            for _, lin in residual_writers(block, d).values():
+                handles.append(lin.register_forward_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _orthonormal(directions: list[torch.Tensor]) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.stack([v.float() for v in directions], 1))
+    return q  # (d, m)
+
+
+@torch.no_grad()
+def fold_projection(model: nn.Module, directions: list[torch.Tensor]) -> None:
+    """Weight form of ``project_out``, in place: W ← (I − QQᵀ)W for every residual writer (and its bias), rows of
+    the input embedding ← rows (I − QQᵀ). A tied output head is untied first so the logits read the original
+    embedding, as in the hook form."""
+    q = _orthonormal(directions)
+    proj = torch.eye(q.shape[0]) - q @ q.T
+    emb = model.get_input_embeddings()
+    out_emb = model.get_output_embeddings()
+    if out_emb is not None and out_emb.weight is emb.weight:
+        out_emb.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
+        model.config.tie_word_embeddings = False
+        if hasattr(model.config, "get_text_config"):
+            model.config.get_text_config().tie_word_embeddings = False
+    emb.weight.copy_(emb.weight @ proj.to(emb.weight.dtype))
+    d = hidden_size(model)
+    for block in decoder_blocks(model):
+        for _, lin in residual_writers(block, d).values():
+            lin.weight.copy_(proj.to(lin.weight.dtype) @ lin.weight)
+            if lin.bias is not None:
+                lin.bias.copy_(proj.to(lin.bias.dtype) @ lin.bias)
