@@ -162,6 +162,7 @@ def test_align_pipeline_on_tiny_models():
     assert res.map.k == 4 and res.meta["n_train_items"] == 6 and res.meta["n_heldout_items"] == 2
     for name, sep in res.separation.items():
         assert 0.0 <= sep["auroc_own"] <= 1.0 and -1.0 <= sep["cos_mapped_vs_own"] <= 1.0
+        assert -1.0 <= sep["cos_heldout_loco_vs_own"] <= 1.0 and 0.0 <= sep["auroc_loco"] <= 1.0
         assert res.mapped_dirs[name].shape == (32,)
     eff = steering_effects(res, student, rows, progress=lambda *_: None)
     assert set(eff) == set(TOUR_GUIDE.contrasts)
@@ -169,3 +170,25 @@ def test_align_pipeline_on_tiny_models():
         assert per["own"]["shift"][0.0] == 0.0 and per["own"]["dnll"][0.0] == 0.0
         assert abs(per["mapped"]["norm"] - per["own"]["norm"]) < 1e-4
     json.dumps(res.to_json())
+
+
+def test_fold_check_and_report(tmp_path):
+    from innerpissa.transfer import fold_check, transfer_report
+
+    rows = load_manifest()[:6]
+    rows = [type(r)(r.id, r.fields, "heldout" if i >= 4 else "train") for i, r in enumerate(rows)]
+    probe = word_tokenizer(["x"])
+    texts = [t for ps in render_contrasts(probe, rows, n_suffixes=1).prompts.values() for t in ps]
+    for name in TOUR_GUIDE.contrasts:
+        texts += [x for trip in continuation_pairs(probe, rows, name) for x in trip]
+    tok = word_tokenizer(texts)
+    teacher = LoadedModel(tiny_gemma3(vocab_size=len(tok), seed=1), tok, "t")
+    student = LoadedModel(tiny_llama(vocab_size=len(tok), seed=2), tok, "s")
+    res = align(teacher, student, rows, cfg=TransferConfig(k=3, n_suffixes=1), progress=lambda *_: None)
+    res.meta.update({"teacher": "t", "student": "s"})
+    res.meta["fold"] = f = fold_check(res, student, "N-S", 2.0, tmp_path / "folded", rows)
+    assert f["max_abs_logit_diff_folded"] < 1e-4 and f["max_abs_logit_diff_reloaded"] < 1e-4
+    assert (tmp_path / "folded" / "config.json").exists()
+    assert student.model.model.layers[0].mlp.down_proj.bias is None  # the student itself is untouched
+    md = transfer_report(res)
+    assert "| N-S |" in md and "Folded weight edit" in md

@@ -116,43 +116,48 @@ def pca_control_vector(model, tokenizer, pairs: list[ContrastivePair], layers: l
 
 
 @torch.no_grad()
-def mean_difference_control_vector(model, tokenizer, pairs: list[ContrastivePair], layers: list[int],
-                                   batch_size: int = 16) -> dict[int, torch.Tensor]:
-    """Mean-difference (CAA) control vector: v_ℓ = mean over pairs of h_ℓ(positive) − h_ℓ(negative).
-
-    h_ℓ is decoder block ℓ's output at the last prompt token (left padding, so position −1 is every row's last
-    real token). Not normalised: c = 1 shifts block ℓ by the average positive − negative gap. Source: Rimsky et
-    al. 2024 (Contrastive Activation Addition); Turner et al. 2023 (ActAdd). Returns {ℓ: (d,) fp32}.
-    """
+def last_token_states(model: torch.nn.Module, tokenizer, texts: list[str], layers: list[int],
+                      batch_size: int = 16) -> dict[int, torch.Tensor]:
+    """Decoder-block outputs at each text's last token: {block ℓ: (n, d) float32}. Texts are used verbatim
+    (no special tokens added), left-padded, so position −1 is every row's last real token."""
     from .train import left_pad
 
     blocks = decoder_blocks(model)
     device = next(model.parameters()).device
-    sums = {ell: None for ell in layers}
     captured: dict[int, torch.Tensor] = {}
+    out: dict[int, list[torch.Tensor]] = {ell: [] for ell in layers}
 
     def make_hook(ell: int):
-        def hook(_m, _a, out):
-            captured[ell] = (out[0] if isinstance(out, tuple) else out)[:, -1].float()
+        def hook(_m, _a, o):
+            captured[ell] = (o[0] if isinstance(o, tuple) else o)[:, -1].float().cpu()
         return hook
 
     handles = [blocks[ell].register_forward_hook(make_hook(ell)) for ell in layers]
     try:
-        for i in range(0, len(pairs), batch_size):
-            chunk = pairs[i:i + batch_size]
-            seqs = [tokenizer(t, add_special_tokens=False)["input_ids"]
-                    for p in chunk for t in (p.positive, p.negative)]
+        for i in range(0, len(texts), batch_size):
+            seqs = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[i:i + batch_size]]
             ids, mask, pos = left_pad(seqs, tokenizer.pad_token_id)
             model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
                   logits_to_keep=1, use_cache=False)
             for ell in layers:
-                h = captured[ell]
-                diff = (h[0::2] - h[1::2]).sum(0)
-                sums[ell] = diff if sums[ell] is None else sums[ell] + diff
+                out[ell].append(captured[ell])
     finally:
         for h in handles:
             h.remove()
-    return {ell: (v / len(pairs)).cpu() for ell, v in sums.items()}
+    return {ell: torch.cat(v) for ell, v in out.items()}
+
+
+def mean_difference_control_vector(model, tokenizer, pairs: list[ContrastivePair], layers: list[int],
+                                   batch_size: int = 16) -> dict[int, torch.Tensor]:
+    """Mean-difference (CAA) control vector: v_ℓ = mean over pairs of h_ℓ(positive) − h_ℓ(negative).
+
+    h_ℓ is decoder block ℓ's output at the last prompt token (``last_token_states``). Not normalised: c = 1
+    shifts block ℓ by the average positive − negative gap. Source: Rimsky et al. 2024 (Contrastive Activation
+    Addition); Turner et al. 2023 (ActAdd). Returns {ℓ: (d,) fp32}.
+    """
+    pos = last_token_states(model, tokenizer, [p.positive for p in pairs], layers, batch_size)
+    neg = last_token_states(model, tokenizer, [p.negative for p in pairs], layers, batch_size)
+    return {ell: (pos[ell] - neg[ell]).mean(0) for ell in layers}
 
 
 def random_control_vector(like: dict[int, torch.Tensor], seed: int) -> dict[int, torch.Tensor]:

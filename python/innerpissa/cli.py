@@ -6,6 +6,7 @@
     ipissa generate   sample text at a steering coefficient
     ipissa export     merged HF / GGUF / ONNX at c, llama.cpp or PEFT LoRA, ONNX or llama.cpp with a live c
     ipissa control-vector   PCA or mean-difference control vector as a llama.cpp GGUF
+    ipissa align      teacher → student: contrast directions, weighted Procrustes map, transfer report
 """
 
 from __future__ import annotations
@@ -299,6 +300,68 @@ def control_vector_cmd(
     export_control_vector({k: v.numpy() for k, v in dirs.items()}, out, lm.model.config.model_type)
     typer.echo(f"{method} control vector for blocks {ids[0]}..{ids[-1]} written to {out}; "
                f"llama.cpp: --control-vector-scaled {out} C")
+
+
+@app.command("align")
+def align_cmd(
+    teacher: str = typer.Option("embedded:gemma3-270m", help="teacher model spec (HF dir, .gguf, embedded:…)"),
+    student: str = typer.Option("embedded:smollm2", help="student model spec"),
+    manifest: Optional[Path] = typer.Option(None, help="JSONL/CSV manifest (default: the built-in tour-guide "
+                                            "manifest, 63 places, 15 held out)"),
+    template: Optional[Path] = typer.Option(None, help="JSON contrast template (default: the tour-guide template)"),
+    k: int = typer.Option(32, help="task-subspace size"),
+    teacher_depth: float = typer.Option(0.6, help="teacher block to read, as a fraction of depth"),
+    student_depth: float = typer.Option(0.6, help="student block to read and steer, as a fraction of depth"),
+    n_suffixes: int = typer.Option(4, help="shared suffixes per manifest row"),
+    coeffs: str = typer.Option("-2,-1,0,1,2", help="steering sweep, in units of the student's own direction norm"),
+    steer: bool = typer.Option(True, help="measure steering effects (the slow part)"),
+    fold: Optional[str] = typer.Option(None, help="contrast whose mapped teacher direction is folded into a copy "
+                                       "of the student (e.g. N-S); written to OUT/folded"),
+    fold_coeff: float = typer.Option(1.0, help="coefficient of the folded direction (units of the own norm)"),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(Path("runs/align")),
+    allow_network: bool = typer.Option(False),
+    threads: Optional[int] = typer.Option(None),
+):
+    """Align a teacher's and a student's task subspaces and test the teacher's directions on the student."""
+    _setup(allow_network, threads)
+    from safetensors.torch import save_file
+
+    from .contrasts import TOUR_GUIDE, ContrastTemplate, load_manifest
+    from .models import load_model
+    from .transfer import TransferConfig, align, fold_check, steering_effects, transfer_report
+
+    t0 = time.perf_counter()
+    tpl = ContrastTemplate.from_file(template) if template else TOUR_GUIDE
+    rows = load_manifest(manifest, tpl)
+    cfg = TransferConfig(teacher_depth=teacher_depth, student_depth=student_depth, k=k, n_suffixes=n_suffixes,
+                         coeffs=tuple(float(c) for c in coeffs.split(",")), seed=seed)
+    if 0.0 not in cfg.coeffs:
+        raise typer.BadParameter("--coeffs must include 0")
+    if fold is not None and fold not in tpl.contrasts:
+        raise typer.BadParameter(f"--fold {fold!r}: not a contrast of the template ({', '.join(tpl.contrasts)})")
+    tlm = load_model(teacher, allow_network=allow_network)
+    slm = load_model(student, allow_network=allow_network)
+    res = align(tlm, slm, rows, tpl, cfg, progress=typer.echo)
+    del tlm
+    if steer:
+        steering_effects(res, slm, rows, tpl, progress=typer.echo)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {f"map.{k_}": v.contiguous() for k_, v in res.map.state_dict().items()}
+    for kind, dirs in (("teacher", res.teacher_dirs), ("student", res.student_dirs), ("mapped", res.mapped_dirs)):
+        tensors.update({f"{kind}.{n}": v.float().contiguous() for n, v in dirs.items()})
+    from .adapter.model import atomic_write
+
+    atomic_write(out / "alignment.safetensors", lambda p: save_file(tensors, str(p)))
+    if fold is not None:
+        res.meta["fold"] = fold_check(res, slm, fold, fold_coeff, out / "folded", rows, tpl)
+    res.meta.update({"teacher": teacher, "student": student, "manifest": str(manifest or "builtin:tour_guide"),
+                     "command": "ipissa " + shlex.join(sys.argv[1:]),
+                     "minutes": round((time.perf_counter() - t0) / 60, 1)})
+    atomic_write(out / "align.json", lambda p: Path(p).write_text(json.dumps(res.to_json(), indent=2)))
+    atomic_write(out / "report.md", lambda p: Path(p).write_text(transfer_report(res)))
+    typer.echo((out / "report.md").read_text())
+    typer.echo(f"map, directions and report written to {out}")
 
 
 if __name__ == "__main__":

@@ -23,42 +23,13 @@ import torch
 from torch import nn
 
 from .adapter.model import UnsupportedArchitectureError, decoder_blocks, hidden_size, residual_writers
-from .baselines import VectorMethod
+from .baselines import VectorMethod, last_token_states
 from .contrasts import TOUR_GUIDE, ContrastTemplate, ManifestRow, continuation_pairs, render_contrasts
 from .evaldata import NEUTRAL_TEXTS
 from .evaluate import text_nll
 from .metrics import bootstrap_ci, item_slopes
 from .procrustes import AlignmentMap, cosine, fit_alignment
 from .train import left_pad
-
-
-@torch.no_grad()
-def last_token_states(model: nn.Module, tokenizer, texts: list[str], layers: list[int],
-                      batch_size: int = 16) -> dict[int, torch.Tensor]:
-    """Decoder-block outputs at each text's last token: {block ℓ: (n, d) float32}. Texts are used verbatim."""
-    blocks = decoder_blocks(model)
-    device = next(model.parameters()).device
-    captured: dict[int, torch.Tensor] = {}
-    out: dict[int, list[torch.Tensor]] = {ell: [] for ell in layers}
-
-    def make_hook(ell: int):
-        def hook(_m, _a, o):
-            captured[ell] = (o[0] if isinstance(o, tuple) else o)[:, -1].float().cpu()
-        return hook
-
-    handles = [blocks[ell].register_forward_hook(make_hook(ell)) for ell in layers]
-    try:
-        for i in range(0, len(texts), batch_size):
-            seqs = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[i:i + batch_size]]
-            ids, mask, pos = left_pad(seqs, tokenizer.pad_token_id)
-            model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
-                  logits_to_keep=1, use_cache=False)
-            for ell in layers:
-                out[ell].append(captured[ell])
-    finally:
-        for h in handles:
-            h.remove()
-    return {ell: torch.cat(v) for ell, v in out.items()}
 
 
 @torch.no_grad()
@@ -166,6 +137,15 @@ def align(teacher, student, rows: list[ManifestRow], template: ContrastTemplate 
         ds.append(d_s)
         w += [cfg.weights.get(name, cfg.default_weight)] * len(train)
     amap = fit_alignment(torch.cat(dt), torch.cat(ds), cfg.k, torch.tensor(w))
+    names = list(template.contrasts)
+    loco = {}  # leave-one-contrast-out maps: does the map carry a contrast it was never fitted on?
+    if len(names) > 1:
+        for i, name in enumerate(names):
+            keep = [j for j in range(len(names)) if j != i]
+            k_loco = min(cfg.k, len(train) * len(keep))
+            wts = torch.tensor([x for j in keep for x in [cfg.weights.get(names[j], cfg.default_weight)] * len(train)])
+            loco[name] = fit_alignment(torch.cat([dt[j] for j in keep]), torch.cat([ds[j] for j in keep]), k_loco,
+                                       wts)
     gen = torch.Generator().manual_seed(cfg.seed)
     mapped, rand, sep = {}, {}, {}
     for name, (pos, neg, _, _) in template.contrasts.items():
@@ -183,6 +163,10 @@ def align(teacher, student, rows: list[ManifestRow], template: ContrastTemplate 
             "cos_student_train_vs_heldout": cosine(own, held_s),
             "cos_random_vs_own": cosine(rand[name], own),
         }
+        if name in loco:
+            sep[name]["cos_heldout_loco_vs_own"] = cosine(loco[name].map(held_t), held_s)
+            sep[name]["auroc_loco"] = _auroc((s_pos @ loco[name].map(teacher_dirs[name])).numpy(),
+                                             (s_neg @ loco[name].map(teacher_dirs[name])).numpy())
         for label, vec in (("mapped", mapped[name]), ("own", own), ("random", rand[name])):
             sep[name][f"auroc_{label}"] = _auroc((s_pos @ vec).numpy(), (s_neg @ vec).numpy())
     meta = {"n_train_items": len(train), "n_heldout_items": len(held), "contrasts": list(template.contrasts)}
@@ -326,3 +310,95 @@ def fold_projection(model: nn.Module, directions: list[torch.Tensor]) -> None:
             lin.weight.copy_(proj.to(lin.weight.dtype) @ lin.weight)
             if lin.bias is not None:
                 lin.bias.copy_(proj.to(lin.bias.dtype) @ lin.bias)
+
+
+@torch.no_grad()
+def fold_check(result: AlignResult, student, contrast: str, coeff: float, out_dir, rows: list[ManifestRow],
+               template: ContrastTemplate = TOUR_GUIDE) -> dict:
+    """Fold coeff·(mapped teacher direction, scaled to the own norm) into a copy of the student, save it as a
+    transformers checkpoint in ``out_dir``, and compare its logits with hook-based steering on held-out prompts.
+
+    Returns {"contrast", "coeff", "max_abs_logit_diff_folded", "max_abs_logit_diff_reloaded", "path"}.
+    """
+    import copy
+    import json
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from .export.hf import _atomic_dir
+
+    own = result.student_dirs[contrast]
+    vec = result.mapped_dirs[contrast] / result.mapped_dirs[contrast].norm() * own.norm() * coeff
+    held = [r for r in rows if r.split == "heldout"]
+    texts = [p + c for p, c, _ in continuation_pairs(student.tokenizer, held, contrast, template)][:8]
+    seqs = [student.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    ids, mask, pos = left_pad(seqs, student.tokenizer.pad_token_id)
+
+    def logits(m):
+        return m(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits.float()[mask.bool()]
+
+    with VectorMethod(student.model, {result.student_layer: vec}).steer(1.0):
+        want = logits(student.model)
+    folded = copy.deepcopy(student.model)
+    fold_addition(folded, result.student_layer, vec)
+    diff_folded = float((logits(folded) - want).abs().max())
+
+    def fill(tmp: Path):
+        folded.save_pretrained(tmp)
+        student.tokenizer.save_pretrained(tmp)
+        (tmp / "innerpissa_export.json").write_text(json.dumps({
+            "kind": "folded-transfer", "contrast": contrast, "coefficient": coeff, "block": result.student_layer,
+            "vector_norm": float(vec.norm()), "note": "mapped teacher direction added at this block as an MLP bias"},
+            indent=2))
+
+    path = _atomic_dir(Path(out_dir), fill)
+    reloaded = AutoModelForCausalLM.from_pretrained(path).eval()
+    diff_reloaded = float((logits(reloaded) - want).abs().max())
+    return {"contrast": contrast, "coeff": coeff, "max_abs_logit_diff_folded": diff_folded,
+            "max_abs_logit_diff_reloaded": diff_reloaded, "logit_scale": float(want.abs().max()), "path": str(path)}
+
+
+def transfer_report(result: AlignResult) -> str:
+    """Markdown report of ``align`` (+ ``steering_effects`` and ``fold_check`` when they ran)."""
+    m = result.meta
+    lines = [
+        "# Cross-model transfer report", "",
+        f"Teacher `{m.get('teacher', '?')}` block {result.teacher_layer}; student `{m.get('student', '?')}` block "
+        f"{result.student_layer}. Manifest `{m.get('manifest', '?')}`: {m['n_train_items']} train items, "
+        f"{m['n_heldout_items']} held-out items (rows × suffixes). Task subspace k = {result.map.k}; weighted "
+        f"Procrustes residual on the train differences {result.map.residual:.3f} (0 = perfect, ~2 = unrelated).",
+        "", "## Separation on held-out rows (student activations)", "",
+        "cos(mapped, own): mapped teacher direction vs the student's own, from train rows and from held-out rows "
+        "only. LOCO: the map refitted without that contrast's rows (leave one contrast out), applied to it.", "",
+        "| contrast | cos(mapped, own) train | cos held-out | cos held-out, LOCO map | AUROC mapped | AUROC LOCO "
+        "| AUROC own | AUROC random |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in result.separation.items():
+        lines.append(f"| {name} | {s['cos_mapped_vs_own']:+.3f} | {s['cos_heldout_mapped_vs_own']:+.3f} | "
+                     f"{s.get('cos_heldout_loco_vs_own', float('nan')):+.3f} | {s['auroc_mapped']:.3f} | "
+                     f"{s.get('auroc_loco', float('nan')):.3f} | {s['auroc_own']:.3f} | {s['auroc_random']:.3f} |")
+    if result.steering:
+        cs = result.config.coeffs
+        lines += ["", "## Steering the student (held-out rows)", "",
+                  "Score = mean log p(positive continuation) − mean log p(negative continuation), nats/token. "
+                  "Slope per unit c (c in units of the student's own direction norm) with 95 % bootstrap CI over "
+                  f"rows; ΔNLL on neutral text at c = {min(cs):+g} / {max(cs):+g}.", "",
+                  "| contrast | direction | slope [95 % CI] | shift at c = " + " / ".join(f"{c:+g}" for c in cs) +
+                  " | ΔNLL |", "|---|---|---|---|---|"]
+        for name, per in result.steering.items():
+            for method, r in per.items():
+                shifts = " / ".join(f"{r['shift'][float(c)]:+.3f}" for c in cs)
+                lines.append(f"| {name} | {method} | {r['slope']:+.3f} [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}] | "
+                             f"{shifts} | {r['dnll'][float(min(cs))]:+.3f} / {r['dnll'][float(max(cs))]:+.3f} |")
+    if "fold" in m:
+        f = m["fold"]
+        lines += ["", "## Folded weight edit", "",
+                  f"{f['contrast']} at c = {f['coeff']:g} folded into block {result.student_layer}'s MLP bias and "
+                  f"saved to `{f['path']}`: max |Δ logit| vs hook steering {f['max_abs_logit_diff_folded']:.2e} "
+                  f"(in memory), {f['max_abs_logit_diff_reloaded']:.2e} (reloaded); logits reach "
+                  f"{f['logit_scale']:.1f}."]
+    if "command" in m:
+        lines += ["", f"Command: `{m['command']}` ({m.get('minutes', '?')} min)."]
+    return "\n".join(lines) + "\n"

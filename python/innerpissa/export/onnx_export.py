@@ -68,14 +68,14 @@ def _export(module: nn.Module, args: tuple, names: list[str], path: Path) -> Non
     dyn = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
            "logits": {0: "batch", 1: "seq"}}
     model = module.model
-    prev = getattr(model.config, "_attn_implementation", None)
-    model.config._attn_implementation = "eager"  # sdpa's mask helpers do not trace; eager is the same maths
+    prev = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    model.set_attn_implementation("eager")  # the same maths as sdpa, as plain ops the tracer records
     try:
         with torch.no_grad():
             torch.onnx.export(module, args, str(path), input_names=names, output_names=["logits"],
                               dynamic_axes=dyn, opset_version=17, dynamo=False)
     finally:
-        model.config._attn_implementation = prev
+        model.set_attn_implementation(prev)
 
 
 def export_onnx_merged(adapter: Adapter, coeff: float, out: str | Path) -> Path:
