@@ -14,7 +14,7 @@ from innerpissa.contrasts import (TOUR_GUIDE, ContrastTemplate, ManifestError, c
 from innerpissa.models import LoadedModel
 from innerpissa.procrustes import cosine, fit_alignment, weighted_procrustes
 from innerpissa.transfer import (TransferConfig, align, fold_addition, fold_projection, project_out,
-                                 steering_effects)
+                                 projection_effects, steering_effects, transfer_report)
 
 
 
@@ -169,11 +169,15 @@ def test_align_pipeline_on_tiny_models():
     for per in eff.values():
         assert per["own"]["shift"][0.0] == 0.0 and per["own"]["dnll"][0.0] == 0.0
         assert abs(per["mapped"]["norm"] - per["own"]["norm"]) < 1e-4
+    proj = projection_effects(res, student, rows, progress=lambda *_: None)
+    assert set(proj) == {"sensory", "local", "anecdote", "_fold_check"}
+    assert proj["_fold_check"]["max_abs_logit_diff"] < 1e-4
+    assert "Projecting trait directions" in transfer_report(res)
     json.dumps(res.to_json())
 
 
 def test_fold_check_and_report(tmp_path):
-    from innerpissa.transfer import fold_check, transfer_report
+    from innerpissa.transfer import fold_check
 
     rows = load_manifest()[:6]
     rows = [type(r)(r.id, r.fields, "heldout" if i >= 4 else "train") for i, r in enumerate(rows)]

@@ -329,7 +329,8 @@ def align_cmd(
 
     from .contrasts import TOUR_GUIDE, ContrastTemplate, load_manifest
     from .models import load_model
-    from .transfer import TransferConfig, align, fold_check, steering_effects, transfer_report
+    from .transfer import (TransferConfig, align, fold_check, projection_effects, steering_effects,
+                           transfer_report)
 
     t0 = time.perf_counter()
     tpl = ContrastTemplate.from_file(template) if template else TOUR_GUIDE
@@ -346,6 +347,7 @@ def align_cmd(
     del tlm
     if steer:
         steering_effects(res, slm, rows, tpl, progress=typer.echo)
+        projection_effects(res, slm, rows, tpl, progress=typer.echo)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {f"map.{k_}": v.contiguous() for k_, v in res.map.state_dict().items()}
     for kind, dirs in (("teacher", res.teacher_dirs), ("student", res.student_dirs), ("mapped", res.mapped_dirs)):

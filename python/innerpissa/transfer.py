@@ -85,7 +85,7 @@ def _auroc(pos: np.ndarray, neg: np.ndarray) -> float:
 
 @dataclass
 class AlignResult:
-    """Everything ``align`` measured; ``report()`` renders it. Vectors are (d_S,) or (d_T,) float32."""
+    """Everything ``align`` measured; ``transfer_report`` renders it. Vectors are (d_S,) or (d_T,) float32."""
 
     config: TransferConfig
     teacher_layer: int
@@ -228,6 +228,61 @@ def steering_effects(result: AlignResult, student, rows: list[ManifestRow], temp
                 "norm": float(vec.norm()),
             }
     result.steering = out
+    return out
+
+
+def projection_effects(result: AlignResult, student, rows: list[ManifestRow],
+                       template: ContrastTemplate = TOUR_GUIDE, progress=print) -> dict:
+    """Project each trait direction out of the student (``project_out``: every residual write) and measure it.
+
+    For each contrast other than N−S and E−W (the traits), with the mapped teacher direction, the student's own
+    direction and the random one: the change in the contrast's continuation score on held-out rows (nats/token,
+    mean and 95 % bootstrap CI over rows; negative = the trait's text became less likely relative to generic
+    text) and neutral-text ΔNLL. Also folds the mapped projection into a copy of the student once and records
+    max |Δ logit| against the hook form.
+    """
+    import copy
+
+    held_rows = [r for r in rows if r.split == "heldout"]
+    neutral = list(NEUTRAL_TEXTS[:24])
+    nll_base = text_nll(student.model, student.tokenizer, neutral)
+    out: dict = {}
+    traits = [n for n in template.contrasts if n not in ("N-S", "E-W")]
+    for name in traits:
+        triples = continuation_pairs(student.tokenizer, held_rows, name, template)
+        prompts, pos_t, neg_t = [t[0] for t in triples], [t[1] for t in triples], [t[2] for t in triples]
+
+        def score():
+            return (continuation_logprob(student.model, student.tokenizer, prompts, pos_t)
+                    - continuation_logprob(student.model, student.tokenizer, prompts, neg_t))
+
+        base = score()
+        out[name] = {}
+        for method, vec in (("mapped", result.mapped_dirs[name]), ("own", result.student_dirs[name]),
+                            ("random", result.random_dirs[name])):
+            progress(f"projecting out {name} ({method} direction)")
+            with project_out(student.model, [vec]):
+                delta = score() - base
+                dnll = text_nll(student.model, student.tokenizer, neutral) - nll_base
+            lo, hi = bootstrap_ci(delta, seed=result.config.seed)
+            out[name][method] = {"delta": float(delta.mean()), "ci": [lo, hi], "dnll": float(dnll)}
+    if traits:
+        name = traits[0]
+        text = [p + c for p, c, _ in continuation_pairs(student.tokenizer, held_rows[:4], name, template)]
+        ids, mask, posid = left_pad([student.tokenizer(t, add_special_tokens=False)["input_ids"] for t in text],
+                                    student.tokenizer.pad_token_id)
+
+        def logits(m):
+            return m(input_ids=ids, attention_mask=mask, position_ids=posid, use_cache=False).logits[mask.bool()]
+
+        with torch.no_grad():
+            with project_out(student.model, [result.mapped_dirs[name]]):
+                want = logits(student.model).float()
+            folded = copy.deepcopy(student.model)
+            fold_projection(folded, [result.mapped_dirs[name]])
+            out["_fold_check"] = {"contrast": name,
+                                  "max_abs_logit_diff": float((logits(folded).float() - want).abs().max())}
+    result.meta["projection"] = out
     return out
 
 
@@ -392,6 +447,22 @@ def transfer_report(result: AlignResult) -> str:
                 shifts = " / ".join(f"{r['shift'][float(c)]:+.3f}" for c in cs)
                 lines.append(f"| {name} | {method} | {r['slope']:+.3f} [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}] | "
                              f"{shifts} | {r['dnll'][float(min(cs))]:+.3f} / {r['dnll'][float(max(cs))]:+.3f} |")
+    if "projection" in m:
+        pr = m["projection"]
+        lines += ["", "## Projecting trait directions out of the student (held-out rows)", "",
+                  "Δ score (nats/token) when the direction is removed from every residual write; negative = the "
+                  "trait's sentence became less likely relative to generic text. 95 % bootstrap CI over rows.", "",
+                  "| trait | mapped teacher: Δ [CI], ΔNLL | own: Δ [CI], ΔNLL | random: Δ [CI], ΔNLL |", "|---|---|---|---|"]
+        for name, per in pr.items():
+            if name.startswith("_"):
+                continue
+            cells = [f"{r['delta']:+.3f} [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}], {r['dnll']:+.3f}"
+                     for r in (per["mapped"], per["own"], per["random"])]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        if "_fold_check" in pr:
+            fc = pr["_fold_check"]
+            lines += ["", f"Folded projection ({fc['contrast']}, mapped direction, all writers + embeddings) vs hook: "
+                      f"max |Δ logit| {fc['max_abs_logit_diff']:.2e}."]
     if "fold" in m:
         f = m["fold"]
         lines += ["", "## Folded weight edit", "",
