@@ -381,7 +381,7 @@ def fold_check(result: AlignResult, student, contrast: str, coeff: float, out_di
 
     from transformers import AutoModelForCausalLM
 
-    from .export.hf import _atomic_dir
+    from .adapter.model import atomic_dir
 
     own = result.student_dirs[contrast]
     vec = result.mapped_dirs[contrast] / result.mapped_dirs[contrast].norm() * own.norm() * coeff
@@ -407,7 +407,7 @@ def fold_check(result: AlignResult, student, contrast: str, coeff: float, out_di
             "vector_norm": float(vec.norm()), "note": "mapped teacher direction added at this block as an MLP bias"},
             indent=2))
 
-    path = _atomic_dir(Path(out_dir), fill)
+    path = atomic_dir(Path(out_dir), fill)
     reloaded = AutoModelForCausalLM.from_pretrained(path).eval()
     diff_reloaded = float((logits(reloaded) - want).abs().max())
     return {"contrast": contrast, "coeff": coeff, "max_abs_logit_diff_folded": diff_folded,

@@ -18,11 +18,11 @@ Written with the ``gguf`` package (llama.cpp's own Python writer). Conventions u
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from ..adapter.model import atomic_write
 
 ROW_PERMUTED_ARCHS = {"llama"}
 
@@ -101,14 +101,7 @@ def to_gguf_rows(rows: np.ndarray, arch: str, gguf_name: str, model_config) -> n
 def _atomic_gguf(path: Path, write) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, write)
     return path
 
 

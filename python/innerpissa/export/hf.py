@@ -11,36 +11,13 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from ..adapter.model import Adapter
+from ..adapter.model import Adapter, atomic_dir
 from .poly import exact_at
-
-
-def _atomic_dir(out: Path, fill) -> Path:
-    """Fill a temporary sibling directory, then move it to ``out`` (an existing ``out`` is replaced only then)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
-        fill(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old."))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
 
 
 def provenance(adapter: Adapter, coeff: float | None, kind: str, **extra) -> dict:
@@ -69,7 +46,7 @@ def export_merged_hf(adapter: Adapter, tokenizer, coeff: float, out: str | Path)
             tokenizer.save_pretrained(tmp)
         (tmp / "innerpissa_export.json").write_text(json.dumps(provenance(adapter, coeff, "merged-hf"), indent=2))
 
-    return _atomic_dir(Path(out), fill)
+    return atomic_dir(Path(out), fill)
 
 
 def lora_factors(adapter: Adapter, m_of: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -104,4 +81,4 @@ def export_peft_lora(adapter: Adapter, coeff: float, out: str | Path) -> Path:
         (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
         (tmp / "innerpissa_export.json").write_text(json.dumps(provenance(adapter, coeff, "peft-lora"), indent=2))
 
-    return _atomic_dir(Path(out), fill)
+    return atomic_dir(Path(out), fill)

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from ..adapter.model import Adapter
-from .hf import _atomic_dir, provenance
+from ..adapter.model import atomic_dir
+from .hf import provenance
 from .poly import PolyFit
 
 ONNX_NAME = "model.onnx"
@@ -89,7 +90,7 @@ def export_onnx_merged(adapter: Adapter, coeff: float, out: str | Path) -> Path:
             adapter.unmerge()
         (tmp / "innerpissa_export.json").write_text(json.dumps(provenance(adapter, coeff, "onnx-merged"), indent=2))
 
-    return _atomic_dir(Path(out), fill)
+    return atomic_dir(Path(out), fill)
 
 
 def export_onnx_live(adapter: Adapter, fits: dict[str, PolyFit], out: str | Path) -> Path:
@@ -126,7 +127,7 @@ def export_onnx_live(adapter: Adapter, fits: dict[str, PolyFit], out: str | Path
         (tmp / "innerpissa_export.json").write_text(json.dumps(info, indent=2))
 
     try:
-        return _atomic_dir(Path(out), fill)
+        return atomic_dir(Path(out), fill)
     finally:
         for parent, child, lin in swapped:
             setattr(parent, child, lin)
