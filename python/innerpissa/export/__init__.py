@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..adapter.model import Adapter
+from ..adapter.model import Adapter, atomic_write
 from .gguf_io import (GGUFExportError, architecture, read_field, write_control_vector_gguf, write_lora_gguf,
                       write_merged_gguf)
 from .hf import export_merged_hf, export_peft_lora, lora_factors, provenance
@@ -165,7 +165,7 @@ def export_llama_lora_live(adapter: Adapter, out_dir: str | Path, c_range: tuple
     info = provenance(adapter, None, "lora-live", files=[f.name for f in files], scales="c**k for file k",
                       degree=k_deg, exact=exact, c_range=list(live.c_range), max_rel_error=rel, max_abs_error=absm,
                       example=f"llama-cli -m BASE.gguf {live.llama_cli_args(1.0)}")
-    (out_dir / "live_lora.json").write_text(json.dumps(info, indent=2))
+    atomic_write(out_dir / "live_lora.json", lambda p: Path(p).write_text(json.dumps(info, indent=2)))
     return live
 
 
