@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
 
@@ -94,11 +95,8 @@ def main() -> None:
         return np.stack(rows)
 
     def llama_lp(gguf, loras=(), cv=None):
-        r = LlamaCppRunner(gguf, loras=loras, control_vector=cv, n_threads=args.threads)
-        try:
+        with LlamaCppRunner(gguf, loras=loras, control_vector=cv, n_threads=args.threads) as r:
             return np.stack([r.logprobs(p)[-1] for p in prompts])
-        finally:
-            r.close()
 
     res: dict = {"machine": f"{platform.processor() or platform.machine()}, {args.threads} threads",
                  "date": time.strftime("%Y-%m-%d"), "adapter": str(args.adapter or "random"), "model": lm.spec,
@@ -126,7 +124,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmpd:
         tmp = Path(tmpd)
         f32 = dequantize_gguf(base_gguf, tmp / "base-f32.gguf")
-        qname = sorted({t.tensor_type.name for t in __import__("gguf").GGUFReader(str(base_gguf)).tensors
+        qname = sorted({t.tensor_type.name for t in gguf.GGUFReader(str(base_gguf)).tensors
                         if t.name.endswith("ffn_down.weight")})[0]
         row("base (no export)", f"llama.cpp {qname}", 0.0, llama_lp(base_gguf), want[0.0])
         row("base (no export)", "llama.cpp F32", 0.0, llama_lp(f32), want[0.0])

@@ -22,7 +22,7 @@ from innerpissa.export import (GGUFExportError, export_control_vector, export_ll
                                export_merged_gguf, export_merged_hf, export_onnx_live, export_onnx_merged,
                                export_peft_lora, fit_adapter, fit_polynomial, onnx_logits)
 from innerpissa.export.gguf_io import permute_rows
-from innerpissa.export.llamacpp import LlamaCppRunner
+from innerpissa.export.llamacpp import llama_cpp_logprobs
 from tiny_gguf import VOCAB_SIZE, tiny_llama_for_gguf, write_llama_gguf
 
 from conftest import tiny_gemma3
@@ -169,11 +169,8 @@ def test_onnx_merged_and_live_coefficient_match(tiny, tmp_path):
 
 def test_llama_cpp_base_gguf_matches_pytorch(tiny):
     _, path, model, adapter, toks = tiny
-    runner = LlamaCppRunner(path)
-    try:
-        assert np.abs(runner.logprobs(toks) - _logprobs(model, adapter, torch.tensor([toks]), 0.0)[0].numpy()).max() < 1e-4
-    finally:
-        runner.close()
+    got = llama_cpp_logprobs(path, tokens=toks)
+    assert np.abs(got - _logprobs(model, adapter, torch.tensor([toks]), 0.0)[0].numpy()).max() < 1e-4
 
 
 @pytest.mark.parametrize("c", COEFFS)
@@ -183,17 +180,11 @@ def test_llama_cpp_merged_gguf_and_exact_lora(tiny, c):
     assert np.abs(want - _logprobs(model, adapter, torch.tensor([toks]), 0.0)[0].numpy()).max() > 0.1
     types = export_merged_gguf(adapter, c, d / "merged.gguf")
     assert set(types.values()) == {"F32"}  # the tiny base is F32, so "same" is exact
-    runner = LlamaCppRunner(d / "merged.gguf")
-    try:
-        assert np.abs(runner.logprobs(toks) - want).max() < 1e-4
-    finally:
-        runner.close()
+    got = llama_cpp_logprobs(d / "merged.gguf", tokens=toks)
+    assert np.abs(got - want).max() < 1e-4
     export_llama_lora(adapter, c, d / "lora.gguf")
-    runner = LlamaCppRunner(path, loras=[(d / "lora.gguf", 1.0)])
-    try:
-        assert np.abs(runner.logprobs(toks) - want).max() < 1e-4
-    finally:
-        runner.close()
+    got = llama_cpp_logprobs(path, loras=[(d / "lora.gguf", 1.0)], tokens=toks)
+    assert np.abs(got - want).max() < 1e-4
 
 
 def test_llama_cpp_live_lora_polynomial(tiny):
@@ -206,11 +197,8 @@ def test_llama_cpp_live_lora_polynomial(tiny):
     assert meta["adapter.lora.alpha"].contents() == float(adapter.config.rank)
     for c in COEFFS:
         want = _logprobs(model, adapter, torch.tensor([toks]), c)[0].numpy()
-        runner = LlamaCppRunner(path, loras=list(zip(live.files, live.scales(c))))
-        try:
-            assert np.abs(runner.logprobs(toks) - want).max() < 1e-3
-        finally:
-            runner.close()
+        got = llama_cpp_logprobs(path, loras=list(zip(live.files, live.scales(c))), tokens=toks)
+        assert np.abs(got - want).max() < 1e-3
 
 
 def test_llama_cpp_linear_variant_one_adapter_exact_at_every_c(tiny, tmp_path):
@@ -221,11 +209,8 @@ def test_llama_cpp_linear_variant_one_adapter_exact_at_every_c(tiny, tmp_path):
     assert live.exact and len(live.files) == 1 and live.max_abs_error < 1e-12
     for c in (-2.0, 0.5, 3.0):  # 3 is outside the fit range: exact anyway
         want = _logprobs(model, adapter, torch.tensor([toks]), c)[0].numpy()
-        runner = LlamaCppRunner(path, loras=[(live.files[0], c)])
-        try:
-            assert np.abs(runner.logprobs(toks) - want).max() < 1e-4
-        finally:
-            runner.close()
+        got = llama_cpp_logprobs(path, loras=[(live.files[0], c)], tokens=toks)
+        assert np.abs(got - want).max() < 1e-4
 
 
 def test_llama_cpp_lora_on_permuted_q_and_k_rows(tiny, tmp_path):
@@ -245,11 +230,8 @@ def test_llama_cpp_lora_on_permuted_q_and_k_rows(tiny, tmp_path):
     want = _logprobs(model, adapter, torch.tensor([toks]), 1.5)[0].numpy()
     assert np.abs(want - _logprobs(model, adapter, torch.tensor([toks]), 0.0)[0].numpy()).max() > 0.05
     export_llama_lora(adapter, 1.5, tmp_path / "qk.gguf")
-    runner = LlamaCppRunner(path, loras=[(tmp_path / "qk.gguf", 1.0)])
-    try:
-        assert np.abs(runner.logprobs(toks) - want).max() < 1e-4
-    finally:
-        runner.close()
+    got = llama_cpp_logprobs(path, loras=[(tmp_path / "qk.gguf", 1.0)], tokens=toks)
+    assert np.abs(got - want).max() < 1e-4
 
 
 def test_control_vector_gguf_loads_in_llama_cpp(tiny, tmp_path):
@@ -268,11 +250,8 @@ def test_control_vector_gguf_loads_in_llama_cpp(tiny, tmp_path):
     for c in (-3.0, 2.0):
         with method.steer(c):
             want = model(ids).logits[0].double().log_softmax(-1).numpy()
-        runner = LlamaCppRunner(path, control_vector=(tmp_path / "cv.gguf", c))
-        try:
-            assert np.abs(runner.logprobs(toks) - want).max() < 1e-4
-        finally:
-            runner.close()
+        got = llama_cpp_logprobs(path, control_vector=(tmp_path / "cv.gguf", c), tokens=toks)
+        assert np.abs(got - want).max() < 1e-4
     with pytest.raises(GGUFExportError, match="block 0"):
         export_control_vector({0: np.ones(64)}, tmp_path / "bad.gguf", "llama")
 
@@ -296,11 +275,8 @@ def test_cli_export_and_bad_input(tiny, tmp_path, monkeypatch):
     res = runner.invoke(app, ["export", str(tmp_path / "ad"), "-f", "tflite", "-c", "1", "-o", str(tmp_path / "x")])
     assert res.exit_code != 0 and "--format" in res.output
     want = _logprobs(model, adapter, torch.tensor([toks]), 1.0)[0].numpy()
-    r = LlamaCppRunner(path, loras=[(tmp_path / "l.gguf", 1.0)])
-    try:
-        assert np.abs(r.logprobs(toks) - want).max() < 1e-4
-    finally:
-        r.close()
+    got = llama_cpp_logprobs(path, loras=[(tmp_path / "l.gguf", 1.0)], tokens=toks)
+    assert np.abs(got - want).max() < 1e-4
 
 
 def test_merged_gguf_needs_a_gguf_base(tmp_path):

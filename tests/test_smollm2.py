@@ -84,7 +84,7 @@ def test_exports_load_in_llama_cpp_and_transformers(smol, tmp_path):
 
     from innerpissa.export import export_llama_lora, export_merged_gguf, export_merged_hf, resolve_base_gguf
     from innerpissa.export.gguf_io import dequantize_gguf
-    from innerpissa.export.llamacpp import LlamaCppRunner
+    from innerpissa.export.llamacpp import llama_cpp_logprobs
     from innerpissa.pairs import render_prompt
 
     model, tok = smol.model, smol.tokenizer
@@ -107,11 +107,7 @@ def test_exports_load_in_llama_cpp_and_transformers(smol, tmp_path):
     export_llama_lora(adapter, 1.0, tmp_path / "lora.gguf")
     export_merged_gguf(adapter, 1.0, tmp_path / "merged.gguf", base_gguf=f32)
     for gguf_path, loras in ((f32, [(tmp_path / "lora.gguf", 1.0)]), (tmp_path / "merged.gguf", [])):
-        runner = LlamaCppRunner(gguf_path, loras=loras)
-        try:
-            got = runner.logprobs(toks)[-1]
-        finally:
-            runner.close()
+        got = llama_cpp_logprobs(gguf_path, toks, loras=loras)[-1]
         assert np.abs(got - want)[top].max() < 5e-3, gguf_path
 
     export_merged_hf(adapter, tok, 1.0, tmp_path / "hf")

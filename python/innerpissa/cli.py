@@ -257,7 +257,7 @@ def export_cmd(
         if fmt == "onnx-live":
             ex.export_onnx_live(ad, fits, out)
         else:
-            res = ex.export_llama_lora_live(ad, out, (c_min, c_max), degree=k, tol=tol, base_gguf=base_gguf)
+            res = ex.export_llama_lora_live(ad, out, (c_min, c_max), base_gguf=base_gguf, fits=fits)
             typer.echo("llama.cpp at c=1: llama-cli -m BASE.gguf " + res.llama_cli_args(1.0))
             typer.echo("  file k takes scale c**k" + (" (one file: exact at every c)" if res.exact else ""))
         typer.echo(f"polynomial degree {k} over c in [{c_min}, {c_max}]: worst relative error of M(c) "

@@ -80,22 +80,29 @@ def answer_scores(model, tokenizer, prompts: list[str], kind: str = "yesno", bat
 
 
 @torch.no_grad()
-def text_nll(model, tokenizer, texts: list[str], system: str | None = None, batch_size: int = 16) -> float:
-    """Mean per-token NLL (nats/token) of ``texts`` as the assistant's reply to a fixed neutral request."""
-    total, count = 0.0, 0
-    head = tokenizer(render_prompt(tokenizer, "Write a short paragraph.", system=system),
-                     add_special_tokens=False)["input_ids"]
-    for i in range(0, len(texts), batch_size):
-        bodies = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[i:i + batch_size]]
-        ids, mask, pos = left_pad([head + b for b in bodies], tokenizer.pad_token_id)
+def continuation_logprobs(model, tokenizer, heads: list[str], bodies: list[str],
+                          batch_size: int = 16) -> list[tuple[float, int]]:
+    """(sum of log p in nats, number of tokens) of each ``bodies[i]`` following ``heads[i]``.
+
+    Texts are tokenized separately (no special tokens) and concatenated, left-padded, batched.
+    """
+    out: list[tuple[float, int]] = []
+    for i in range(0, len(heads), batch_size):
+        hs = [tokenizer(h, add_special_tokens=False)["input_ids"] for h in heads[i:i + batch_size]]
+        bs = [tokenizer(b, add_special_tokens=False)["input_ids"] for b in bodies[i:i + batch_size]]
+        ids, mask, pos = left_pad([h + b for h, b in zip(hs, bs)], tokenizer.pad_token_id)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits.float()
         logp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-        body_mask = torch.zeros_like(ids[:, 1:], dtype=torch.bool)
-        for r, b in enumerate(bodies):
-            body_mask[r, ids.shape[1] - 1 - len(b):] = True
-        total += float(-(logp * body_mask).sum())
-        count += int(body_mask.sum())
-    return total / max(count, 1)
+        for r, b in enumerate(bs):
+            out.append((float(logp[r, ids.shape[1] - 1 - len(b):].sum()), len(b)))
+    return out
+
+
+def text_nll(model, tokenizer, texts: list[str], system: str | None = None, batch_size: int = 16) -> float:
+    """Mean per-token NLL (nats/token) of ``texts`` as the assistant's reply to a fixed neutral request."""
+    head = render_prompt(tokenizer, "Write a short paragraph.", system=system)
+    rows = continuation_logprobs(model, tokenizer, [head] * len(texts), texts, batch_size)
+    return -sum(s for s, _ in rows) / max(sum(n for _, n in rows), 1)
 
 
 @dataclass

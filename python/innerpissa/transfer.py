@@ -26,7 +26,7 @@ from .adapter.model import UnsupportedArchitectureError, decoder_blocks, hidden_
 from .baselines import VectorMethod, last_token_states
 from .contrasts import TOUR_GUIDE, ContrastTemplate, ManifestRow, continuation_pairs, render_contrasts
 from .evaldata import NEUTRAL_TEXTS
-from .evaluate import text_nll
+from .evaluate import continuation_logprobs, text_nll
 from .metrics import bootstrap_ci, item_slopes
 from .procrustes import AlignmentMap, cosine, fit_alignment
 from .train import left_pad
@@ -36,16 +36,15 @@ from .train import left_pad
 def continuation_logprob(model: nn.Module, tokenizer, prompts: list[str], continuations: list[str],
                          batch_size: int = 16) -> np.ndarray:
     """Mean per-token log-probability (nats/token) of each continuation after its prompt, (n,)."""
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        heads = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[i:i + batch_size]]
-        bodies = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in continuations[i:i + batch_size]]
-        ids, mask, pos = left_pad([h + b for h, b in zip(heads, bodies)], tokenizer.pad_token_id)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits.float()
-        logp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-        for r, b in enumerate(bodies):
-            out.append(float(logp[r, ids.shape[1] - 1 - len(b):].mean()))
-    return np.array(out)
+    rows = continuation_logprobs(model, tokenizer, prompts, continuations, batch_size)
+    return np.array([total / max(n, 1) for total, n in rows])
+
+
+def _contrast_score(model, tokenizer, triples, batch_size: int = 16) -> np.ndarray:
+    """Per row: mean log p(positive continuation) − mean log p(negative continuation), nats/token."""
+    prompts = [t[0] for t in triples]
+    return (continuation_logprob(model, tokenizer, prompts, [t[1] for t in triples], batch_size)
+            - continuation_logprob(model, tokenizer, prompts, [t[2] for t in triples], batch_size))
 
 
 @dataclass
@@ -190,34 +189,22 @@ def steering_effects(result: AlignResult, student, rows: list[ManifestRow], temp
     out: dict = {}
     for name in template.contrasts:
         triples = continuation_pairs(student.tokenizer, held_rows, name, template)
-        prompts = [p for p, _, _ in triples]
         own = result.student_dirs[name]
         vectors = {"mapped": result.mapped_dirs[name] / result.mapped_dirs[name].norm() * own.norm(),
                    "own": own, "random": result.random_dirs[name]}
         out[name] = {}
-        base = None
+        base = _contrast_score(student.model, student.tokenizer, triples, cfg.batch_size)  # c = 0, all methods
         for method, vec in vectors.items():
             progress(f"steering {name} with the {method} direction")
             scores, dnll = [], []
             for c in coeffs:
                 if c == 0:
-                    if base is None:
-                        pos = continuation_logprob(student.model, student.tokenizer, prompts,
-                                                   [t[1] for t in triples], cfg.batch_size)
-                        neg = continuation_logprob(student.model, student.tokenizer, prompts,
-                                                   [t[2] for t in triples], cfg.batch_size)
-                        base = pos - neg
                     scores.append(base)
                     dnll.append(0.0)
                     continue
-                vm = VectorMethod(student.model, {result.student_layer: vec}, coeffs=(float(c),))
-                with vm.steer(float(c)):
-                    pos = continuation_logprob(student.model, student.tokenizer, prompts, [t[1] for t in triples],
-                                               cfg.batch_size)
-                    neg = continuation_logprob(student.model, student.tokenizer, prompts, [t[2] for t in triples],
-                                               cfg.batch_size)
+                with VectorMethod(student.model, {result.student_layer: vec}).steer(float(c)):
+                    scores.append(_contrast_score(student.model, student.tokenizer, triples, cfg.batch_size))
                     dnll.append(text_nll(student.model, student.tokenizer, neutral) - nll_base)
-                scores.append(pos - neg)
             a = np.stack(scores)  # (n_coeffs, n_rows)
             slopes = item_slopes(a, coeffs)
             lo, hi = bootstrap_ci(slopes, seed=cfg.seed)
@@ -250,19 +237,13 @@ def projection_effects(result: AlignResult, student, rows: list[ManifestRow],
     traits = [n for n in template.contrasts if n not in ("N-S", "E-W")]
     for name in traits:
         triples = continuation_pairs(student.tokenizer, held_rows, name, template)
-        prompts, pos_t, neg_t = [t[0] for t in triples], [t[1] for t in triples], [t[2] for t in triples]
-
-        def score():
-            return (continuation_logprob(student.model, student.tokenizer, prompts, pos_t)
-                    - continuation_logprob(student.model, student.tokenizer, prompts, neg_t))
-
-        base = score()
+        base = _contrast_score(student.model, student.tokenizer, triples)
         out[name] = {}
         for method, vec in (("mapped", result.mapped_dirs[name]), ("own", result.student_dirs[name]),
                             ("random", result.random_dirs[name])):
             progress(f"projecting out {name} ({method} direction)")
             with project_out(student.model, [vec]):
-                delta = score() - base
+                delta = _contrast_score(student.model, student.tokenizer, triples) - base
                 dnll = text_nll(student.model, student.tokenizer, neutral) - nll_base
             lo, hi = bootstrap_ci(delta, seed=result.config.seed)
             out[name][method] = {"delta": float(delta.mean()), "ci": [lo, hi], "dnll": float(dnll)}
@@ -298,7 +279,7 @@ def fold_addition(model: nn.Module, layer: int, vector: torch.Tensor) -> None:
         UnsupportedArchitectureError: no ``mlp_bias`` in the config (e.g. Gemma 3, whose MLP output is normed).
     """
     cfg = model.config
-    if not hasattr(cfg, "mlp_bias") or "Gemma" in type(model).__name__:
+    if not hasattr(cfg, "mlp_bias"):
         raise UnsupportedArchitectureError(
             f"{type(model).__name__}: folding an addition needs an MLP that writes the residual directly and a "
             "config with mlp_bias (Llama family); use hook-based steering for this model")

@@ -138,15 +138,17 @@ class LiveLoRA:
 
 def export_llama_lora_live(adapter: Adapter, out_dir: str | Path, c_range: tuple[float, float] = (-2.0, 2.0),
                            degree: int | None = None, tol: float = 1e-3,
-                           base_gguf: str | Path | None = None) -> LiveLoRA:
+                           base_gguf: str | Path | None = None,
+                           fits: dict[str, PolyFit] | None = None) -> LiveLoRA:
     """LoRA GGUFs whose sum, applied with scales c, c², …, c^K, gives M̂(c) ≈ M(c) over ``c_range``.
 
-    The degree is the smallest K ≤ 8 whose worst relative error is ≤ ``tol`` unless given. The error is written
+    The degree is the smallest K ≤ 8 whose worst relative error is ≤ ``tol`` unless given; ``fits`` from
+    ``fit_adapter`` over the same range skips the fit. The error is written
     into each file's metadata (``innerpissa.max_rel_error``) and into ``out_dir/live_lora.json``.
     """
     out_dir = Path(out_dir)
     arch, n_blocks = gguf_architecture(adapter, base_gguf)
-    fits = fit_adapter(adapter, c_range, degree=degree, tol=tol)
+    fits = fits or fit_adapter(adapter, c_range, degree=degree, tol=tol)
     k_deg = next(iter(fits.values())).degree
     exact = all(is_linear(adapter.layer(n)) for n in adapter.target_names)
     rel = max(f.max_rel_error for f in fits.values())

@@ -55,6 +55,7 @@ class LlamaCppRunner:
     """A GGUF model in llama.cpp with optional LoRA adapters (path, scale) and a control vector (path, scale).
 
     ``logprobs(tokens)`` returns next-token log-probabilities (T, vocab) for every position of one sequence.
+    Use as a context manager (``with LlamaCppRunner(...) as r:``) or call ``close()``.
     """
 
     def __init__(self, model_path: str | Path, loras: list[tuple[str | Path, float]] = (),
@@ -92,3 +93,15 @@ class LlamaCppRunner:
 
     def close(self) -> None:
         self.llm.close()
+
+    def __enter__(self) -> "LlamaCppRunner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def llama_cpp_logprobs(model_path: str | Path, tokens: list[int], **kwargs) -> np.ndarray:
+    """One sequence's log-probs (T, vocab) in a fresh ``LlamaCppRunner(model_path, **kwargs)``."""
+    with LlamaCppRunner(model_path, **kwargs) as runner:
+        return runner.logprobs(tokens)
