@@ -3,6 +3,7 @@
 //! No Python here: everything in this crate is testable with plain `cargo test`.
 //! The pyo3 bindings in `rust/py` only translate arrays and errors.
 
+pub mod engine;
 pub mod svd;
 
 pub use svd::{

@@ -4,11 +4,16 @@
 //! (and their tests) are in `rust/core`. Computations run with the GIL
 //! released.
 
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use innerpissa_core::engine::{ControlVector, Engine, EngineError, LowRankAdapter, Steer, WeightMode};
 use innerpissa_core::svd::{self, BatchError, MatrixView, Precision, SvdError, TopRSvd};
-use numpy::ndarray::Array2;
-use numpy::{IntoPyArray, PyArray1, PyArray2, PyReadonlyArrayDyn, PyUntypedArrayMethods};
-use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use numpy::ndarray::{Array2, Array4};
+use numpy::{IntoPyArray, PyArray1, PyArray2, PyArray4, PyReadonlyArray1, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use pyo3::exceptions::{PyFileNotFoundError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
 
 type SvdTuple<'py> = (
     Bound<'py, PyArray2<f32>>,
@@ -148,11 +153,197 @@ fn top_r_svd_batch<'py>(
     Ok(out.into_iter().map(|d| to_numpy(py, d)).collect())
 }
 
+fn engine_err(e: EngineError) -> PyErr {
+    match e {
+        EngineError::Io(s) => PyFileNotFoundError::new_err(s),
+        EngineError::Format(s) | EngineError::Input(s) => PyValueError::new_err(s),
+        EngineError::Candle(_) => PyRuntimeError::new_err(e.to_string()),
+    }
+}
+
+/// A branch spec from Python: ("base",), ("adapter", c) or ("vector", c, index).
+fn steer(spec: &Bound<'_, PyAny>) -> PyResult<Steer> {
+    let t: Vec<Bound<'_, PyAny>> = spec.extract().map_err(|_| {
+        PyTypeError::new_err("a branch is a tuple: ('base',), ('adapter', c) or ('vector', c, index)")
+    })?;
+    let kind: String = t
+        .first()
+        .ok_or_else(|| PyValueError::new_err("empty branch tuple"))?
+        .extract()?;
+    match (kind.as_str(), t.len()) {
+        ("base", 1) => Ok(Steer::Base),
+        ("adapter", 2) => Ok(Steer::Adapter(t[1].extract::<f64>()?)),
+        ("vector", 3) => Ok(Steer::Vector { coeff: t[1].extract::<f32>()?, index: t[2].extract::<usize>()? }),
+        _ => Err(PyValueError::new_err(format!(
+            "bad branch {kind:?} with {} fields: use ('base',), ('adapter', c) or ('vector', c, index)",
+            t.len()
+        ))),
+    }
+}
+
+fn steers(branches: &[Bound<'_, PyAny>]) -> PyResult<Vec<Steer>> {
+    branches.iter().map(steer).collect()
+}
+
+/// Engine(path, weights="f32", device="cpu")
+///
+/// A GGUF decoder (Llama family or Gemma 3) for coefficient sweeps. `weights`: "f32" (de-quantized at load:
+/// the same weights transformers uses), "native" (the file's quantized blocks) or "q8_0" (re-quantized to int8
+/// blocks). Sequences are lists of token ids (no special tokens are added). Branches are tuples:
+/// ("base",), ("adapter", c) or ("vector", c, index). All work runs with the GIL released on the rayon pool
+/// (RAYON_NUM_THREADS / CANDLE_NUM_THREADS).
+#[pyclass(name = "Engine")]
+struct PyEngine {
+    inner: Engine,
+}
+
+#[pymethods]
+impl PyEngine {
+    #[new]
+    #[pyo3(signature = (path, weights = "f32", device = "cpu"))]
+    fn new(py: Python<'_>, path: PathBuf, weights: &str, device: &str) -> PyResult<Self> {
+        let mode = WeightMode::parse(weights).map_err(engine_err)?;
+        let inner = py.detach(|| Engine::load(&path, mode, device)).map_err(engine_err)?;
+        Ok(Self { inner })
+    }
+
+    /// Model hyper-parameters as a dict.
+    #[getter]
+    fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let c = &self.inner.model.cfg;
+        let d = PyDict::new(py);
+        d.set_item("arch", format!("{:?}", c.arch).to_lowercase())?;
+        d.set_item("n_layer", c.n_layer)?;
+        d.set_item("d_model", c.d_model)?;
+        d.set_item("n_head", c.n_head)?;
+        d.set_item("n_kv_head", c.n_kv_head)?;
+        d.set_item("head_dim", c.head_dim)?;
+        d.set_item("d_ff", c.d_ff)?;
+        d.set_item("vocab", c.vocab)?;
+        d.set_item("weights", format!("{:?}", self.inner.model.weights).to_lowercase())?;
+        Ok(d)
+    }
+
+    /// load_adapter(directory) -> list of target module names. Reads adapter_config.json and
+    /// adapter_model.safetensors (U, S, V, theta, delta); raises FileNotFoundError / ValueError naming the field.
+    fn load_adapter(&mut self, py: Python<'_>, directory: PathBuf) -> PyResult<Vec<String>> {
+        let a = py.detach(|| LowRankAdapter::load(&directory)).map_err(engine_err)?;
+        let names = a.layers.iter().map(|l| l.name.clone()).collect();
+        self.inner.set_adapter(a).map_err(engine_err)?;
+        Ok(names)
+    }
+
+    /// steer_matrix(name, c) -> M(c) (r, r) float64 of the loaded adapter's layer `name`.
+    fn steer_matrix<'py>(&self, py: Python<'py>, name: &str, c: f64) -> PyResult<Bound<'py, PyArray2<f64>>> {
+        let a = self.inner.adapter().ok_or_else(|| PyValueError::new_err("no adapter loaded"))?;
+        let l = a
+            .layers
+            .iter()
+            .find(|l| l.name == name)
+            .ok_or_else(|| PyValueError::new_err(format!("adapter has no layer {name:?}")))?;
+        let m = l.steer_matrix(c, a.multiplicative, a.rotate);
+        Ok(Array2::from_shape_vec((l.r, l.r), m).expect("r*r").into_pyarray(py))
+    }
+
+    /// add_control_vector({block: direction (d,) float32}) -> index for ("vector", c, index) branches.
+    fn add_control_vector(&mut self, directions: HashMap<usize, PyReadonlyArray1<'_, f32>>) -> PyResult<usize> {
+        let mut dirs: Vec<(usize, Vec<f32>)> = directions
+            .into_iter()
+            .map(|(l, v)| (l, v.as_array().iter().copied().collect()))
+            .collect();
+        dirs.sort_by_key(|d| d.0);
+        self.inner.add_control_vector(ControlVector { directions: dirs }).map_err(engine_err)
+    }
+
+    fn clear_control_vectors(&mut self) {
+        self.inner.clear_control_vectors();
+    }
+
+    /// yes_no(seqs, branches, pos_ids, neg_ids, batch=64) -> (scores, mass), each (len(branches), len(seqs))
+    /// float64: log-odds logsumexp(log p[pos]) − logsumexp(log p[neg]) in nats at each sequence's last
+    /// position, and the probability mass p(pos) + p(neg).
+    #[pyo3(signature = (seqs, branches, pos_ids, neg_ids, batch = 64))]
+    fn yes_no<'py>(
+        &self,
+        py: Python<'py>,
+        seqs: Vec<Vec<u32>>,
+        branches: Vec<Bound<'py, PyAny>>,
+        pos_ids: Vec<u32>,
+        neg_ids: Vec<u32>,
+        batch: usize,
+    ) -> PyResult<(Bound<'py, PyArray2<f64>>, Bound<'py, PyArray2<f64>>)> {
+        let br = steers(&branches)?;
+        let (s, m) = py
+            .detach(|| self.inner.yes_no(&seqs, &br, &pos_ids, &neg_ids, batch))
+            .map_err(engine_err)?;
+        let shape = (br.len(), seqs.len());
+        Ok((
+            Array2::from_shape_vec(shape, s).expect("b*n").into_pyarray(py),
+            Array2::from_shape_vec(shape, m).expect("b*n").into_pyarray(py),
+        ))
+    }
+
+    /// token_logprobs(seqs, starts, branches, batch=16) -> list (branch-major, len(branches)·len(seqs)) of
+    /// float32 arrays: log p(token t+1 | tokens ≤ t) for t in starts[i] .. len(seq)−2, nats.
+    #[pyo3(signature = (seqs, starts, branches, batch = 16))]
+    fn token_logprobs<'py>(
+        &self,
+        py: Python<'py>,
+        seqs: Vec<Vec<u32>>,
+        starts: Vec<usize>,
+        branches: Vec<Bound<'py, PyAny>>,
+        batch: usize,
+    ) -> PyResult<Vec<Bound<'py, PyArray1<f32>>>> {
+        let br = steers(&branches)?;
+        let out = py
+            .detach(|| self.inner.token_logprobs(&seqs, &starts, &br, batch))
+            .map_err(engine_err)?;
+        Ok(out.into_iter().map(|v| v.into_pyarray(py)).collect())
+    }
+
+    /// hidden(seqs, layers, branches, batch=64) -> (len(layers), len(branches), len(seqs), d) float32:
+    /// decoder-block outputs (the residual stream after block ℓ) at each sequence's last token.
+    #[pyo3(signature = (seqs, layers, branches, batch = 64))]
+    fn hidden<'py>(
+        &self,
+        py: Python<'py>,
+        seqs: Vec<Vec<u32>>,
+        layers: Vec<usize>,
+        branches: Vec<Bound<'py, PyAny>>,
+        batch: usize,
+    ) -> PyResult<Bound<'py, PyArray4<f32>>> {
+        let br = steers(&branches)?;
+        let d = self.inner.model.cfg.d_model;
+        let out = py
+            .detach(|| self.inner.hidden(&seqs, &layers, &br, batch))
+            .map_err(engine_err)?;
+        Ok(Array4::from_shape_vec((layers.len(), br.len(), seqs.len(), d), out)
+            .expect("l*b*n*d")
+            .into_pyarray(py))
+    }
+}
+
+/// num_threads() -> the size of the rayon pool the engine and the SVD run on.
+#[pyfunction]
+fn num_threads() -> usize {
+    rayon::current_num_threads()
+}
+
 /// Native extension of innerpissa (Rust, via pyo3).
 #[pymodule]
 fn _rust(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // CANDLE_NUM_THREADS sizes the pool when RAYON_NUM_THREADS is unset; candle's own kernels read the latter.
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        if let Ok(n) = std::env::var("CANDLE_NUM_THREADS") {
+            if n.parse::<usize>().is_ok_and(|n| n > 0) {
+                std::env::set_var("RAYON_NUM_THREADS", &n);
+            }
+        }
+    }
     m.add_function(wrap_pyfunction!(top_r_svd, m)?)?;
     m.add_function(wrap_pyfunction!(top_r_svd_batch, m)?)?;
+    m.add_function(wrap_pyfunction!(num_threads, m)?)?;
+    m.add_class::<PyEngine>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -1,0 +1,285 @@
+//! The InnerPiSSA adapter read from its saved directory (`adapter_config.json` + `adapter_model.safetensors`, as
+//! written by `innerpissa.adapter.Adapter.save`) and its r×r steering matrix (DESIGN.md §2):
+//!
+//! ```text
+//! A = triu(θ, 1) − triu(θ, 1)ᵀ            R(c) = (I − cA/2)⁻¹ (I + cA/2)       (Cayley)
+//! M(c) = diag(S') R(c)ᵀ − diag(S),        S' = S + cδ (additive) or S ⊙ exp(cδ) (multiplicative)
+//! y(c) = base(x) + ((x V) M(c)ᵀ) Uᵀ
+//! ```
+//!
+//! U, S, V come from the file; nothing is re-decomposed. M(c) is computed in f64 (faer LU) and rounded to f32.
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use faer::linalg::solvers::Solve;
+use faer::Mat;
+
+use super::{EngineError, Result};
+
+/// Which residual writer of a decoder block an adapted layer is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Writer {
+    /// Attention output projection (`o_proj`, GGUF `attn_output`).
+    Attn,
+    /// MLP down projection (`down_proj`, GGUF `ffn_down`).
+    Mlp,
+}
+
+/// One adapted linear layer: U (d_out, r), S (r), V (d_in, r), θ (r, r), δ (r), all row-major f32.
+#[derive(Clone, Debug)]
+pub struct LowRankLayer {
+    pub name: String,
+    pub block: usize,
+    pub writer: Writer,
+    pub d_out: usize,
+    pub d_in: usize,
+    pub r: usize,
+    pub u: Vec<f32>,
+    pub s: Vec<f32>,
+    pub v: Vec<f32>,
+    pub theta: Vec<f32>,
+    pub delta: Vec<f32>,
+}
+
+/// A whole adapter.
+#[derive(Clone, Debug)]
+pub struct LowRankAdapter {
+    pub layers: Vec<LowRankLayer>,
+    pub multiplicative: bool,
+    pub rotate: bool,
+}
+
+/// Block index and writer of a module name such as `model.layers.12.mlp.down_proj`: the integer after the
+/// `layers`/`h`/`blocks` component, and attention when a component names attention, else the MLP.
+pub fn parse_target(name: &str) -> Result<(usize, Writer)> {
+    let parts: Vec<&str> = name.split('.').collect();
+    let block = parts
+        .windows(2)
+        .find(|w| matches!(w[0], "layers" | "h" | "blocks" | "layer" | "blk"))
+        .and_then(|w| w[1].parse::<usize>().ok())
+        .ok_or_else(|| EngineError::Format(format!("adapter target {name:?}: no decoder block index in the name")))?;
+    let last = parts.last().copied().unwrap_or("");
+    let attn = parts.iter().any(|p| p.contains("attn") || p.contains("attention"));
+    let known = ["o_proj", "out_proj", "down_proj", "dense", "c_proj", "fc2", "dense_4h_to_h", "attn_output", "ffn_down"];
+    if !known.contains(&last) {
+        return Err(EngineError::Format(format!(
+            "adapter target {name:?}: not a residual writer the Rust engine knows ({known:?})"
+        )));
+    }
+    Ok((block, if attn { Writer::Attn } else { Writer::Mlp }))
+}
+
+fn tensor_vec(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+}
+
+impl LowRankAdapter {
+    /// Read an adapter directory.
+    ///
+    /// Errors name the file and field: a missing file, invalid JSON, a missing tensor, or inconsistent shapes.
+    pub fn load(dir: &Path) -> Result<Self> {
+        let cfg_path = dir.join("adapter_config.json");
+        let w_path = dir.join("adapter_model.safetensors");
+        for p in [&cfg_path, &w_path] {
+            if !p.exists() {
+                return Err(EngineError::Io(format!("{} not found: not an innerpissa adapter directory", p.display())));
+            }
+        }
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| EngineError::Io(format!("{}: {e}", cfg_path.display())))?;
+        let cfg: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| EngineError::Format(format!("{}: invalid JSON ({e})", cfg_path.display())))?;
+        let field = |k: &str| {
+            cfg.get(k).ok_or_else(|| EngineError::Format(format!("{}: missing field {k:?}", cfg_path.display())))
+        };
+        let adapter = field("adapter")?;
+        let scale = adapter.get("scale").and_then(|v| v.as_str()).unwrap_or("additive");
+        let multiplicative = match scale {
+            "additive" => false,
+            "multiplicative" => true,
+            s => return Err(EngineError::Format(format!("{}: adapter.scale {s:?} unknown", cfg_path.display()))),
+        };
+        let rotate = adapter.get("rotate").and_then(|v| v.as_bool()).unwrap_or(true);
+        let targets: Vec<String> = field("target_modules")?
+            .as_array()
+            .ok_or_else(|| EngineError::Format(format!("{}: target_modules is not a list", cfg_path.display())))?
+            .iter()
+            .map(|v| v.as_str().map(str::to_owned))
+            .collect::<Option<_>>()
+            .ok_or_else(|| EngineError::Format(format!("{}: target_modules holds a non-string", cfg_path.display())))?;
+        let tensors = candle_core::safetensors::load(&w_path, &Device::Cpu)
+            .map_err(|e| EngineError::Format(format!("{}: {e}", w_path.display())))?;
+        let mut layers = Vec::with_capacity(targets.len());
+        for name in targets {
+            let (block, writer) = parse_target(&name)?;
+            let get = |k: &str| {
+                tensors
+                    .get(&format!("{name}.{k}"))
+                    .ok_or_else(|| EngineError::Format(format!("{}: missing tensor {name}.{k}", w_path.display())))
+            };
+            let (u, s, v) = (get("U")?, get("S")?, get("V")?);
+            let (theta, delta) = (get("theta")?, get("delta")?);
+            let r = s.elem_count();
+            let (ud, vd) = (u.dims().to_vec(), v.dims().to_vec());
+            if ud.len() != 2 || vd.len() != 2 || ud[1] != r || vd[1] != r || theta.elem_count() != r * r || delta.elem_count() != r {
+                return Err(EngineError::Format(format!(
+                    "{}: {name}: shapes U {ud:?}, S [{r}], V {vd:?}, theta {:?}, delta {:?} disagree on the rank",
+                    w_path.display(),
+                    theta.dims(),
+                    delta.dims()
+                )));
+            }
+            layers.push(LowRankLayer {
+                name: name.clone(),
+                block,
+                writer,
+                d_out: ud[0],
+                d_in: vd[0],
+                r,
+                u: tensor_vec(u)?,
+                s: tensor_vec(s)?,
+                v: tensor_vec(v)?,
+                theta: tensor_vec(theta)?,
+                delta: tensor_vec(delta)?,
+            });
+        }
+        if layers.is_empty() {
+            return Err(EngineError::Format(format!("{}: no target modules", cfg_path.display())));
+        }
+        Ok(Self { layers, multiplicative, rotate })
+    }
+
+    /// The lowest adapted block.
+    pub fn first_block(&self) -> usize {
+        self.layers.iter().map(|l| l.block).min().unwrap_or(usize::MAX)
+    }
+}
+
+impl LowRankLayer {
+    /// M(c), (r, r) row-major, f64. M(0) = 0 exactly.
+    pub fn steer_matrix(&self, c: f64, multiplicative: bool, rotate: bool) -> Vec<f64> {
+        let r = self.r;
+        let s_new: Vec<f64> = (0..r)
+            .map(|i| {
+                let (s, d) = (self.s[i] as f64, self.delta[i] as f64);
+                if multiplicative { s * (c * d).exp() } else { s + c * d }
+            })
+            .collect();
+        // R(c)ᵀ
+        let rot_t: Vec<f64> = if rotate && c != 0.0 {
+            let a = |i: usize, j: usize| -> f64 {
+                if j > i {
+                    self.theta[i * r + j] as f64
+                } else if i > j {
+                    -(self.theta[j * r + i] as f64)
+                } else {
+                    0.0
+                }
+            };
+            let lhs = Mat::<f64>::from_fn(r, r, |i, j| (if i == j { 1.0 } else { 0.0 }) - c * a(i, j) / 2.0);
+            let rhs = Mat::<f64>::from_fn(r, r, |i, j| (if i == j { 1.0 } else { 0.0 }) + c * a(i, j) / 2.0);
+            let rot = lhs.partial_piv_lu().solve(&rhs);
+            let mut out = vec![0.0; r * r];
+            for i in 0..r {
+                for j in 0..r {
+                    out[i * r + j] = rot[(j, i)];
+                }
+            }
+            out
+        } else {
+            (0..r * r).map(|k| if k / r == k % r { 1.0 } else { 0.0 }).collect()
+        };
+        let mut m = vec![0.0; r * r];
+        for i in 0..r {
+            for j in 0..r {
+                m[i * r + j] = s_new[i] * rot_t[i * r + j] - if i == j { self.s[i] as f64 } else { 0.0 };
+            }
+        }
+        m
+    }
+
+    /// The side path at coefficient c as P = V M(c)ᵀ (d_in, r), row-major f32, so that Δy = (x P) Uᵀ.
+    /// Returns None at c = 0 (the path is skipped and the output is the base output).
+    pub(crate) fn factor(&self, c: f64, multiplicative: bool, rotate: bool) -> Option<Vec<f32>> {
+        if c == 0.0 {
+            return None;
+        }
+        let r = self.r;
+        let m = self.steer_matrix(c, multiplicative, rotate);
+        let m32: Vec<f32> = m.iter().map(|&v| v as f32).collect();
+        let mut p = vec![0f32; self.d_in * r];
+        // P = V · M(c)ᵀ
+        super::model::matmul_nt(&mut p, &self.v, &m32, self.d_in, r, r, false);
+        Some(p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layer(r: usize) -> LowRankLayer {
+        let f = |i: usize| ((i * 7919 % 101) as f32 / 101.0 - 0.5) * 0.3;
+        LowRankLayer {
+            name: "model.layers.3.mlp.down_proj".into(),
+            block: 3,
+            writer: Writer::Mlp,
+            d_out: 5,
+            d_in: 4,
+            r,
+            u: (0..5 * r).map(f).collect(),
+            s: (0..r).map(|i| 2.0 - i as f32 * 0.3).collect(),
+            v: (0..4 * r).map(|i| f(i + 3)).collect(),
+            theta: (0..r * r).map(|i| f(i + 11)).collect(),
+            delta: (0..r).map(|i| f(i + 17)).collect(),
+        }
+    }
+
+    #[test]
+    fn zero_coefficient_gives_zero_matrix() {
+        let l = layer(3);
+        for mult in [false, true] {
+            assert!(l.steer_matrix(0.0, mult, true).iter().all(|&x| x == 0.0));
+        }
+    }
+
+    #[test]
+    fn rotation_is_orthogonal_and_inverts() {
+        // With δ = 0 and S = 1, M(c) + I = R(c)ᵀ; R(c) R(−c) = I.
+        let mut l = layer(3);
+        l.s = vec![1.0; 3];
+        l.delta = vec![0.0; 3];
+        let r = 3;
+        let p = l.steer_matrix(0.7, false, true);
+        let n = l.steer_matrix(-0.7, false, true);
+        let rt = |m: &Vec<f64>, i: usize, j: usize| m[i * r + j] + if i == j { 1.0 } else { 0.0 };
+        for i in 0..r {
+            for j in 0..r {
+                // (R(c)ᵀ R(c))_ij = Σ_k Rᵀ_ik R_kj = Σ_k Rᵀ_ik Rᵀ_jk
+                let orth: f64 = (0..r).map(|k| rt(&p, i, k) * rt(&p, j, k)).sum();
+                let inv: f64 = (0..r).map(|k| rt(&p, i, k) * rt(&n, k, j)).sum();
+                let e = if i == j { 1.0 } else { 0.0 };
+                assert!((orth - e).abs() < 1e-12, "orth {orth}");
+                assert!((inv - e).abs() < 1e-12, "inv {inv}");
+            }
+        }
+    }
+
+    #[test]
+    fn no_rotation_additive_is_linear() {
+        let l = layer(4);
+        let m1 = l.steer_matrix(1.0, false, false);
+        let m3 = l.steer_matrix(-3.0, false, false);
+        for (a, b) in m1.iter().zip(&m3) {
+            assert!((b + 3.0 * a).abs() < 1e-12);
+        }
+    }
+
+    #[test]
+    fn parses_targets() {
+        assert_eq!(parse_target("model.layers.12.mlp.down_proj").unwrap(), (12, Writer::Mlp));
+        assert_eq!(parse_target("model.layers.0.self_attn.o_proj").unwrap(), (0, Writer::Attn));
+        assert!(parse_target("model.layers.1.mlp.up_proj").is_err());
+        assert!(parse_target("lm_head").is_err());
+    }
+}

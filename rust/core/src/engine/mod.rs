@@ -1,0 +1,659 @@
+//! The sweep engine: one forward pass serves a whole coefficient sweep (DESIGN.md §8).
+//!
+//! A batch of token sequences is packed without padding: the longest common prefix of the batch is stored once,
+//! followed by each sequence's own tokens, and attention lets every sequence see the prefix rows and its own
+//! earlier rows. Steering *branches* (a coefficient of the adapter, of a control vector, or none) share every
+//! layer below the first steered one; there the packed rows are copied once per branch, and each branch applies
+//! its own low-rank side path Δy = ((x V) M(c)ᵀ) Uᵀ to the adapted residual writers (or adds c·v to the
+//! block output). Only the rows a readout needs reach the final norm and the output head.
+//!
+//! Readouts: Yes/No log-odds at the answer position ([`Engine::yes_no`]), per-token log-probabilities
+//! ([`Engine::token_logprobs`]) and decoder-block outputs ([`Engine::hidden`]).
+
+pub mod adapter;
+pub mod model;
+
+use std::fmt;
+use std::path::Path;
+
+use candle_core::Device;
+use faer::{MatMut, MatRef};
+use rayon::prelude::*;
+
+pub use adapter::{LowRankAdapter, LowRankLayer, Writer};
+pub use model::{Arch, Model, ModelConfig, WeightMode};
+
+/// Errors of the engine; each message names the file, field or argument at fault.
+#[derive(Debug)]
+pub enum EngineError {
+    Io(String),
+    Format(String),
+    Input(String),
+    Candle(String),
+}
+
+impl fmt::Display for EngineError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Io(s) | Self::Format(s) | Self::Input(s) => f.write_str(s),
+            Self::Candle(s) => write!(f, "candle: {s}"),
+        }
+    }
+}
+
+impl std::error::Error for EngineError {}
+
+impl From<candle_core::Error> for EngineError {
+    fn from(e: candle_core::Error) -> Self {
+        Self::Candle(e.to_string())
+    }
+}
+
+pub type Result<T> = std::result::Result<T, EngineError>;
+
+/// How one branch of a pass is steered.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Steer {
+    /// The unsteered model.
+    Base,
+    /// The loaded adapter at steering coefficient c.
+    Adapter(f64),
+    /// Control vector `index` (see [`Engine::add_control_vector`]) added as coeff·v to block outputs.
+    Vector { index: usize, coeff: f32 },
+}
+
+/// Activation-addition directions: block ℓ's output += c·v_ℓ at every position.
+#[derive(Clone, Debug)]
+pub struct ControlVector {
+    pub directions: Vec<(usize, Vec<f32>)>,
+}
+
+/// A model, at most one adapter, and any number of control vectors.
+pub struct Engine {
+    pub model: Model,
+    adapter: Option<LowRankAdapter>,
+    vectors: Vec<ControlVector>,
+}
+
+/// Row layout of one branch of a packed batch: `prefix` shared rows, then each sequence's own rows.
+struct Layout {
+    prefix: usize,
+    starts: Vec<usize>,
+    lens: Vec<usize>,
+    rows: usize,
+}
+
+impl Layout {
+    fn row(&self, i: usize, pos: usize) -> usize {
+        if pos < self.prefix {
+            pos
+        } else {
+            self.starts[i] + pos - self.prefix
+        }
+    }
+}
+
+/// Rows a pass returns: for branch b and sequence i, positions `read[i].0 .. read[i].1`.
+struct RunOut {
+    /// Final-normed rows, ordered (branch, sequence, position); empty without `need_final`.
+    finals: Vec<f32>,
+    /// Start row of (b, i) in `finals`/`captured` (index b·n + i), and one past the end.
+    offsets: Vec<usize>,
+    /// Per capture layer: block outputs at the same rows.
+    captured: Vec<Vec<f32>>,
+}
+
+fn lcp(seqs: &[&[u32]]) -> usize {
+    let first = seqs[0];
+    let mut p = first.len();
+    for s in &seqs[1..] {
+        p = p.min(s.iter().zip(first).take_while(|(a, b)| a == b).count());
+    }
+    p
+}
+
+/// side[block][writer] = (the layer, per branch P = V M(c)ᵀ or None).
+type SideFactors<'a> = Vec<[Option<(&'a LowRankLayer, Vec<Option<Vec<f32>>>)>; 2]>;
+
+struct Work {
+    h: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    att: Vec<f32>,
+    o: Vec<f32>,
+    g: Vec<f32>,
+    u: Vec<f32>,
+}
+
+struct Unit {
+    row: usize,
+    len: usize,
+    pre_row: usize,
+    pre_len: usize,
+    p0: usize,
+}
+
+impl Engine {
+    /// Load a GGUF model for CPU (or, with the `cuda` feature, `device = "cuda"`).
+    pub fn load(path: &Path, weights: WeightMode, device: &str) -> Result<Self> {
+        let device = match device {
+            "cpu" => Device::Cpu,
+            "cuda" => Device::new_cuda(0).map_err(|e| {
+                EngineError::Input(format!("device 'cuda' unavailable ({e}); build with the cuda feature on a CUDA machine"))
+            })?,
+            other => return Err(EngineError::Input(format!("device must be 'cpu' or 'cuda', got {other:?}"))),
+        };
+        let model = Model::load(path, weights, &device)?;
+        Ok(Self { model, adapter: None, vectors: Vec::new() })
+    }
+
+    /// Attach an adapter (replacing any previous one). Errors when its shapes do not fit the model.
+    pub fn set_adapter(&mut self, adapter: LowRankAdapter) -> Result<()> {
+        for l in &adapter.layers {
+            let blk = self.model.blocks.get(l.block).ok_or_else(|| {
+                EngineError::Input(format!("adapter layer {} targets block {} of a {}-block model", l.name, l.block, self.model.blocks.len()))
+            })?;
+            let lin = match l.writer {
+                Writer::Attn => &blk.o,
+                Writer::Mlp => &blk.down,
+            };
+            if lin.d_in != l.d_in || lin.d_out != l.d_out {
+                return Err(EngineError::Input(format!(
+                    "adapter layer {}: V/U give ({}, {}) but the model's weight is ({}, {}): made for another model",
+                    l.name, l.d_out, l.d_in, lin.d_out, lin.d_in
+                )));
+            }
+        }
+        self.adapter = Some(adapter);
+        Ok(())
+    }
+
+    pub fn adapter(&self) -> Option<&LowRankAdapter> {
+        self.adapter.as_ref()
+    }
+
+    /// Register a control vector; returns its index for [`Steer::Vector`].
+    pub fn add_control_vector(&mut self, v: ControlVector) -> Result<usize> {
+        for (l, dir) in &v.directions {
+            if *l >= self.model.cfg.n_layer || dir.len() != self.model.cfg.d_model {
+                return Err(EngineError::Input(format!(
+                    "control vector direction for block {l} has {} entries; the model has {} blocks of width {}",
+                    dir.len(),
+                    self.model.cfg.n_layer,
+                    self.model.cfg.d_model
+                )));
+            }
+        }
+        self.vectors.push(v);
+        Ok(self.vectors.len() - 1)
+    }
+
+    pub fn clear_control_vectors(&mut self) {
+        self.vectors.clear();
+    }
+
+    fn first_steered(&self, s: &Steer) -> Result<usize> {
+        Ok(match *s {
+            Steer::Base => usize::MAX,
+            Steer::Adapter(c) => {
+                let a = self.adapter.as_ref().ok_or_else(|| EngineError::Input("an adapter branch needs an adapter (set_adapter)".into()))?;
+                if c == 0.0 { usize::MAX } else { a.first_block() }
+            }
+            Steer::Vector { index, coeff } => {
+                let v = self.vectors.get(index).ok_or_else(|| EngineError::Input(format!("no control vector {index}")))?;
+                if coeff == 0.0 { usize::MAX } else { v.directions.iter().map(|d| d.0).min().unwrap_or(usize::MAX) }
+            }
+        })
+    }
+
+    /// Side-path factors for every adapted layer and branch, built once per call (not per batch):
+    /// side[block][writer] = per branch Option<(P, Uᵀ)>.
+    fn side_factors(&self, branches: &[Steer]) -> Result<SideFactors<'_>> {
+        let cfg = &self.model.cfg;
+        let mut side: SideFactors = (0..cfg.n_layer).map(|_| [None, None]).collect();
+        if let Some(a) = &self.adapter {
+            if branches.iter().any(|b| matches!(b, Steer::Adapter(c) if *c != 0.0)) {
+                let all: Vec<Vec<Option<Vec<f32>>>> = a
+                    .layers
+                    .par_iter()
+                    .map(|l| {
+                        branches
+                            .iter()
+                            .map(|b| match b {
+                                Steer::Adapter(c) => l.factor(*c, a.multiplicative, a.rotate),
+                                _ => None,
+                            })
+                            .collect()
+                    })
+                    .collect();
+                for (l, per) in a.layers.iter().zip(all) {
+                    side[l.block][l.writer as usize] = Some((l, per));
+                }
+            }
+        }
+        Ok(side)
+    }
+
+    /// One packed pass over `seqs` for every branch. `read[i]` = (from, to) positions to return.
+    fn run(&self, seqs: &[&[u32]], read: &[(usize, usize)], branches: &[Steer], side: &SideFactors, capture: &[usize], need_final: bool) -> Result<RunOut> {
+        let cfg = &self.model.cfg;
+        let (d, n, nbr) = (cfg.d_model, seqs.len(), branches.len());
+        if n == 0 || nbr == 0 {
+            return Ok(RunOut { finals: vec![], offsets: vec![0; n * nbr + 1], captured: vec![vec![]; capture.len()] });
+        }
+        for (i, s) in seqs.iter().enumerate() {
+            if s.is_empty() {
+                return Err(EngineError::Input(format!("sequence {i} is empty")));
+            }
+            let (a, b) = read[i];
+            if a > b || b > s.len() {
+                return Err(EngineError::Input(format!("sequence {i}: read range {a}..{b} outside its {} tokens", s.len())));
+            }
+        }
+        if let Some(&l) = capture.iter().find(|&&l| l >= cfg.n_layer) {
+            return Err(EngineError::Input(format!("capture layer {l} out of range for {} blocks", cfg.n_layer)));
+        }
+        // Shared prefix: every sequence keeps at least one own row and its read rows own.
+        let mut p = lcp(seqs);
+        for (i, s) in seqs.iter().enumerate() {
+            p = p.min(s.len() - 1).min(read[i].0);
+        }
+        let mut starts = Vec::with_capacity(n);
+        let mut lens = Vec::with_capacity(n);
+        let mut rows = p;
+        let mut tokens: Vec<u32> = seqs[0][..p].to_vec();
+        let mut positions: Vec<usize> = (0..p).collect();
+        for s in seqs {
+            starts.push(rows);
+            lens.push(s.len() - p);
+            rows += s.len() - p;
+            tokens.extend_from_slice(&s[p..]);
+            positions.extend(p..s.len());
+        }
+        let lay = Layout { prefix: p, starts, lens, rows };
+        let max_pos = seqs.iter().map(|s| s.len()).max().unwrap_or(1);
+
+        let mut first = usize::MAX;
+        for b in branches {
+            first = first.min(self.first_steered(b)?);
+        }
+        let last_layer = if need_final { cfg.n_layer } else { capture.iter().max().map_or(0, |&l| l + 1) };
+
+        let mut tables: Vec<(f32, (Vec<f32>, Vec<f32>))> = Vec::new();
+        for l in 0..last_layer {
+            let base = self.model.blocks[l].rope_base(cfg, l);
+            if !tables.iter().any(|t| t.0 == base) {
+                tables.push((base, model::rope_tables(base, cfg.head_dim, max_pos)));
+            }
+        }
+
+        let mut prof = [0f64; 5];
+        let t_run = std::time::Instant::now();
+        let mut x = self.model.embed(&tokens)?;
+        let mut nb = 1usize;
+        // Activation buffers, allocated once per pass at the largest size (every branch copy).
+        let (qw, kw, fw) = self.model.blocks[0].widths();
+        let most = if first < last_layer { nbr * rows } else { rows };
+        let mut ws = Work {
+            h: vec![0.0; most * d],
+            q: vec![0.0; most * qw],
+            k: vec![0.0; most * kw],
+            v: vec![0.0; most * kw],
+            att: vec![0.0; most * qw],
+            o: vec![0.0; most * d],
+            g: vec![0.0; most * fw],
+            u: vec![0.0; most * fw],
+        };
+        let mut captured: Vec<Vec<f32>> = Vec::with_capacity(capture.len());
+        let mut cap_store: Vec<(usize, Vec<f32>)> = Vec::new();
+        for l in 0..last_layer {
+            if l == first && nbr > 1 {
+                x = x.repeat(nbr);
+                nb = nbr;
+            }
+            let nrows = nb * rows;
+            let blk = &self.model.blocks[l];
+            let t0 = std::time::Instant::now();
+            blk.attn_in(&x, nrows, cfg.eps, &mut ws.h, &mut ws.q, &mut ws.k, &mut ws.v)?;
+            prof[0] += t0.elapsed().as_secs_f64();
+            let (q, k) = (&mut ws.q[..nrows * qw], &mut ws.k[..nrows * kw]);
+            let pos_all: Vec<usize> = (0..nb).flat_map(|_| positions.iter().copied()).collect();
+            let tab = &tables.iter().find(|t| t.0 == blk.rope_base(cfg, l)).expect("table built").1;
+            let neox = cfg.arch == Arch::Gemma3;
+            model::apply_rope(q, cfg.n_head, cfg.head_dim, &pos_all, tab, neox);
+            model::apply_rope(k, cfg.n_kv_head, cfg.head_dim, &pos_all, tab, neox);
+            let window = if cfg.is_sliding(l) { cfg.sliding_window } else { None };
+            let t0 = std::time::Instant::now();
+            self.attention(q, k, &ws.v[..nrows * kw], &lay, nb, window, &mut ws.att[..nrows * qw]);
+            prof[1] += t0.elapsed().as_secs_f64();
+            let t0 = std::time::Instant::now();
+            let o = &mut ws.o[..nrows * d];
+            blk.o.forward_into(&ws.att, nrows, o)?;
+            prof[2] += t0.elapsed().as_secs_f64();
+            let t0 = std::time::Instant::now();
+            self.side_path(&side[l][Writer::Attn as usize], &ws.att[..nrows * qw], o, nb, rows)?;
+            prof[3] += t0.elapsed().as_secs_f64();
+            blk.attn_out_norm(o, cfg.eps);
+            add_into(&mut x, o);
+            let t0 = std::time::Instant::now();
+            blk.mlp_in(&x, nrows, cfg.eps, cfg.arch, &mut ws.h, &mut ws.g, &mut ws.u)?;
+            let y = &mut ws.o[..nrows * d];
+            blk.down.forward_into(&ws.g, nrows, y)?;
+            prof[4] += t0.elapsed().as_secs_f64();
+            let t0 = std::time::Instant::now();
+            self.side_path(&side[l][Writer::Mlp as usize], &ws.g[..nrows * fw], y, nb, rows)?;
+            prof[3] += t0.elapsed().as_secs_f64();
+            blk.mlp_out_norm(y, cfg.eps);
+            add_into(&mut x, y);
+            for b in 0..nb {
+                if let Steer::Vector { index, coeff } = branches[b] {
+                    if coeff == 0.0 {
+                        continue;
+                    }
+                    if let Some((_, dir)) = self.vectors[index].directions.iter().find(|d| d.0 == l) {
+                        x[b * rows * d..(b + 1) * rows * d].par_chunks_mut(d).for_each(|row| {
+                            for (xi, vi) in row.iter_mut().zip(dir) {
+                                *xi += coeff * vi;
+                            }
+                        });
+                    }
+                }
+            }
+            if capture.contains(&l) {
+                cap_store.push((l, self.gather(&x, &lay, read, nb, nbr)));
+            }
+        }
+        for &l in capture {
+            let k = cap_store.iter().position(|c| c.0 == l).expect("captured");
+            captured.push(cap_store[k].1.clone());
+        }
+        let mut offsets = Vec::with_capacity(n * nbr + 1);
+        let mut acc = 0;
+        for _ in 0..nbr {
+            for r in read {
+                offsets.push(acc);
+                acc += r.1 - r.0;
+            }
+        }
+        offsets.push(acc);
+        if std::env::var_os("IPISSA_PROFILE").is_some() {
+            eprintln!("run: rows {rows} x {nb} branches, prefix {p}; qkv {:.3}s attn {:.3}s o {:.3}s side {:.3}s mlp {:.3}s total {:.3}s", prof[0], prof[1], prof[2], prof[3], prof[4], t_run.elapsed().as_secs_f64());
+        }
+        let finals = if need_final {
+            let mut f = self.gather(&x, &lay, read, nb, nbr);
+            self.model.final_norm(&mut f);
+            f
+        } else {
+            Vec::new()
+        };
+        Ok(RunOut { finals, offsets, captured })
+    }
+
+    /// Rows (branch, sequence, read positions) of the packed state `x` holding `nb` branch copies.
+    fn gather(&self, x: &[f32], lay: &Layout, read: &[(usize, usize)], nb: usize, nbr: usize) -> Vec<f32> {
+        let d = self.model.cfg.d_model;
+        let mut out = Vec::new();
+        for b in 0..nbr {
+            let base = if nb == 1 { 0 } else { b * lay.rows };
+            for (i, &(from, to)) in read.iter().enumerate() {
+                for pos in from..to {
+                    let r = base + lay.row(i, pos);
+                    out.extend_from_slice(&x[r * d..(r + 1) * d]);
+                }
+            }
+        }
+        out
+    }
+
+    /// Δy = (x P) Uᵀ added to each branch's rows of `out` (x: the writer's input rows).
+    fn side_path(&self, factors: &Option<(&LowRankLayer, Vec<Option<Vec<f32>>>)>, input: &[f32], out: &mut [f32], nb: usize, rows: usize) -> Result<()> {
+        let Some((layer, per)) = factors else { return Ok(()) };
+        let (d_in, d_out, r) = (layer.d_in, layer.d_out, layer.r);
+        for b in 0..nb {
+            let Some(p) = &per[b] else { continue };
+            let mut xp = vec![0f32; rows * r];
+            let xb = MatRef::from_row_major_slice(&input[b * rows * d_in..(b + 1) * rows * d_in], rows, d_in);
+            model::gemm(MatMut::from_row_major_slice_mut(&mut xp, rows, r), xb, MatRef::from_row_major_slice(p, d_in, r), false);
+            let ut = MatRef::from_row_major_slice(&layer.u, d_out, r).transpose();
+            let ob = MatMut::from_row_major_slice_mut(&mut out[b * rows * d_out..(b + 1) * rows * d_out], rows, d_out);
+            model::gemm(ob, MatRef::from_row_major_slice(&xp, rows, r), ut, true);
+        }
+        Ok(())
+    }
+
+    /// Causal attention over the packed layout (softmax in f32). q (N, H·hd), k/v (N, H_kv·hd) → (N, H·hd).
+    #[allow(clippy::too_many_arguments)]
+    fn attention(&self, q: &[f32], k: &[f32], v: &[f32], lay: &Layout, nb: usize, window: Option<usize>, out: &mut [f32]) {
+        let cfg = &self.model.cfg;
+        let (nh, nkv, hd) = (cfg.n_head, cfg.n_kv_head, cfg.head_dim);
+        let mut units = Vec::new();
+        for b in 0..nb {
+            let base = b * lay.rows;
+            if lay.prefix > 0 {
+                units.push(Unit { row: base, len: lay.prefix, pre_row: base, pre_len: 0, p0: 0 });
+            }
+            for i in 0..lay.starts.len() {
+                units.push(Unit { row: base + lay.starts[i], len: lay.lens[i], pre_row: base, pre_len: lay.prefix, p0: lay.prefix });
+            }
+        }
+        let mut slices: Vec<&mut [f32]> = Vec::with_capacity(units.len());
+        let mut rest: &mut [f32] = out;
+        for u in &units {
+            let (head, tail) = rest.split_at_mut(u.len * nh * hd);
+            slices.push(head);
+            rest = tail;
+        }
+        let group = nh / nkv;
+        let scale = cfg.attn_scale;
+        units.par_iter().zip(slices.into_par_iter()).for_each(|(u, o)| {
+            // Per head: scores S = Q Kᵀ over [prefix keys | own keys] (T × nk), masked softmax, O = S V.
+            // Heads are gathered into contiguous blocks first so every matmul is dense row-major.
+            let (qs, ks, nk, t_len) = (nh * hd, nkv * hd, u.pre_len + u.len, u.len);
+            let mut sc = vec![0f32; t_len * nk];
+            let mut qh = vec![0f32; t_len * hd];
+            let mut kh = vec![0f32; nk * hd];
+            let mut vh = vec![0f32; nk * hd];
+            let mut oh = vec![0f32; t_len * hd];
+            let seq = model::Par::Seq;
+            let key_row = |j: usize| if j < u.pre_len { u.pre_row + j } else { u.row + j - u.pre_len };
+            for g in 0..nkv {
+                for j in 0..nk {
+                    let r = key_row(j);
+                    kh[j * hd..(j + 1) * hd].copy_from_slice(&k[r * ks + g * hd..r * ks + (g + 1) * hd]);
+                    vh[j * hd..(j + 1) * hd].copy_from_slice(&v[r * ks + g * hd..r * ks + (g + 1) * hd]);
+                }
+                for h in g * group..(g + 1) * group {
+                    for t in 0..t_len {
+                        let r = u.row + t;
+                        qh[t * hd..(t + 1) * hd].copy_from_slice(&q[r * qs + h * hd..r * qs + (h + 1) * hd]);
+                    }
+                    model::gemm_par(
+                        MatMut::from_row_major_slice_mut(&mut sc, t_len, nk),
+                        MatRef::from_row_major_slice(&qh, t_len, hd),
+                        MatRef::from_row_major_slice(&kh, nk, hd).transpose(),
+                        false,
+                        seq,
+                    );
+                    for t in 0..t_len {
+                        let qpos = u.p0 + t;
+                        let row = &mut sc[t * nk..(t + 1) * nk];
+                        let mut m = f32::NEG_INFINITY;
+                        for (j, s) in row.iter_mut().enumerate() {
+                            let (kpos, causal) =
+                                if j < u.pre_len { (j, true) } else { (u.p0 + j - u.pre_len, j - u.pre_len <= t) };
+                            *s = if causal && window.is_none_or(|w| qpos - kpos < w) { *s * scale } else { f32::NEG_INFINITY };
+                            m = m.max(*s);
+                        }
+                        let mut z = 0f32;
+                        for s in row.iter_mut() {
+                            *s = (*s - m).exp();
+                            z += *s;
+                        }
+                        let inv = 1.0 / z;
+                        row.iter_mut().for_each(|s| *s *= inv);
+                    }
+                    model::gemm_par(
+                        MatMut::from_row_major_slice_mut(&mut oh, t_len, hd),
+                        MatRef::from_row_major_slice(&sc, t_len, nk),
+                        MatRef::from_row_major_slice(&vh, nk, hd),
+                        false,
+                        seq,
+                    );
+                    for t in 0..t_len {
+                        o[t * qs + h * hd..t * qs + (h + 1) * hd].copy_from_slice(&oh[t * hd..(t + 1) * hd]);
+                    }
+                }
+            }
+        });
+    }
+
+    /// Sequence order that puts shared prefixes next to each other, cut into batches of `batch` sequences.
+    fn batches(seqs: &[Vec<u32>], batch: usize) -> Vec<Vec<usize>> {
+        let mut order: Vec<usize> = (0..seqs.len()).collect();
+        order.sort_by(|&a, &b| seqs[a].cmp(&seqs[b]));
+        order.chunks(batch.max(1)).map(|c| c.to_vec()).collect()
+    }
+
+    /// Yes/No log-odds at each sequence's last position, for every branch.
+    ///
+    /// score = logsumexp(log p[pos]) − logsumexp(log p[neg]) (nats); mass = p(pos) + p(neg).
+    /// Returns (scores, mass), each (branches, n) row-major. `batch`: sequences per packed pass.
+    pub fn yes_no(&self, seqs: &[Vec<u32>], branches: &[Steer], pos: &[u32], neg: &[u32], batch: usize) -> Result<(Vec<f64>, Vec<f64>)> {
+        let (n, nbr, v) = (seqs.len(), branches.len(), self.model.cfg.vocab);
+        if pos.is_empty() || neg.is_empty() {
+            return Err(EngineError::Input("answer token sets must be non-empty".into()));
+        }
+        if let Some(bad) = pos.iter().chain(neg).find(|&&t| t as usize >= v) {
+            return Err(EngineError::Input(format!("answer token id {bad} out of range for vocabulary size {v}")));
+        }
+        let mut scores = vec![0f64; nbr * n];
+        let mut mass = vec![0f64; nbr * n];
+        let side = self.side_factors(branches)?;
+        for idx in Self::batches(seqs, batch) {
+            let sub: Vec<&[u32]> = idx.iter().map(|&i| seqs[i].as_slice()).collect();
+            let read: Vec<(usize, usize)> = sub.iter().map(|s| (s.len().saturating_sub(1), s.len())).collect();
+            let out = self.run(&sub, &read, branches, &side, &[], true)?;
+            let rows = nbr * idx.len();
+            let lp = self.row_logsumexp(&out.finals, rows, &[pos, neg])?;
+            for b in 0..nbr {
+                for (j, &i) in idx.iter().enumerate() {
+                    let r = b * idx.len() + j;
+                    let (all, lpos, lneg) = (lp[r][0], lp[r][1], lp[r][2]);
+                    scores[b * n + i] = lpos - lneg;
+                    mass[b * n + i] = (lpos - all).exp() + (lneg - all).exp();
+                }
+            }
+        }
+        Ok((scores, mass))
+    }
+
+    /// For each row of final-normed states: [logsumexp over the vocabulary, then over each id set] (f64).
+    fn row_logsumexp(&self, finals: &[f32], rows: usize, sets: &[&[u32]]) -> Result<Vec<Vec<f64>>> {
+        let (d, v) = (self.model.cfg.d_model, self.model.cfg.vocab);
+        let chunk = (1 << 24) / v.max(1) + 1;
+        let mut out = Vec::with_capacity(rows);
+        for start in (0..rows).step_by(chunk) {
+            let m = chunk.min(rows - start);
+            let logits = self.model.logits(&finals[start * d..(start + m) * d], m)?;
+            let part: Vec<Vec<f64>> = logits
+                .par_chunks(v)
+                .map(|row| {
+                    let mut r = vec![lse(row.iter().copied())];
+                    for s in sets {
+                        r.push(lse(s.iter().map(|&t| row[t as usize])));
+                    }
+                    r
+                })
+                .collect();
+            out.extend(part);
+        }
+        Ok(out)
+    }
+
+    /// log p(token at position t+1 | tokens ≤ t) for t in `from[i]..len−1`, per branch and sequence: a list of
+    /// (branches × n) vectors (row-major: branch b, sequence i at b·n + i), nats.
+    pub fn token_logprobs(&self, seqs: &[Vec<u32>], from: &[usize], branches: &[Steer], batch: usize) -> Result<Vec<Vec<f32>>> {
+        let (n, nbr, d, v) = (seqs.len(), branches.len(), self.model.cfg.d_model, self.model.cfg.vocab);
+        if from.len() != n {
+            return Err(EngineError::Input(format!("{} start positions for {n} sequences", from.len())));
+        }
+        let mut res = vec![Vec::new(); nbr * n];
+        let side = self.side_factors(branches)?;
+        for idx in Self::batches(seqs, batch) {
+            let sub: Vec<&[u32]> = idx.iter().map(|&i| seqs[i].as_slice()).collect();
+            let read: Vec<(usize, usize)> = idx.iter().zip(&sub).map(|(&i, s)| {
+                let to = s.len().saturating_sub(1);
+                (from[i].min(to), to)
+            }).collect();
+            let out = self.run(&sub, &read, branches, &side, &[], true)?;
+            let total = *out.offsets.last().unwrap_or(&0);
+            let chunk = ((1 << 24) / v.max(1) + 1).max(1);
+            let mut lps = Vec::with_capacity(total);
+            // targets in the same (b, i, pos) order
+            let mut targets = Vec::with_capacity(total);
+            for _ in 0..nbr {
+                for (s, r) in sub.iter().zip(&read) {
+                    targets.extend(s[r.0 + 1..r.1 + 1].iter().copied());
+                }
+            }
+            for start in (0..total).step_by(chunk) {
+                let m = chunk.min(total - start);
+                let logits = self.model.logits(&out.finals[start * d..(start + m) * d], m)?;
+                let part: Vec<f32> = logits
+                    .par_chunks(v)
+                    .zip(targets[start..start + m].par_iter())
+                    .map(|(row, &t)| (row[t as usize] as f64 - lse(row.iter().copied())) as f32)
+                    .collect();
+                lps.extend(part);
+            }
+            for b in 0..nbr {
+                for (j, &i) in idx.iter().enumerate() {
+                    let k = b * idx.len() + j;
+                    res[b * n + i] = lps[out.offsets[k]..out.offsets[k + 1]].to_vec();
+                }
+            }
+        }
+        Ok(res)
+    }
+
+    /// Decoder-block outputs at each sequence's last position: (layers, branches, n, d) row-major, f32. The
+    /// pass stops after the highest requested block.
+    pub fn hidden(&self, seqs: &[Vec<u32>], layers: &[usize], branches: &[Steer], batch: usize) -> Result<Vec<f32>> {
+        let (n, nbr, d) = (seqs.len(), branches.len(), self.model.cfg.d_model);
+        let mut res = vec![0f32; layers.len() * nbr * n * d];
+        let side = self.side_factors(branches)?;
+        for idx in Self::batches(seqs, batch) {
+            let sub: Vec<&[u32]> = idx.iter().map(|&i| seqs[i].as_slice()).collect();
+            let read: Vec<(usize, usize)> = sub.iter().map(|s| (s.len().saturating_sub(1), s.len())).collect();
+            let out = self.run(&sub, &read, branches, &side, layers, false)?;
+            for (li, cap) in out.captured.iter().enumerate() {
+                for b in 0..nbr {
+                    for (j, &i) in idx.iter().enumerate() {
+                        let src = &cap[(b * idx.len() + j) * d..(b * idx.len() + j + 1) * d];
+                        let dst = ((li * nbr + b) * n + i) * d;
+                        res[dst..dst + d].copy_from_slice(src);
+                    }
+                }
+            }
+        }
+        Ok(res)
+    }
+}
+
+fn add_into(x: &mut [f32], y: &[f32]) {
+    x.par_chunks_mut(8192).zip(y.par_chunks(8192)).for_each(|(a, b)| {
+        for (ai, bi) in a.iter_mut().zip(b) {
+            *ai += bi;
+        }
+    });
+}
+
+/// log Σ exp(x) in f64.
+fn lse(x: impl Iterator<Item = f32> + Clone) -> f64 {
+    let m = x.clone().fold(f32::NEG_INFINITY, f32::max) as f64;
+    if m == f64::NEG_INFINITY {
+        return m;
+    }
+    m + x.map(|v| (v as f64 - m).exp()).sum::<f64>().ln()
+}
