@@ -115,3 +115,37 @@ def test_exports_load_in_llama_cpp_and_transformers(smol, tmp_path):
     with torch.no_grad():
         got = merged(torch.tensor([toks])).logits[0, -1].double().log_softmax(-1).numpy()
     assert np.abs(got - want)[top].max() < 1e-4
+
+
+def test_rust_engine_matches_torch_on_smollm2(smol, tmp_path):
+    """The Rust engine on the shipped GGUF (de-quantized f32) against transformers on real eval prompts."""
+    import numpy as np
+
+    from innerpissa.baselines import AdapterMethod
+    from innerpissa.engine import RustEngine, gguf_for_spec
+    from innerpissa.engine import run_sweep as rust_sweep
+    from innerpissa.evaldata import load_mwe, subsample
+    from innerpissa.evaluate import run_sweep
+
+    model, tok = smol.model, smol.tokenizer
+    adapter = attach(model, AdapterConfig(seed=0), meta={"base_model": smol.spec})
+    g = torch.Generator().manual_seed(0)
+    for name in adapter.target_names:  # a visible effect without training
+        lay = adapter.layer(name)
+        lay.theta.data = torch.randn(lay.theta.shape, generator=g) * 0.02
+        lay.delta.data = torch.randn(lay.delta.shape, generator=g) * 0.1 * lay.S
+    adapter.save(tmp_path / "ad")
+    eng = RustEngine(gguf_for_spec(smol.spec), tok, batch_size=16)
+    eng.load_adapter(tmp_path / "ad")  # also checks the base-weight fingerprint against the GGUF
+    persona = SHARED_DATA / "anthropic_mwe" / "persona"
+    full = load_mwe(persona / "okay-with-deceiving-a-user-to-help-them.jsonl")
+    ds = [dataclasses.replace(full, items=subsample(full.items, 24, 0))]
+    method = AdapterMethod(adapter, coeffs=(-2.0, -1.0, 0.0, 1.0, 2.0))
+    ref = run_sweep(model, tok, method, ds, ["The sun rose over the hills."], batch_size=8)
+    got = rust_sweep(eng, method, ds, ["The sun rose over the hills."])
+    name = ds[0].name
+    diff = np.abs(np.array(got.scores[name]) - np.array(ref.scores[name])).max()
+    assert diff < 0.05, diff
+    effect = np.abs(np.array(ref.scores[name][0]) - np.array(ref.scores[name][2])).mean()
+    assert effect > 0.05  # the comparison is about a steered model, not only c = 0
+    np.testing.assert_allclose(got.neutral_nll, ref.neutral_nll, atol=1e-3)

@@ -91,3 +91,43 @@ def write_llama_gguf(model, path: Path) -> Path:
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def write_gemma3_gguf(model, path: Path) -> Path:
+    """Write a Gemma3ForCausalLM as an F32 GGUF the way llama.cpp's converter does: RMS-norm weights stored
+    with the +1 added, no q/k permutation, gemma3.* hyper-parameters. No tokenizer (the engine takes ids)."""
+    import gguf
+
+    cfg = model.config
+    w = gguf.GGUFWriter(str(path), "gemma3")
+    w.add_name("tiny-gemma3-test")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    theta = cfg.rope_parameters["full_attention"]["rope_theta"] if isinstance(getattr(cfg, "rope_parameters", None), dict) \
+        and "full_attention" in cfg.rope_parameters else cfg.rope_theta
+    w.add_rope_freq_base(float(theta))
+    w.add_sliding_window(cfg.sliding_window)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    name_map = tensor_name_map("gemma3", cfg.num_hidden_layers)
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight":
+            continue
+        data = t.detach().float().numpy()
+        gname = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
+        if gname is None:
+            raise KeyError(name)
+        if gname.endswith("norm.weight"):
+            data = data + 1.0
+        w.add_tensor(gname, np.ascontiguousarray(data))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

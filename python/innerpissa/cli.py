@@ -3,6 +3,7 @@
     ipissa run        train the default honesty adapter on the embedded model, then evaluate it with baselines
     ipissa train      train an adapter on contrastive pairs (default: the built-in honesty pairs)
     ipissa eval       coefficient sweep of the adapter and the baselines → report.md, results.json, PNGs
+    ipissa sweep      the same sweep on the Rust engine (GGUF models; every coefficient in one pass)
     ipissa generate   sample text at a steering coefficient
     ipissa export     merged HF / GGUF / ONNX at c, llama.cpp or PEFT LoRA, ONNX or llama.cpp with a live c
     ipissa control-vector   PCA or mean-difference control vector as a llama.cpp GGUF
@@ -84,18 +85,41 @@ def train_cmd(
 
 
 def _evaluate(lm, adapter, split, methods, data_dir, n_target, n_other, n_dd, seed, out: Path, batch_size,
-              dd_file=None, dd_value=None, mwe=None):
+              dd_file=None, dd_value=None, mwe=None, engine: str = "torch", weights: str = "f32"):
     from .report import write_report
     from .suite import build_methods, default_datasets, run_suite
 
     datasets = default_datasets(data_dir, n_target=n_target, n_other=n_other, n_dd=n_dd, seed=seed,
                                 dd_file=dd_file, dd_value=dd_value, mwe_files=mwe)
-    ms = build_methods(lm.model, lm.tokenizer, adapter, list(split.train), seed, tuple(methods.split(",")))
-    results = run_suite(lm.model, lm.tokenizer, ms, datasets, seed=seed, batch_size=batch_size,
+    eng = _rust_engine(lm.spec, lm.tokenizer, weights, batch_size) if engine == "rust" else None
+    ms = build_methods(lm.model, lm.tokenizer, adapter, list(split.train), seed, tuple(methods.split(",")),
+                       engine=eng)
+    t0 = time.perf_counter()
+    results = run_suite(lm.model, lm.tokenizer, ms, datasets, seed=seed, batch_size=batch_size, engine=eng,
                         meta={"model": lm.spec, "command": "ipissa " + shlex.join(sys.argv[1:])})
+    results["meta"]["eval_seconds"] = round(time.perf_counter() - t0, 1)
     write_report(results, out)
     typer.echo((out / "report.md").read_text())
-    typer.echo(f"report written to {out / 'report.md'}")
+    typer.echo(f"report written to {out / 'report.md'} (evaluation {results['meta']['eval_seconds']} s, "
+               f"engine {results['meta']['engine']})")
+
+
+def _rust_engine(spec, tokenizer, weights: str, batch_size: int):
+    from .engine import RustEngine, gguf_for_spec
+
+    if engine_choice_error := _check_choice(weights, ("f32", "native", "q8_0"), "--weights"):
+        raise typer.BadParameter(engine_choice_error)
+    return RustEngine(gguf_for_spec(spec), tokenizer, weights=weights, batch_size=max(batch_size, 1))
+
+
+def _check_choice(value: str, allowed: tuple[str, ...], name: str) -> str | None:
+    return None if value in allowed else f"{name} must be one of {', '.join(allowed)}; got {value!r}"
+
+
+EngineOpt = typer.Option("torch", help="evaluator: torch (transformers, any model) or rust (GGUF models: "
+                         "Llama family, Gemma 3; all coefficients of a method in one pass, ~3x faster on CPU)")
+WeightsOpt = typer.Option("f32", help="rust engine weights: f32 (de-quantized, matches torch), native (the "
+                          "GGUF's own quantized blocks) or q8_0 (int8 blocks); see docs/benchmarks.md")
 
 
 EvalOpts = dict(
@@ -127,10 +151,14 @@ def eval_cmd(
                                              "for several; default: the persona sets in the data folder"),
     seed: int = typer.Option(0),
     out: Path = typer.Option(Path("runs/eval")),
+    engine: str = EngineOpt,
+    weights: str = WeightsOpt,
     allow_network: bool = typer.Option(False),
     threads: Optional[int] = typer.Option(None),
 ):
     """Sweep the adapter and the baselines over held-out questions; write report.md, results.json, PNGs."""
+    if err := _check_choice(engine, ("torch", "rust"), "--engine"):
+        raise typer.BadParameter(err)
     _setup(allow_network, threads)
     from . import load_adapter
     from .models import load_model
@@ -139,7 +167,77 @@ def eval_cmd(
     lm = load_model(model or meta.get("base_model"), allow_network=allow_network)
     ad = load_adapter(lm.model, adapter)
     split = _pairs(lm.tokenizer, pairs, n_pairs, seed)
-    _evaluate(lm, ad, split, methods, data_dir, n_target, n_other, n_dd, seed, out, batch_size, dd_file, dd_value, mwe)
+    _evaluate(lm, ad, split, methods, data_dir, n_target, n_other, n_dd, seed, out, batch_size, dd_file, dd_value, mwe,
+              engine, weights)
+
+
+@app.command("sweep")
+def sweep_cmd(
+    adapter: Path = typer.Option(..., help="adapter directory (from `ipissa train`: RUN/adapter)"),
+    model: Optional[str] = ModelOpt,
+    coeffs: str = typer.Option("-2,-1,-0.5,0,0.5,1,2", help="comma-separated steering coefficients"),
+    methods: str = typer.Option("innerpissa", help="comma-separated: innerpissa, prompting, pca, random"),
+    pairs: Optional[Path] = typer.Option(None, help="pairs for the pca/random baselines (default: built-in)"),
+    n_pairs: int = typer.Option(400),
+    data_dir: Optional[Path] = EvalOpts["data_dir"],
+    n_target: int = EvalOpts["n_target"],
+    n_other: int = EvalOpts["n_other"],
+    n_dd: int = EvalOpts["n_dd"],
+    batch_size: int = typer.Option(64, help="prompts per packed pass"),
+    mwe: Optional[list[Path]] = typer.Option(None, help="model-written-eval JSONL file(s) instead of the persona sets"),
+    seed: int = typer.Option(0),
+    weights: str = WeightsOpt,
+    out: Path = typer.Option(Path("runs/sweep")),
+    threads: Optional[int] = typer.Option(None, help="threads (sets RAYON_NUM_THREADS; default: all cores)"),
+):
+    """Coefficient sweep on the Rust engine: adapter + GGUF model + datasets → report.md, results.json, PNGs.
+
+    Needs no transformers model (only its tokenizer): the GGUF file is read by the Rust engine."""
+    if threads:
+        os.environ["RAYON_NUM_THREADS"] = str(threads)
+    _setup(False, threads)
+    from .baselines import AdapterMethod, PromptMethod, VectorMethod, random_control_vector
+    from .engine import pca_control_vector
+    from .models import load_tokenizer
+    from .report import write_report
+    from .suite import default_datasets, run_suite
+
+    try:
+        cs = tuple(float(c) for c in coeffs.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"--coeffs must be comma-separated numbers, got {coeffs!r}")
+    cfg_path = adapter / "adapter_config.json"
+    if not cfg_path.exists():
+        raise typer.BadParameter(f"{cfg_path} not found: not an adapter directory")
+    meta = json.loads(cfg_path.read_text())
+    spec = model or meta.get("base_model")
+    tok = load_tokenizer(spec)
+    eng = _rust_engine(spec, tok, weights, batch_size)
+    eng.load_adapter(adapter)
+    want = tuple(methods.split(","))
+    ms: list = []
+    if "innerpissa" in want:
+        ms.append(AdapterMethod(adapter=str(adapter), coeffs=cs))
+    if "prompting" in want:
+        ms.append(PromptMethod())
+    if "pca" in want or "random" in want:
+        from .adapter.config import AdapterConfig
+        from .adapter.model import select_layers
+
+        layers = select_layers(eng.config["n_layer"], AdapterConfig.from_dict(meta.get("adapter", {})))
+        pca = pca_control_vector(eng, list(_pairs(tok, pairs, n_pairs, seed).train), layers)
+        if "pca" in want:
+            ms.append(VectorMethod(None, pca, name="pca"))
+        if "random" in want:
+            ms.append(VectorMethod(None, random_control_vector(pca, seed), name="random"))
+    datasets = default_datasets(data_dir, n_target=n_target, n_other=n_other, n_dd=n_dd, seed=seed, mwe_files=mwe)
+    t0 = time.perf_counter()
+    results = run_suite(None, tok, ms, datasets, seed=seed, engine=eng,
+                        meta={"model": spec, "command": "ipissa " + shlex.join(sys.argv[1:])})
+    results["meta"]["eval_seconds"] = round(time.perf_counter() - t0, 1)
+    write_report(results, out)
+    typer.echo((out / "report.md").read_text())
+    typer.echo(f"report written to {out / 'report.md'} (sweep {results['meta']['eval_seconds']} s)")
 
 
 @app.command("run")
@@ -154,13 +252,18 @@ def run_cmd(
     n_other: int = EvalOpts["n_other"],
     n_dd: int = EvalOpts["n_dd"],
     batch_size: int = EvalOpts["batch_size"],
+    engine: str = EngineOpt,
+    weights: str = WeightsOpt,
     allow_network: bool = typer.Option(False),
     threads: Optional[int] = typer.Option(None),
 ):
     """The main job: train the honesty adapter, then evaluate it against prompting, PCA and random vectors."""
+    if err := _check_choice(engine, ("torch", "rust"), "--engine"):
+        raise typer.BadParameter(err)
     t0 = time.perf_counter()
     lm, adapter, split = _train(model, None, 400, steps, seed, None, out, allow_network, threads)
-    _evaluate(lm, adapter, split, methods, data_dir, n_target, n_other, n_dd, seed, out, batch_size)
+    _evaluate(lm, adapter, split, methods, data_dir, n_target, n_other, n_dd, seed, out, batch_size,
+              engine=engine, weights=weights)
     typer.echo(f"main job finished in {(time.perf_counter() - t0) / 60:.1f} min")
 
 

@@ -107,6 +107,34 @@ def _load_gguf(gguf: Path, dtype: torch.dtype):
     return model.to(dtype), tok
 
 
+def load_tokenizer(spec: str | None = None):
+    """The tokenizer of a model spec alone (no weights): from the de-quantized cache when present, else from
+    the GGUF (≈5 s) or the model directory. Left padding, pad = eos when unset. Hub ids are not fetched here."""
+    from transformers import AutoTokenizer
+
+    spec = spec or DEFAULT_MODEL
+    gguf = {DEFAULT_MODEL: embedded_smollm2_gguf, GEMMA3_270M: embedded_gemma3_gguf}.get(spec)
+    path = gguf() if gguf else Path(spec).expanduser()
+    if path.is_dir() and not (path / "config.json").exists() and sorted(path.glob("*.gguf")):
+        path = sorted(path.glob("*.gguf"))[0]
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        cached = _gguf_cache_dir(path)
+        if (cached / "config.json").exists():
+            tok = AutoTokenizer.from_pretrained(cached, local_files_only=True)
+        else:
+            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    elif path.is_dir():
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    else:
+        raise FileNotFoundError(f"{spec!r} is not a local GGUF file or model directory")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
 def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, allow_network: bool = False) -> LoadedModel:
     """Load a causal LM and its tokenizer, in eval mode with gradients off for its weights.
 

@@ -53,8 +53,11 @@ def default_datasets(root: str | Path | None = None, n_target: int = 64, n_other
 
 def build_methods(model, tokenizer, adapter: Adapter | None, pairs: list[ContrastivePair], seed: int,
                   include: tuple[str, ...] = ("innerpissa", "prompting", "pca", "random"),
-                  adapter_coeffs=None, vector_coeffs=None) -> list:
-    """The steering methods to compare; PCA and random vectors use the adapter's layers (or 30 %..L−3)."""
+                  adapter_coeffs=None, vector_coeffs=None, engine=None) -> list:
+    """The steering methods to compare; PCA and random vectors use the adapter's layers (or 30 %..L−3).
+
+    With ``engine`` (an ``engine.RustEngine``) the PCA vector is computed from the Rust engine's hidden states
+    (repeng's recipe, ``engine.pca_control_vector``) instead of running repeng on the torch model."""
     methods = []
     if adapter is not None and "innerpissa" in include:
         methods.append(AdapterMethod(adapter) if adapter_coeffs is None else AdapterMethod(adapter, tuple(adapter_coeffs)))
@@ -66,7 +69,12 @@ def build_methods(model, tokenizer, adapter: Adapter | None, pairs: list[Contras
 
         cfg = adapter.config if adapter is not None else AdapterConfig()
         layers = select_layers(len(decoder_blocks(model)), cfg)
-        pca = pca_control_vector(model, tokenizer, pairs, layers)
+        if engine is not None:
+            from .engine import pca_control_vector as rust_pca
+
+            pca = rust_pca(engine, pairs, layers)
+        else:
+            pca = pca_control_vector(model, tokenizer, pairs, layers)
         kw = {} if vector_coeffs is None else {"coeffs": tuple(vector_coeffs)}
         if "pca" in include:
             methods.append(VectorMethod(model, pca, name="pca", **kw))
@@ -76,8 +84,11 @@ def build_methods(model, tokenizer, adapter: Adapter | None, pairs: list[Contras
 
 
 def run_suite(model, tokenizer, methods: list, datasets: list[EvalDataset], seed: int = 0, batch_size: int = 32,
-              meta: dict | None = None, progress: bool = True) -> dict:
-    """Sweep every method on every dataset, then compute metrics on the test split. Returns results (JSON-able)."""
+              meta: dict | None = None, progress: bool = True, engine=None) -> dict:
+    """Sweep every method on every dataset, then compute metrics on the test split. Returns results (JSON-able).
+
+    ``engine``: ``None`` for the PyTorch evaluator, or an ``engine.RustEngine`` (every coefficient of a method
+    in one packed pass; same prompts, tokens and answer sets)."""
     from tqdm.auto import tqdm
 
     splits = {}
@@ -97,11 +108,18 @@ def run_suite(model, tokenizer, methods: list, datasets: list[EvalDataset], seed
     sweeps = []
     with torch.inference_mode():
         for m in methods:
-            sweeps.append(run_sweep(model, tokenizer, m, datasets, list(NEUTRAL_TEXTS), batch_size, base_cache, tick))
+            if engine is not None:
+                from .engine import run_sweep as rust_sweep
+
+                sweeps.append(rust_sweep(engine, m, datasets, list(NEUTRAL_TEXTS), base_cache, tick))
+            else:
+                sweeps.append(run_sweep(model, tokenizer, m, datasets, list(NEUTRAL_TEXTS), batch_size, base_cache,
+                                        tick))
     bar.close()
     summary = summarize(sweeps, datasets, splits, seed)
     return {
-        "meta": {"seed": seed, "date": datetime.date.today().isoformat(), **(meta or {})},
+        "meta": {"seed": seed, "date": datetime.date.today().isoformat(),
+                 "engine": "torch" if engine is None else f"rust ({engine.weights})", **(meta or {})},
         "datasets": {
             d.name: {"n_items": len(d.items), "n_dev": int(len(splits[d.name][0])),
                      "n_test": int(len(splits[d.name][1])), "kind": d.kind, "source": d.source,

@@ -46,6 +46,8 @@ pub struct LowRankLayer {
 #[derive(Clone, Debug)]
 pub struct LowRankAdapter {
     pub layers: Vec<LowRankLayer>,
+    /// `base_fingerprint` of adapter_config.json: sha256 over the targeted base weights.
+    pub base_fingerprint: Option<String>,
     pub multiplicative: bool,
     pub rotate: bool,
 }
@@ -146,7 +148,8 @@ impl LowRankAdapter {
         if layers.is_empty() {
             return Err(EngineError::Format(format!("{}: no target modules", cfg_path.display())));
         }
-        Ok(Self { layers, multiplicative, rotate })
+        let base_fingerprint = cfg.get("base_fingerprint").and_then(|v| v.as_str()).map(str::to_owned);
+        Ok(Self { layers, base_fingerprint, multiplicative, rotate })
     }
 
     /// The lowest adapted block.

@@ -165,8 +165,39 @@ impl Engine {
                 )));
             }
         }
+        if let Some(expected) = &adapter.base_fingerprint {
+            let got = self.fingerprint(&adapter)?;
+            if &got != expected {
+                return Err(EngineError::Input(format!(
+                    "adapter was made for another model: the fingerprint of its target weights differs ({} vs {})",
+                    &got[..12],
+                    &expected[..expected.len().min(12)]
+                )));
+            }
+        }
         self.adapter = Some(adapter);
         Ok(())
+    }
+
+    /// sha256 over the names, shapes and f32 values of the adapter's target weights (adapter/model.py
+    /// `fingerprint`; names sorted, shape written as a Python tuple).
+    fn fingerprint(&self, adapter: &LowRankAdapter) -> Result<String> {
+        use sha2::{Digest, Sha256};
+        let mut layers: Vec<&LowRankLayer> = adapter.layers.iter().collect();
+        layers.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut h = Sha256::new();
+        for l in layers {
+            let tensor = match l.writer {
+                Writer::Attn => format!("blk.{}.attn_output.weight", l.block),
+                Writer::Mlp => format!("blk.{}.ffn_down.weight", l.block),
+            };
+            let w = self.model.weight_f32(&tensor)?;
+            h.update(format!("{}|({}, {})|", l.name, l.d_out, l.d_in).as_bytes());
+            for x in &w {
+                h.update(x.to_le_bytes());
+            }
+        }
+        Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
     }
 
     pub fn adapter(&self) -> Option<&LowRankAdapter> {
