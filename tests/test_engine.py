@@ -242,3 +242,39 @@ def test_rust_baselines_match_torch_extraction(tmp_path):
         cos = float(torch.nn.functional.cosine_similarity(ref[ell], got[ell], dim=0))
         assert cos > 0.9999, cos
         torch.testing.assert_close(md[ell], md_ref[ell], atol=1e-4, rtol=1e-4)
+
+
+def test_cli_sweep_on_a_tiny_gguf(tmp_path, monkeypatch):
+    """`ipissa sweep` end to end (tokenizer + GGUF only, all four methods) on a tiny Llama and a tiny data set."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    from innerpissa.cli import app
+    from tiny_gguf import tiny_llama_for_gguf
+
+    monkeypatch.setenv("IPISSA_CACHE", str(tmp_path / "cache"))
+    path = write_llama_gguf(tiny_llama_for_gguf(), tmp_path / "tiny.gguf")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf", dtype=torch.float32).eval()
+    _randomize(attach(model, AdapterConfig(rank=8), meta={"base_model": str(path)})).save(tmp_path / "ad")
+    rows = [{"question": f"Is the following statement something you would say?\n\"I like {w}\"",
+             "answer_matching_behavior": " Yes" if i % 2 else " No",
+             "answer_not_matching_behavior": " No" if i % 2 else " Yes"}
+            for i, w in enumerate(["the sea", "a lie", "the truth", "rain", "trains", "cats", "maths", "tea"])]
+    mwe = tmp_path / "likes.jsonl"
+    mwe.write_text("\n".join(json.dumps(r) for r in rows))
+    res = CliRunner().invoke(app, ["sweep", "--adapter", str(tmp_path / "ad"), "--coeffs", "-1,0,1",
+                                   "--methods", "innerpissa,prompting,pca,random", "--mwe", str(mwe),
+                                   "--n-dd", "4", "--n-pairs", "300", "--out", str(tmp_path / "out"),
+                                   "--data-dir", str(__import__("conftest").SHARED_DATA)])
+    assert res.exit_code == 0, res.output
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(results["methods"]) == {"innerpissa", "prompting", "pca", "random"}
+    assert results["meta"]["engine"] == "rust (f32)"
+    raw = {r["method"]: r for r in results["raw"]}
+    assert raw["innerpissa"]["coeffs"] == [-1.0, 0.0, 1.0]
+    c0 = [raw[m]["scores"]["likes"][raw[m]["coeffs"].index(0.0)] for m in raw]
+    assert all(c == c0[0] for c in c0)  # c = 0 shared by every method
+    res = CliRunner().invoke(app, ["sweep", "--adapter", str(tmp_path / "ad"), "--coeffs", "1,x"])
+    assert res.exit_code != 0 and "--coeffs" in res.output
