@@ -255,6 +255,9 @@ def test_cli_sweep_on_a_tiny_gguf(tmp_path, monkeypatch):
     from tiny_gguf import tiny_llama_for_gguf
 
     monkeypatch.setenv("IPISSA_CACHE", str(tmp_path / "cache"))
+    # the tiny byte vocabulary has no whole-word "yes"/"no" tokens: score the bytes "y" / "n" instead
+    monkeypatch.setattr("innerpissa.engine.answer_token_sets",
+                        lambda tok, kind="yesno": ([tok.convert_tokens_to_ids("y")], [tok.convert_tokens_to_ids("n")]))
     path = write_llama_gguf(tiny_llama_for_gguf(), tmp_path / "tiny.gguf")
     model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf", dtype=torch.float32).eval()
     _randomize(attach(model, AdapterConfig(rank=8), meta={"base_model": str(path)})).save(tmp_path / "ad")

@@ -9,6 +9,9 @@
 //!
 //! Readouts: Yes/No log-odds at the answer position ([`Engine::yes_no`]), per-token log-probabilities
 //! ([`Engine::token_logprobs`]) and decoder-block outputs ([`Engine::hidden`]).
+//!
+//! `IPISSA_PROFILE=1` prints the time of each packed pass and its parts (q/k/v, attention, o, side path, MLP)
+//! to stderr.
 
 pub mod adapter;
 pub mod model;
