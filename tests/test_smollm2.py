@@ -127,7 +127,8 @@ def test_rust_engine_matches_torch_on_smollm2(smol, tmp_path):
     from innerpissa.evaldata import load_mwe, subsample
     from innerpissa.evaluate import run_sweep
 
-    model, tok = smol.model, smol.tokenizer
+    fresh = load_model()  # the shared model went through merge/unmerge (±1 ulp): not the GGUF's weights any more
+    model, tok = fresh.model, fresh.tokenizer
     adapter = attach(model, AdapterConfig(seed=0), meta={"base_model": smol.spec})
     g = torch.Generator().manual_seed(0)
     for name in adapter.target_names:  # a visible effect without training
