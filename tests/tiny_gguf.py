@@ -43,14 +43,12 @@ def tiny_llama_for_gguf(seed: int = 0, layers: int = 4, init: float = 0.15):
     return LlamaForCausalLM(cfg).eval().requires_grad_(False)
 
 
-def write_llama_gguf(model, path: Path) -> Path:
-    """Write ``model`` (LlamaForCausalLM) to ``path`` as an F32 GGUF llama.cpp and transformers can load."""
+def _writer(path: Path, arch: str, cfg):
+    """A GGUFWriter with the hyper-parameters every decoder shares (F32 file)."""
     import gguf
 
-    cfg = model.config
-    vocab = byte_vocab()
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_name("tiny-llama-test")
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(f"tiny-{arch}-test")
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(cfg.num_hidden_layers)
@@ -58,11 +56,38 @@ def write_llama_gguf(model, path: Path) -> Path:
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    return w
+
+
+def _write_tensors(w, model, arch: str, transform) -> None:
+    """Add every weight under gguf's name for ``arch`` (tied lm_head skipped), ``transform(gguf name, array)``
+    applied, then write and close the file."""
+    name_map = tensor_name_map(arch, model.config.num_hidden_layers)
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", True):
+            continue
+        gname = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
+        if gname is None:
+            raise KeyError(name)
+        w.add_tensor(gname, np.ascontiguousarray(transform(gname, t.detach().float().numpy())))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def write_llama_gguf(model, path: Path) -> Path:
+    """Write ``model`` (LlamaForCausalLM) to ``path`` as an F32 GGUF llama.cpp and transformers can load."""
+    import gguf
+
+    cfg = model.config
+    vocab = byte_vocab()
+    w = _writer(path, "llama", cfg)
     w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]) if getattr(cfg, "rope_parameters", None)
                          else cfg.rope_theta)
     w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
     w.add_vocab_size(len(vocab))
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
     w.add_token_list(vocab)
@@ -73,61 +98,28 @@ def write_llama_gguf(model, path: Path) -> Path:
     w.add_pad_token_id(len(vocab) - 1)
     w.add_add_bos_token(False)
     w.add_chat_template(CHATML)
-    name_map = tensor_name_map("llama", cfg.num_hidden_layers)
-    for name, t in model.state_dict().items():
-        if name == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue
-        data = t.detach().float().numpy()
-        gname = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
-        if gname is None:
-            raise KeyError(name)
+
+    def permute_qk(gname, data):
         if ".attn_q." in gname:
-            data = permute_rows(data, cfg.num_attention_heads, cfg.num_attention_heads)
-        elif ".attn_k." in gname:
-            data = permute_rows(data, cfg.num_attention_heads, cfg.num_key_value_heads)
-        w.add_tensor(gname, np.ascontiguousarray(data))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+            return permute_rows(data, cfg.num_attention_heads, cfg.num_attention_heads)
+        if ".attn_k." in gname:
+            return permute_rows(data, cfg.num_attention_heads, cfg.num_key_value_heads)
+        return data
+
+    _write_tensors(w, model, "llama", permute_qk)
     return path
 
 
 def write_gemma3_gguf(model, path: Path) -> Path:
     """Write a Gemma3ForCausalLM as an F32 GGUF the way llama.cpp's converter does: RMS-norm weights stored
     with the +1 added, no q/k permutation, gemma3.* hyper-parameters. No tokenizer (the engine takes ids)."""
-    import gguf
-
     cfg = model.config
-    w = gguf.GGUFWriter(str(path), "gemma3")
-    w.add_name("tiny-gemma3-test")
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w = _writer(path, "gemma3", cfg)
     w.add_key_length(cfg.head_dim)
     w.add_value_length(cfg.head_dim)
     theta = cfg.rope_parameters["full_attention"]["rope_theta"] if isinstance(getattr(cfg, "rope_parameters", None), dict) \
         and "full_attention" in cfg.rope_parameters else cfg.rope_theta
     w.add_rope_freq_base(float(theta))
     w.add_sliding_window(cfg.sliding_window)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
-    name_map = tensor_name_map("gemma3", cfg.num_hidden_layers)
-    for name, t in model.state_dict().items():
-        if name == "lm_head.weight":
-            continue
-        data = t.detach().float().numpy()
-        gname = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
-        if gname is None:
-            raise KeyError(name)
-        if gname.endswith("norm.weight"):
-            data = data + 1.0
-        w.add_tensor(gname, np.ascontiguousarray(data))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _write_tensors(w, model, "gemma3", lambda gname, data: data + 1.0 if gname.endswith("norm.weight") else data)
     return path

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from .evaldata import EvalDataset
-from .evaluate import Sweep, answer_token_sets, eval_prompt
-from .pairs import ContrastivePair, render_prompt
+from .evaluate import Sweep, answer_token_sets, eval_prompt, neutral_head
+from .pairs import ContrastivePair
 
 
 def gguf_for_spec(spec: str | None) -> Path:
@@ -127,7 +127,7 @@ class RustEngine:
 
     def text_nll(self, texts: list[str], branches: list[tuple], system: str | None = None) -> list[float]:
         """Per branch, mean per-token NLL (nats/token) of ``texts`` as the reply to a neutral request."""
-        head = render_prompt(self.tokenizer, "Write a short paragraph.", system=system)
+        head = neutral_head(self.tokenizer, system)
         rows = self.continuation_logprobs([head] * len(texts), texts, branches)
         return [-sum(s for s, _ in r) / max(sum(k for _, k in r), 1) for r in rows]
 

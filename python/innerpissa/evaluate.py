@@ -98,9 +98,14 @@ def continuation_logprobs(model, tokenizer, heads: list[str], bodies: list[str],
     return out
 
 
+def neutral_head(tokenizer, system: str | None = None) -> str:
+    """The fixed neutral request whose reply the coherence texts are scored as (both engines)."""
+    return render_prompt(tokenizer, "Write a short paragraph.", system=system)
+
+
 def text_nll(model, tokenizer, texts: list[str], system: str | None = None, batch_size: int = 16) -> float:
     """Mean per-token NLL (nats/token) of ``texts`` as the assistant's reply to a fixed neutral request."""
-    head = render_prompt(tokenizer, "Write a short paragraph.", system=system)
+    head = neutral_head(tokenizer, system)
     rows = continuation_logprobs(model, tokenizer, [head] * len(texts), texts, batch_size)
     return -sum(s for s, _ in rows) / max(sum(n for _, n in rows), 1)
 

@@ -129,6 +129,11 @@ def load_tokenizer(spec: str | None = None):
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     else:
         raise FileNotFoundError(f"{spec!r} is not a local GGUF file or model directory")
+    return _ready_tokenizer(tok)
+
+
+def _ready_tokenizer(tok):
+    """Pad with eos when the tokenizer has no pad token; pad on the left (the answer is the last position)."""
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
@@ -176,9 +181,7 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, allo
             )
         tok = AutoTokenizer.from_pretrained(spec)
         model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "left"
+    tok = _ready_tokenizer(tok)
     model.eval()
     model.requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tok, spec=spec)

@@ -188,15 +188,18 @@ impl Engine {
         use sha2::{Digest, Sha256};
         let mut layers: Vec<&LowRankLayer> = adapter.layers.iter().collect();
         layers.sort_by(|a, b| a.name.cmp(&b.name));
-        let mut h = Sha256::new();
-        for l in layers {
-            let tensor = match l.writer {
+        let names: Vec<String> = layers
+            .iter()
+            .map(|l| match l.writer {
                 Writer::Attn => format!("blk.{}.attn_output.weight", l.block),
                 Writer::Mlp => format!("blk.{}.ffn_down.weight", l.block),
-            };
-            let w = self.model.weight_f32(&tensor)?;
+            })
+            .collect();
+        let weights = self.model.weights_f32(&names)?;
+        let mut h = Sha256::new();
+        for (l, w) in layers.iter().zip(&weights) {
             h.update(format!("{}|({}, {})|", l.name, l.d_out, l.d_in).as_bytes());
-            for x in &w {
+            for x in w {
                 h.update(x.to_le_bytes());
             }
         }
@@ -326,6 +329,7 @@ impl Engine {
         let t_run = std::time::Instant::now();
         let mut x = self.model.embed(&tokens)?;
         let mut nb = 1usize;
+        let mut pos_all = positions.clone();
         // Activation buffers, allocated once per pass at the largest size (every branch copy).
         let (qw, kw, fw) = self.model.blocks[0].widths();
         let most = if first < last_layer { nbr * rows } else { rows };
@@ -344,6 +348,7 @@ impl Engine {
         for l in 0..last_layer {
             if l == first && nbr > 1 {
                 x = x.repeat(nbr);
+                pos_all = positions.repeat(nbr);
                 nb = nbr;
             }
             let nrows = nb * rows;
@@ -352,7 +357,6 @@ impl Engine {
             blk.attn_in(&x, nrows, cfg.eps, &mut ws.h, &mut ws.q, &mut ws.k, &mut ws.v)?;
             prof[0] += t0.elapsed().as_secs_f64();
             let (q, k) = (&mut ws.q[..nrows * qw], &mut ws.k[..nrows * kw]);
-            let pos_all: Vec<usize> = (0..nb).flat_map(|_| positions.iter().copied()).collect();
             let tab = &tables.iter().find(|t| t.0 == blk.rope_base(cfg, l)).expect("table built").1;
             let neox = cfg.arch == Arch::Gemma3;
             model::apply_rope(q, cfg.n_head, cfg.head_dim, &pos_all, tab, neox);

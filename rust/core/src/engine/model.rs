@@ -409,16 +409,21 @@ impl Model {
         Ok(Self { cfg, embed, blocks, out_norm, lm_head, weights, path: path.to_path_buf() })
     }
 
-    /// A linear weight (d_out, d_in) as f32 row-major, as transformers holds it after de-quantization (read again
-    /// from the file unless the weights are already f32 on the host). Only for unpermuted tensors (not q/k).
-    pub fn weight_f32(&self, tensor: &str) -> Result<Vec<f32>> {
+    /// Linear weights (d_out, d_in) as f32 row-major, as transformers holds them after de-quantization, read
+    /// again from the file (one header read for all names). Only for unpermuted tensors (not q/k).
+    pub fn weights_f32(&self, tensors: &[String]) -> Result<Vec<Vec<f32>>> {
         let mut file = File::open(&self.path).map_err(|e| EngineError::Io(format!("{}: {e}", self.path.display())))?;
         let content = gguf_file::Content::read(&mut file)?;
-        if !content.tensor_infos.contains_key(tensor) {
-            return Err(EngineError::Format(format!("{}: tensor {tensor} missing", self.path.display())));
-        }
-        let qt = content.tensor(&mut file, tensor, &Device::Cpu)?;
-        Ok(qt.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
+        tensors
+            .iter()
+            .map(|t| {
+                if !content.tensor_infos.contains_key(t) {
+                    return Err(EngineError::Format(format!("{}: tensor {t} missing", self.path.display())));
+                }
+                let qt = content.tensor(&mut file, t, &Device::Cpu)?;
+                Ok(qt.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?)
+            })
+            .collect()
     }
 
     /// Embedding rows (n, d) for token ids, scaled by √d for Gemma 3.
