@@ -1,7 +1,11 @@
 """Benchmark: a coefficient sweep on SmolLM2, the PyTorch evaluator vs the Rust engine (``ipissa sweep``), in one
 process on the same prompts, plus llama.cpp's forward on the same GGUF as a reference point.
 
-    python benches/bench_sweep.py [--adapter DIR] [--n 200] [--coeffs -2,-1,0,1,2] [--threads 2] [--seed 0]
+    python benches/bench_sweep.py [--model SPEC] [--adapter DIR] [--n 200] [--coeffs -2,-1,0,1,2] [--threads 2]
+                                  [--seed 0] [--modes f32,native,q8_0] [--no-llamacpp]
+
+--model: any GGUF spec ``ipissa sweep`` takes (default: the embedded SmolLM2; ``embedded:gemma3-270m`` for the
+Gemma 3 parity and speed check).
 
 Prompts: the first --n eval prompts of the default suite (every dataset of ``suite.default_datasets``, seeded
 subsets, interleaved), rendered and tokenized exactly as ``evaluate.answer_scores`` does. Adapter: --adapter, or
@@ -31,6 +35,7 @@ from pathlib import Path
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="model spec (default: the embedded SmolLM2)")
     ap.add_argument("--adapter", type=Path, default=None)
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--coeffs", default="-2,-1,0,1,2")
@@ -53,7 +58,7 @@ def main() -> None:
     from innerpissa.suite import default_datasets
 
     coeffs = [float(c) for c in args.coeffs.split(",")]
-    lm = load_model()
+    lm = load_model(args.model)
     model, tok = lm.model, lm.tokenizer
     tmp = tempfile.TemporaryDirectory()
     if args.adapter:
@@ -73,7 +78,7 @@ def main() -> None:
     order = np.random.RandomState(args.seed).permutation(len(items))[: args.n]
     prompts = [eval_prompt(tok, items[i][1].question, items[i][0].kind, None) for i in order]
     n_tok = sum(len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts)
-    print(f"# {len(prompts)} prompts ({n_tok / len(prompts):.1f} tokens on average), coefficients {coeffs}, "
+    print(f"# {lm.spec}: {len(prompts)} prompts ({n_tok / len(prompts):.1f} tokens on average), coefficients {coeffs}, "
           f"{args.threads} threads, {platform.processor() or platform.machine()}, torch {torch.__version__}")
 
     def torch_sweep(ps):
@@ -89,6 +94,12 @@ def main() -> None:
     t_torch = time.perf_counter() - t0
     rate_torch = len(prompts) * len(coeffs) / t_torch
     rows = [("torch (transformers, fp32)", t_torch, rate_torch, 0.0)]
+
+    def done(row):  # progress as each engine finishes; the table is printed at the end
+        rows.append(row)
+        print(f"# {row[0]}: {row[1]:.1f} s, {row[2]:.1f} prompt-evals/s, max |Δ| {row[3]:.1e}", flush=True)
+
+    print(f"# {rows[0][0]}: {t_torch:.1f} s", flush=True)
     gguf = gguf_for_spec(lm.spec)
     for mode in [m for m in args.modes.split(",") if m]:
         t0 = time.perf_counter()
@@ -100,8 +111,8 @@ def main() -> None:
         t0 = time.perf_counter()
         got = eng.answer_scores(prompts, "yesno", branches)[0]
         t = time.perf_counter() - t0
-        rows.append((f"rust {mode} (load {t_load:.1f} s)", t, len(prompts) * len(coeffs) / t,
-                     float(np.abs(got - ref).max())))
+        done((f"rust {mode} (load {t_load:.1f} s)", t, len(prompts) * len(coeffs) / t,
+              float(np.abs(got - ref).max())))
     if not args.no_llamacpp:
         try:
             from innerpissa.evaluate import answer_token_sets
@@ -122,7 +133,7 @@ def main() -> None:
                         sc.append(np.logaddexp.reduce(lp[pos]) - np.logaddexp.reduce(lp[neg]))
                     t = time.perf_counter() - t0
                 err = float(np.abs(np.array(sc) - ref[c0]).max()) if c0 is not None else float("nan")
-                rows.append((label, t, len(seqs) / t, err))
+                done((label, t, len(seqs) / t, err))
         except ImportError as e:
             print(f"# llama.cpp reference skipped: {e}")
     print("| engine | seconds | prompt-evals/s | vs torch | max abs Δ log-odds vs torch (nats) |")

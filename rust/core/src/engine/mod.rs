@@ -447,15 +447,10 @@ impl Engine {
     /// Δy = (x P) Uᵀ added to each branch's rows of `out` (x: the writer's input rows).
     fn side_path(&self, factors: &Option<(&LowRankLayer, Vec<Option<Vec<f32>>>)>, input: &[f32], out: &mut [f32], nb: usize, rows: usize) -> Result<()> {
         let Some((layer, per)) = factors else { return Ok(()) };
-        let (d_in, d_out, r) = (layer.d_in, layer.d_out, layer.r);
+        let (d_in, d_out) = (layer.d_in, layer.d_out);
         for b in 0..nb {
             let Some(p) = &per[b] else { continue };
-            let mut xp = vec![0f32; rows * r];
-            let xb = MatRef::from_row_major_slice(&input[b * rows * d_in..(b + 1) * rows * d_in], rows, d_in);
-            model::gemm(MatMut::from_row_major_slice_mut(&mut xp, rows, r), xb, MatRef::from_row_major_slice(p, d_in, r), false);
-            let ut = MatRef::from_row_major_slice(&layer.u, d_out, r).transpose();
-            let ob = MatMut::from_row_major_slice_mut(&mut out[b * rows * d_out..(b + 1) * rows * d_out], rows, d_out);
-            model::gemm(ob, MatRef::from_row_major_slice(&xp, rows, r), ut, true);
+            layer.apply_side(p, &input[b * rows * d_in..(b + 1) * rows * d_in], rows, &mut out[b * rows * d_out..(b + 1) * rows * d_out]);
         }
         Ok(())
     }
