@@ -117,9 +117,10 @@ def _check_choice(value: str, allowed: tuple[str, ...], name: str) -> str | None
 
 
 EngineOpt = typer.Option("torch", help="evaluator: torch (transformers, any model) or rust (GGUF models: "
-                         "Llama family, Gemma 3; all coefficients of a method in one pass, ~3x faster on CPU)")
-WeightsOpt = typer.Option("f32", help="rust engine weights: f32 (de-quantized, matches torch), native (the "
-                          "GGUF's own quantized blocks) or q8_0 (int8 blocks); see docs/benchmarks.md")
+                         "Llama family, Gemma 3; all coefficients of a method in one pass, 3-5x faster on CPU)")
+WeightsOpt = typer.Option("f32", help="rust engine weights: f32 (de-quantized, matches torch; fastest on CPU), "
+                          "native (the GGUF's own quantized blocks) or q8_0 (int8 blocks): these two only save "
+                          "memory, they are slower and less exact; see docs/benchmarks.md")
 
 
 EvalOpts = dict(
