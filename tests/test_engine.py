@@ -160,6 +160,28 @@ def test_hidden_states_match_torch(tiny):
                 assert err < 1e-4, (ell, c, err)
 
 
+def test_hidden_states_at_requested_positions(tiny):
+    # Causal attention: the state at position p of s is the last-token state of s[:p + 1], in torch and in Rust;
+    # positions inside the batch's shared prefix (p = 0) must come out right too.
+    model, adapter, _, eng, _ = tiny
+    seqs = _prompts(8, seed=5)
+    positions = [0, 1] + [len(s) // 2 for s in seqs[2:-1]] + [len(seqs[-1]) - 1]
+    layers = [1, 3]
+    h = eng.hidden(seqs, layers, [("adapter", -1.0)], batch=8, positions=positions)
+    assert h.shape == (2, 1, 8, model.config.hidden_size)
+    for i, (s, p) in enumerate(zip(seqs, positions)):
+        ref = _torch_hidden(model, adapter, s[: p + 1], layers, -1.0)
+        for j, ell in enumerate(layers):
+            err = np.abs(h[j, 0, i] - ref[ell].numpy()).max() / np.abs(ref[ell].numpy()).max()
+            assert err < 1e-4, (i, p, ell, err)
+    last = eng.hidden(seqs, layers, [("adapter", -1.0)], batch=8)
+    np.testing.assert_allclose(h[:, :, -1], last[:, :, -1], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match=r"positions\[0\]"):
+        eng.hidden(seqs, layers, [("base",)], positions=[len(seqs[0])] + positions[1:])
+    with pytest.raises(ValueError, match="positions has 2 entries"):
+        eng.hidden(seqs, layers, [("base",)], positions=[0, 0])
+
+
 def test_control_vector_branch_matches_activation_addition(tiny):
     from innerpissa.baselines import VectorMethod
 

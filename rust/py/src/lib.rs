@@ -301,9 +301,10 @@ impl PyEngine {
         Ok(out.into_iter().map(|v| v.into_pyarray(py)).collect())
     }
 
-    /// hidden(seqs, layers, branches, batch=64) -> (len(layers), len(branches), len(seqs), d) float32:
-    /// decoder-block outputs (the residual stream after block ℓ) at each sequence's last token.
-    #[pyo3(signature = (seqs, layers, branches, batch = 64))]
+    /// hidden(seqs, layers, branches, batch=64, positions=None) -> (len(layers), len(branches), len(seqs), d)
+    /// float32: decoder-block outputs (the residual stream after block ℓ) at positions[i] of sequence i (0-based
+    /// token index), or at each sequence's last token when positions is None.
+    #[pyo3(signature = (seqs, layers, branches, batch = 64, positions = None))]
     fn hidden<'py>(
         &self,
         py: Python<'py>,
@@ -311,11 +312,12 @@ impl PyEngine {
         layers: Vec<usize>,
         branches: Vec<Bound<'py, PyAny>>,
         batch: usize,
+        positions: Option<Vec<usize>>,
     ) -> PyResult<Bound<'py, PyArray4<f32>>> {
         let br = steers(&branches)?;
         let d = self.inner.model.cfg.d_model;
         let out = py
-            .detach(|| self.inner.hidden(&seqs, &layers, &br, batch))
+            .detach(|| self.inner.hidden(&seqs, &layers, &br, batch, positions.as_deref()))
             .map_err(engine_err)?;
         Ok(Array4::from_shape_vec((layers.len(), br.len(), seqs.len(), d), out)
             .expect("l*b*n*d")

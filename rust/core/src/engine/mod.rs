@@ -650,15 +650,34 @@ impl Engine {
         Ok(res)
     }
 
-    /// Decoder-block outputs at each sequence's last position: (layers, branches, n, d) row-major, f32. The
-    /// pass stops after the highest requested block.
-    pub fn hidden(&self, seqs: &[Vec<u32>], layers: &[usize], branches: &[Steer], batch: usize) -> Result<Vec<f32>> {
+    /// Decoder-block outputs (the residual stream after block ℓ) at one position of each sequence: `positions[i]`
+    /// (0-based token index), or the last token when `positions` is None. Returns (layers, branches, n, d)
+    /// row-major, f32. The pass stops after the highest requested block.
+    ///
+    /// # Errors
+    /// [`EngineError::Input`] if `positions` has another length than `seqs` or a position is past its sequence's
+    /// end, a layer is out of range, or a sequence is empty.
+    pub fn hidden(&self, seqs: &[Vec<u32>], layers: &[usize], branches: &[Steer], batch: usize, positions: Option<&[usize]>) -> Result<Vec<f32>> {
         let (n, nbr, d) = (seqs.len(), branches.len(), self.model.cfg.d_model);
+        if let Some(p) = positions {
+            if p.len() != n {
+                return Err(EngineError::Input(format!("positions has {} entries for {n} sequences", p.len())));
+            }
+            if let Some(i) = (0..n).find(|&i| p[i] >= seqs[i].len()) {
+                return Err(EngineError::Input(format!("positions[{i}] = {} is past sequence {i}'s {} tokens", p[i], seqs[i].len())));
+            }
+        }
         let mut res = vec![0f32; layers.len() * nbr * n * d];
         let side = self.side_factors(branches)?;
         for idx in Self::batches(seqs, batch) {
             let sub: Vec<&[u32]> = idx.iter().map(|&i| seqs[i].as_slice()).collect();
-            let read: Vec<(usize, usize)> = sub.iter().map(|s| (s.len().saturating_sub(1), s.len())).collect();
+            let read: Vec<(usize, usize)> = idx
+                .iter()
+                .map(|&i| {
+                    let at = positions.map_or(seqs[i].len().saturating_sub(1), |p| p[i]);
+                    (at, at + 1)
+                })
+                .collect();
             let out = self.run(&sub, &read, branches, &side, layers, false)?;
             for (li, cap) in out.captured.iter().enumerate() {
                 for b in 0..nbr {

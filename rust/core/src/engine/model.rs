@@ -599,7 +599,7 @@ impl Block {
         let act = |g: &mut [f32], u: &[f32]| match arch {
             Arch::Llama => g.iter_mut().zip(u).for_each(|(gi, ui)| *gi = *gi * sigmoid(*gi) * ui),
             // gelu, tanh approximation: ½x(1 + tanh z) = x·σ(2z), z = √(2/π)(x + 0.044715x³); the sigmoid form
-            // needs one exp instead of a tanh (the same function up to f32 rounding; 2.5x faster here).
+            // needs one exp instead of a tanh (the same function up to f32 rounding; 4x faster, docs/benchmarks.md).
             Arch::Gemma3 => g.iter_mut().zip(u).for_each(|(gi, ui)| {
                 let x = *gi;
                 *gi = x * sigmoid(1.595_769_1 * x * (1.0 + 0.044715 * x * x)) * ui
