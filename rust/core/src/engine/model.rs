@@ -601,8 +601,10 @@ impl Block {
             // gelu, tanh approximation: ½x(1 + tanh z) = x·σ(2z), z = √(2/π)(x + 0.044715x³); the sigmoid form
             // needs one exp instead of a tanh (the same function up to f32 rounding; 4x faster, docs/benchmarks.md).
             Arch::Gemma3 => g.iter_mut().zip(u).for_each(|(gi, ui)| {
+                use std::f32::consts::{FRAC_1_SQRT_2, FRAC_2_SQRT_PI};
                 let x = *gi;
-                *gi = x * sigmoid(1.595_769_1 * x * (1.0 + 0.044715 * x * x)) * ui
+                // 2z = 2·√(2/π)·x(1 + 0.044715x²)
+                *gi = x * sigmoid(2.0 * FRAC_2_SQRT_PI * FRAC_1_SQRT_2 * x * (1.0 + 0.044715 * x * x)) * ui
             }),
         };
         g[..m].par_chunks_mut(4096).zip(u[..m].par_chunks(4096)).for_each(|(g, u)| act(g, u));
