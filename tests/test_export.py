@@ -128,16 +128,16 @@ def test_merged_hf_and_peft_match_the_steered_model(make, tmp_path):
     before = model(ids).logits.clone()
     for c in (-2.0, 1.0):
         want = _logprobs(model, adapter, ids, c)
-        export_merged_hf(adapter, None, c, tmp_path / "hf")
+        export_merged_hf(adapter, None, c, tmp_path / "hf", overwrite=True)  # the second c replaces the first
         got = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()(ids).logits.double().log_softmax(-1)
         assert (got - want).abs().max() < 1e-4
         assert (want - _logprobs(model, adapter, ids, 0.0)).abs().max() > 0.1  # the check can fail
-        export_peft_lora(adapter, c, tmp_path / "peft")
+        export_peft_lora(adapter, c, tmp_path / "peft", overwrite=True)
         base = make()
         peft_model = PeftModel.from_pretrained(base, tmp_path / "peft").eval()
         got = peft_model(input_ids=ids).logits.double().log_softmax(-1)
         assert (got - want).abs().max() < 1e-4
-    assert (model(ids).logits - before).abs().max() < 1e-5  # merge for the save was undone (fp32 rounding)
+    assert torch.equal(model(ids).logits, before)  # merge for the save was undone bit-exactly
     assert json.loads((tmp_path / "hf" / "innerpissa_export.json").read_text())["coefficient"] == 1.0
 
 
@@ -178,11 +178,11 @@ def test_llama_cpp_merged_gguf_and_exact_lora(tiny, c):
     d, path, model, adapter, toks = tiny
     want = _logprobs(model, adapter, torch.tensor([toks]), c)[0].numpy()
     assert np.abs(want - _logprobs(model, adapter, torch.tensor([toks]), 0.0)[0].numpy()).max() > 0.1
-    types = export_merged_gguf(adapter, c, d / "merged.gguf")
+    types = export_merged_gguf(adapter, c, d / "merged.gguf", overwrite=True)  # one file per c
     assert set(types.values()) == {"F32"}  # the tiny base is F32, so "same" is exact
     got = llama_cpp_logprobs(d / "merged.gguf", tokens=toks)
     assert np.abs(got - want).max() < 1e-4
-    export_llama_lora(adapter, c, d / "lora.gguf")
+    export_llama_lora(adapter, c, d / "lora.gguf", overwrite=True)
     got = llama_cpp_logprobs(path, loras=[(d / "lora.gguf", 1.0)], tokens=toks)
     assert np.abs(got - want).max() < 1e-4
 

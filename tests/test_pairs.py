@@ -36,10 +36,13 @@ NO_SYSTEM = (
 
 
 def tiny_tokenizer(chat_template: str | None = CHATML) -> PreTrainedTokenizerFast:
-    """A download-free word-level tokenizer; only its chat template matters here."""
+    """A download-free byte-level tokenizer (no merges): any two different texts get different ids, which the
+    loader checks (pairs must differ in tokens); otherwise only its chat template matters here."""
     vocab = {"[UNK]": 0, "<|im_start|>": 1, "<|im_end|>": 2}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    for ch in pre_tokenizers.ByteLevel.alphabet():
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
     if chat_template is not None:
         fast.chat_template = chat_template

@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .errors import NonFiniteError
 from .adapter import Adapter, decoder_blocks
+from .evaluate import check_sweep_coeffs
 from .pairs import ContrastivePair, persona_instruction
 
 
@@ -28,6 +30,9 @@ class AdapterMethod:
     adapter: Adapter
     coeffs: tuple[float, ...] = (-1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0)
     name: str = "innerpissa"
+
+    def __post_init__(self) -> None:
+        self.coeffs = check_sweep_coeffs(self.coeffs)
 
     def steer(self, c: float):
         return self.adapter.steer(c)
@@ -57,6 +62,12 @@ class VectorMethod:
     coeffs: tuple[float, ...] = (-4.0, -2.0, -1.0, 0.0, 1.0, 2.0, 4.0)
     name: str = "pca"
     meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.coeffs = check_sweep_coeffs(self.coeffs)
+        bad = [k for k, v in self.directions.items() if not torch.isfinite(torch.as_tensor(v)).all()]
+        if bad:
+            raise NonFiniteError(f"control vector {self.name!r} holds NaN/inf at blocks {bad}", field=self.name)
 
     @contextlib.contextmanager
     def steer(self, c: float):

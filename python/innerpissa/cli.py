@@ -8,6 +8,8 @@
     ipissa export     merged HF / GGUF / ONNX at c, llama.cpp or PEFT LoRA, ONNX or llama.cpp with a live c
     ipissa control-vector   PCA or mean-difference control vector as a llama.cpp GGUF
     ipissa align      teacher → student: contrast directions, weighted Procrustes map, transfer report
+
+Errors print one line naming the file or option at fault (exit 1); add --debug anywhere for the traceback.
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ from typing import Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, help=__doc__, no_args_is_help=True)
+app = typer.Typer(add_completion=False, help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
+
+OverwriteOpt = typer.Option(False, "--overwrite", help="write into an existing non-empty output: replace only the "
+                            "files this command writes (others are kept); for a run directory, start fresh")
 
 ModelOpt = typer.Option(None, "--model", "-m", help="HF id (with --allow-network), model directory or .gguf file; "
                         "default: the embedded SmolLM2-135M-Instruct")
@@ -46,23 +51,50 @@ def _pairs(tokenizer, pairs_path: Optional[Path], n_pairs: int, seed: int):
     return make_honesty_pairs(tokenizer, n_pairs=n_pairs, seed=seed)
 
 
-def _train(model_spec, pairs_path, n_pairs, steps, seed, rank, out: Path, allow_network, threads, quiet=False):
-    torch = _setup(allow_network, threads)
-    from . import AdapterConfig, attach
-    from .models import load_model
-    from .train import TrainConfig, train
+def _check_run_dir(out: Path, overwrite: bool) -> None:
+    """Before loading anything: refuse a non-empty directory that is not a run, or a finished run."""
+    from .train import RUN_STATE
 
+    if overwrite or not out.exists():
+        return
+    from .adapter.model import check_output
+
+    state = out / RUN_STATE
+    if not state.is_file():
+        check_output(out, overwrite)
+    elif json.loads(state.read_text() or "{}").get("finished"):
+        from .errors import OutputExistsError
+
+        raise OutputExistsError("holds a finished run; pass --overwrite to train again there, or choose another "
+                                "--out", path=out)
+
+
+def _train(model_spec, pairs_path, n_pairs, steps, seed, rank, out: Path, allow_network, threads, quiet=False,
+           overwrite: bool = False, cfg_kwargs: dict | None = None):
+    from . import AdapterConfig
+    from .train import TrainConfig
+
+    tcfg = TrainConfig(steps=steps, seed=seed, **(cfg_kwargs or {}))  # validated before any compute
+    acfg = AdapterConfig(rank=rank, seed=seed)
+    _check_run_dir(out, overwrite)
+    torch = _setup(allow_network, threads)
+    from . import attach
+    from .models import load_model
+    from .train import train
+
+    if pairs_path is not None and not pairs_path.is_file():
+        raise FileNotFoundError(f"--pairs {pairs_path}: file not found")
     lm = load_model(model_spec, allow_network=allow_network)
     split = _pairs(lm.tokenizer, pairs_path, n_pairs, seed)
     torch.manual_seed(seed)
-    adapter = attach(lm.model, AdapterConfig(rank=rank, seed=seed),
+    adapter = attach(lm.model, acfg,
                      meta={"base_model": lm.spec, "pairs": str(pairs_path) if pairs_path else "builtin:honesty"})
     t0 = time.perf_counter()
-    val = train(adapter, lm.tokenizer, list(split.train), list(split.val), TrainConfig(steps=steps, seed=seed),
-                run_dir=out, progress=not quiet)
+    val = train(adapter, lm.tokenizer, list(split.train), list(split.val), tcfg, run_dir=out, progress=not quiet,
+                overwrite=overwrite)
     minutes = (time.perf_counter() - t0) / 60
     typer.echo(f"trained {steps} steps in {minutes:.1f} min; validation: "
-               + ", ".join(f"{k}={v:.3f}" for k, v in val.items()))
+               + (", ".join(f"{k}={v:.3f}" for k, v in val.items()) or "none (no validation pairs)"))
     typer.echo(f"adapter saved to {out / 'adapter'}")
     return lm, adapter, split
 
@@ -76,19 +108,25 @@ def train_cmd(
     steps: int = typer.Option(80, help="optimizer steps (8 pairs each)"),
     seed: int = typer.Option(0),
     rank: Optional[int] = typer.Option(None, help="adapter rank r (default hidden_size // 8)"),
-    out: Path = typer.Option(Path("runs/honesty"), help="run directory (resumes from its checkpoint)"),
+    lr: float = typer.Option(3e-3, help="learning rate"),
+    batch_pairs: int = typer.Option(8, help="pairs per step"),
+    out: Path = typer.Option(Path("runs/honesty"), help="run directory (resumes an unfinished run with the same "
+                             "configuration and pairs; anything else is refused without --overwrite)"),
+    overwrite: bool = OverwriteOpt,
     allow_network: bool = typer.Option(False, help="allow Hugging Face hub downloads"),
     threads: Optional[int] = typer.Option(None, help="torch threads (default: all cores)"),
 ):
     """Train an InnerPiSSA adapter with the ReprPO loss at c = +1 and c = −1."""
-    _train(model, pairs, n_pairs, steps, seed, rank, out, allow_network, threads)
+    _train(model, pairs, n_pairs, steps, seed, rank, out, allow_network, threads, overwrite=overwrite,
+           cfg_kwargs={"lr": lr, "batch_pairs": batch_pairs})
 
 
 def _evaluate(lm, adapter, split, methods, data_dir, n_target, n_other, n_dd, seed, out: Path, batch_size,
               dd_file=None, dd_value=None, mwe=None, engine: str = "torch", weights: str = "f32"):
     from .report import write_report
-    from .suite import build_methods, default_datasets, run_suite
+    from .suite import build_methods, check_methods, default_datasets, run_suite
 
+    check_methods(methods.split(","))
     datasets = default_datasets(data_dir, n_target=n_target, n_other=n_other, n_dd=n_dd, seed=seed,
                                 dd_file=dd_file, dd_value=dd_value, mwe_files=mwe)
     eng = _rust_engine(lm.spec, lm.tokenizer, weights, batch_size) if engine == "rust" else None
@@ -152,6 +190,7 @@ def eval_cmd(
                                              "for several; default: the persona sets in the data folder"),
     seed: int = typer.Option(0),
     out: Path = typer.Option(Path("runs/eval")),
+    overwrite: bool = OverwriteOpt,
     engine: str = EngineOpt,
     weights: str = WeightsOpt,
     allow_network: bool = typer.Option(False),
@@ -160,11 +199,16 @@ def eval_cmd(
     """Sweep the adapter and the baselines over held-out questions; write report.md, results.json, PNGs."""
     if err := _check_choice(engine, ("torch", "rust"), "--engine"):
         raise typer.BadParameter(err)
+    from .adapter.model import check_output
+    from .suite import check_methods
+
+    check_methods(methods.split(","))
+    check_output(out, overwrite)
+    meta = _adapter_meta(adapter)
     _setup(allow_network, threads)
     from . import load_adapter
     from .models import load_model
 
-    meta = json.loads((adapter / "adapter_config.json").read_text()) if (adapter / "adapter_config.json").exists() else {}
     lm = load_model(model or meta.get("base_model"), allow_network=allow_network)
     ad = load_adapter(lm.model, adapter)
     split = _pairs(lm.tokenizer, pairs, n_pairs, seed)
@@ -189,6 +233,7 @@ def sweep_cmd(
     seed: int = typer.Option(0),
     weights: str = WeightsOpt,
     out: Path = typer.Option(Path("runs/sweep")),
+    overwrite: bool = OverwriteOpt,
     threads: Optional[int] = typer.Option(None, help="threads (sets RAYON_NUM_THREADS; default: all cores)"),
 ):
     """Coefficient sweep on the Rust engine: adapter + GGUF model + datasets → report.md, results.json, PNGs.
@@ -197,25 +242,29 @@ def sweep_cmd(
     if threads:
         os.environ["RAYON_NUM_THREADS"] = str(threads)
     _setup(False, threads)
+    from .adapter.model import check_output
     from .baselines import AdapterMethod, PromptMethod, VectorMethod, random_control_vector
     from .engine import pca_control_vector
+    from .evaluate import check_sweep_coeffs
     from .models import load_tokenizer
     from .report import write_report
-    from .suite import default_datasets, run_suite
+    from .suite import check_methods, default_datasets, run_suite
 
     try:
-        cs = tuple(float(c) for c in coeffs.split(","))
+        parsed = [float(c) for c in coeffs.split(",")]
     except ValueError:
-        raise typer.BadParameter(f"--coeffs must be comma-separated numbers, got {coeffs!r}")
-    cfg_path = adapter / "adapter_config.json"
-    if not cfg_path.exists():
-        raise typer.BadParameter(f"{cfg_path} not found: not an adapter directory")
-    meta = json.loads(cfg_path.read_text())
+        raise typer.BadParameter(f"--coeffs must be comma-separated numbers, got {coeffs!r}") from None
+    cs = check_sweep_coeffs(parsed, "--coeffs")
+    want = check_methods(methods.split(","))
+    check_output(out, overwrite)
+    meta = _adapter_meta(adapter)
+    from .adapter.model import _read_adapter_tensors
+
+    _read_adapter_tensors(adapter, meta)  # checksum and finite values, as load_adapter checks them
     spec = model or meta.get("base_model")
     tok = load_tokenizer(spec)
     eng = _rust_engine(spec, tok, weights, batch_size)
     eng.load_adapter(adapter)
-    want = tuple(methods.split(","))
     ms: list = []
     if "innerpissa" in want:
         ms.append(AdapterMethod(adapter=str(adapter), coeffs=cs))
@@ -255,14 +304,21 @@ def run_cmd(
     batch_size: int = EvalOpts["batch_size"],
     engine: str = EngineOpt,
     weights: str = WeightsOpt,
+    overwrite: bool = OverwriteOpt,
     allow_network: bool = typer.Option(False),
     threads: Optional[int] = typer.Option(None),
 ):
     """The main job: train the honesty adapter, then evaluate it against prompting, PCA and random vectors."""
     if err := _check_choice(engine, ("torch", "rust"), "--engine"):
         raise typer.BadParameter(err)
+    from .evaldata import data_dir as resolve_data_dir
+    from .suite import check_methods
+
+    check_methods(methods.split(","))
+    resolve_data_dir(data_dir)  # the evaluation data must be there before minutes of training
     t0 = time.perf_counter()
-    lm, adapter, split = _train(model, None, 400, steps, seed, None, out, allow_network, threads)
+    lm, adapter, split = _train(model, None, 400, steps, seed, None, out, allow_network, threads,
+                                overwrite=overwrite)
     _evaluate(lm, adapter, split, methods, data_dir, n_target, n_other, n_dd, seed, out, batch_size,
               engine=engine, weights=weights)
     typer.echo(f"main job finished in {(time.perf_counter() - t0) / 60:.1f} min")
@@ -283,12 +339,15 @@ def generate_cmd(
     """Generate a reply to PROMPT at steering coefficient --coeff."""
     import contextlib
 
+    from .errors import finite_coeff
+
+    coeff = finite_coeff(coeff, "--coeff")
     torch = _setup(allow_network, threads)
     from . import load_adapter
     from .models import load_model
     from .pairs import render_prompt
 
-    meta = json.loads((adapter / "adapter_config.json").read_text()) if adapter else {}
+    meta = _adapter_meta(adapter) if adapter else {}
     lm = load_model(model or meta.get("base_model"), allow_network=allow_network)
     ctx = load_adapter(lm.model, adapter).steer(coeff) if adapter else contextlib.nullcontext()
     text = render_prompt(lm.tokenizer, prompt)
@@ -319,28 +378,37 @@ def export_cmd(
     degree: Optional[int] = typer.Option(None, help="live formats: polynomial degree K (default: smallest K ≤ 8 "
                                          "within --tol)"),
     tol: float = typer.Option(1e-3, help="live formats: target worst-case relative error of M(c)"),
+    overwrite: bool = OverwriteOpt,
     allow_network: bool = typer.Option(False),
     threads: Optional[int] = typer.Option(None),
 ):
     """Export a steered model for transformers, llama.cpp, ONNX Runtime or PEFT (see docs/export.md)."""
-    _setup(allow_network, threads)
-    from . import export as ex
-    from . import load_adapter
-    from .models import load_model
+    from .adapter.model import check_output
+    from .errors import ConfigError, finite_coeff
 
     if fmt not in EXPORT_FORMATS:
         raise typer.BadParameter(f"--format must be one of {', '.join(EXPORT_FORMATS)}, not {fmt!r}")
     live = fmt in ("onnx-live", "lora-live")
     if not live and coeff is None:
         raise typer.BadParameter(f"--format {fmt} exports one coefficient: pass --coeff")
-    cfg_path = adapter / "adapter_config.json"
-    meta = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    if coeff is not None:
+        coeff = finite_coeff(coeff, "--coeff")
+    c_min, c_max = finite_coeff(c_min, "--c-min"), finite_coeff(c_max, "--c-max")
+    if live and not c_min < c_max:
+        raise ConfigError(f"--c-min {c_min:g} must be below --c-max {c_max:g}", field="--c-min")
+    check_output(out, overwrite, kind="file" if fmt in ("gguf", "lora") else "dir", protect=(adapter,))
+    meta = _adapter_meta(adapter)
+    _setup(allow_network, threads)
+    from . import export as ex
+    from . import load_adapter
+    from .models import load_model
+
     lm = load_model(model or meta.get("base_model"), allow_network=allow_network)
     ad = load_adapter(lm.model, adapter)
     if fmt == "hf":
-        ex.export_merged_hf(ad, lm.tokenizer, coeff, out)
+        ex.export_merged_hf(ad, lm.tokenizer, coeff, out, overwrite=overwrite)
     elif fmt == "gguf":
-        types = ex.export_merged_gguf(ad, coeff, out, base_gguf, tensor_type)
+        types = ex.export_merged_gguf(ad, coeff, out, base_gguf, tensor_type, overwrite=overwrite)
         written = sorted(set(types.values()))
         typer.echo(f"edited tensors written as {', '.join(written)}")
         if set(written) & {"Q4_0", "Q4_1", "Q5_0", "Q5_1"}:
@@ -348,20 +416,21 @@ def export_cmd(
                        "much as the steering itself (docs/export.md); prefer --tensor-type q8_0 or f32, or "
                        "--format lora on the unchanged base")
     elif fmt == "onnx":
-        ex.export_onnx_merged(ad, coeff, out)
+        ex.export_onnx_merged(ad, coeff, out, overwrite=overwrite)
     elif fmt == "peft":
-        ex.export_peft_lora(ad, coeff, out)
+        ex.export_peft_lora(ad, coeff, out, overwrite=overwrite)
     elif fmt == "lora":
-        ex.export_llama_lora(ad, coeff, out, base_gguf)
+        ex.export_llama_lora(ad, coeff, out, base_gguf, overwrite=overwrite)
         typer.echo(f"llama.cpp: llama-cli -m BASE.gguf --lora-scaled {out} 1")
     else:
         fits = ex.fit_adapter(ad, (c_min, c_max), degree=degree, tol=tol)
         k = next(iter(fits.values())).degree
         rel = max(f.max_rel_error for f in fits.values())
         if fmt == "onnx-live":
-            ex.export_onnx_live(ad, fits, out)
+            ex.export_onnx_live(ad, fits, out, overwrite=overwrite)
         else:
-            res = ex.export_llama_lora_live(ad, out, (c_min, c_max), base_gguf=base_gguf, fits=fits)
+            res = ex.export_llama_lora_live(ad, out, (c_min, c_max), base_gguf=base_gguf, fits=fits,
+                                            overwrite=overwrite)
             typer.echo("llama.cpp at c=1: llama-cli -m BASE.gguf " + res.llama_cli_args(1.0))
             typer.echo("  file k takes scale c**k" + (" (one file: exact at every c)" if res.exact else ""))
         typer.echo(f"polynomial degree {k} over c in [{c_min}, {c_max}]: worst relative error of M(c) "
@@ -379,10 +448,14 @@ def control_vector_cmd(
     n_pairs: int = typer.Option(400),
     layers: Optional[str] = typer.Option(None, help="comma-separated block indices ≥ 1 (default: 30 %..L−3)"),
     seed: int = typer.Option(0),
+    overwrite: bool = OverwriteOpt,
     allow_network: bool = typer.Option(False),
     threads: Optional[int] = typer.Option(None),
 ):
     """Train a PCA (repeng) or mean-difference control vector on pairs; write llama.cpp's GGUF layout."""
+    from .adapter.model import check_output
+
+    check_output(out, overwrite, kind="file")
     _setup(allow_network, threads)
     from . import AdapterConfig
     from .adapter.model import decoder_blocks, select_layers
@@ -401,7 +474,8 @@ def control_vector_cmd(
         raise typer.BadParameter(f"--layers {bad}: llama.cpp control vectors need block indices 1..{n_blocks - 1}")
     make = pca_control_vector if method == "pca" else mean_difference_control_vector
     dirs = make(lm.model, lm.tokenizer, list(split.train), ids)
-    export_control_vector({k: v.numpy() for k, v in dirs.items()}, out, lm.model.config.model_type)
+    export_control_vector({k: v.numpy() for k, v in dirs.items()}, out, lm.model.config.model_type,
+                          overwrite=overwrite)
     typer.echo(f"{method} control vector for blocks {ids[0]}..{ids[-1]} written to {out}; "
                f"llama.cpp: --control-vector-scaled {out} C")
 
@@ -424,10 +498,16 @@ def align_cmd(
     fold_coeff: float = typer.Option(1.0, help="coefficient of the folded direction (units of the own norm)"),
     seed: int = typer.Option(0),
     out: Path = typer.Option(Path("runs/align")),
+    overwrite: bool = OverwriteOpt,
     allow_network: bool = typer.Option(False),
     threads: Optional[int] = typer.Option(None),
 ):
     """Align a teacher's and a student's task subspaces and test the teacher's directions on the student."""
+    from .adapter.model import check_output
+    from .errors import finite_coeff
+
+    check_output(out, overwrite)
+    fold_coeff = finite_coeff(fold_coeff, "--fold-coeff")
     _setup(allow_network, threads)
     from safetensors.torch import save_file
 
@@ -440,7 +520,7 @@ def align_cmd(
     tpl = ContrastTemplate.from_file(template) if template else TOUR_GUIDE
     rows = load_manifest(manifest, tpl)
     cfg = TransferConfig(teacher_depth=teacher_depth, student_depth=student_depth, k=k, n_suffixes=n_suffixes,
-                         coeffs=tuple(float(c) for c in coeffs.split(",")), seed=seed)
+                         coeffs=tuple(finite_coeff(c, "--coeffs entry") for c in coeffs.split(",")), seed=seed)
     if 0.0 not in cfg.coeffs:
         raise typer.BadParameter("--coeffs must include 0")
     if fold is not None and fold not in tpl.contrasts:
@@ -460,7 +540,7 @@ def align_cmd(
 
     atomic_write(out / "alignment.safetensors", lambda p: save_file(tensors, str(p)))
     if fold is not None:
-        res.meta["fold"] = fold_check(res, slm, fold, fold_coeff, out / "folded", rows, tpl)
+        res.meta["fold"] = fold_check(res, slm, fold, fold_coeff, out / "folded", rows, tpl, overwrite=overwrite)
     res.meta.update({"teacher": teacher, "student": student, "manifest": str(manifest or "builtin:tour_guide"),
                      "command": "ipissa " + shlex.join(sys.argv[1:]),
                      "minutes": round((time.perf_counter() - t0) / 60, 1)})
@@ -470,5 +550,57 @@ def align_cmd(
     typer.echo(f"map, directions and report written to {out}")
 
 
+def _adapter_meta(adapter: Path) -> dict:
+    """adapter_config.json of an adapter directory, read before any model is loaded (full checks happen in
+    ``load_adapter``). Raises AdapterFileError naming the file."""
+    from .adapter.model import CONFIG_NAME, _read_adapter_config
+    from .errors import MissingFileError
+
+    if not (adapter / CONFIG_NAME).is_file():
+        raise MissingFileError(f"{CONFIG_NAME} not found: not an adapter directory (from `ipissa train`: "
+                               "RUN/adapter)", path=adapter)
+    return _read_adapter_config(adapter)
+
+
+def _one_line(err: BaseException) -> str:
+    msg = str(err).strip() or type(err).__name__
+    from .errors import InnerPiSSAError
+
+    if isinstance(err, (InnerPiSSAError, ValueError, OSError, RuntimeError, KeyError)):
+        return msg if not isinstance(err, KeyError) else f"missing key {msg}"
+    return f"{type(err).__name__}: {msg} (rerun with --debug for the traceback)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``ipissa`` entry point: run the typer app; print library errors as one line and exit 1.
+
+    ``--debug`` (anywhere on the command line) re-raises instead, showing the traceback.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    args = [a for a in args if a != "--debug"]
+    try:
+        rv = app(args=args, prog_name="ipissa", standalone_mode=False)
+    except typer.Exit as e:
+        return e.exit_code
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        return 1
+    except typer.exceptions.TyperException as e:  # usage errors (typer's click): usage line + one-line message
+        if debug or not hasattr(e, "show"):
+            raise
+        e.show()
+        return getattr(e, "exit_code", 2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the CLI's one-line error boundary
+        if debug:
+            raise
+        typer.echo(f"error: {_one_line(e)}", err=True)
+        return 1
+    return rv if isinstance(rv, int) else 0
+
+
 if __name__ == "__main__":
-    app()
+    sys.exit(main())

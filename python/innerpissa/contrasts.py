@@ -28,11 +28,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .errors import InnerPiSSAError
 from .jsonl import iter_jsonl
 from .pairs import render_prompt
 
 
-class ManifestError(ValueError):
+class ManifestError(InnerPiSSAError, ValueError):
     """A malformed manifest or template; the message names the file, line/row and field."""
 
 

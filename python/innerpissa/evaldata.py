@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from .errors import InnerPiSSAError
 from .jsonl import iter_jsonl
 
 __all__ = [
@@ -82,15 +83,12 @@ class EvalDataset:
     source: str
 
 
-class EvalDataError(ValueError):
+class EvalDataError(InnerPiSSAError, ValueError):
     """A malformed evaluation file; ``str(err)`` starts with ``f"{path}:{lineno}: "`` (or ``f"{path}: "``)."""
 
     def __init__(self, path: str | Path, lineno: int | None, message: str) -> None:
-        self.path = str(path)
-        self.lineno = lineno
         self.reason = message
-        where = f"{self.path}:{lineno}" if lineno is not None else self.path
-        super().__init__(f"{where}: {message}")
+        super().__init__(message, path=path, lineno=lineno)
 
 
 class DataDownloadError(RuntimeError):

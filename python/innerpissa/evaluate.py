@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .errors import ConfigError, finite_coeff
 from .evaldata import EvalDataset
 from .pairs import render_prompt
 from .train import left_pad
@@ -119,6 +120,27 @@ class Sweep:
     scores: dict[str, list[list[float]]]  # dataset -> [coeff index][item]
     mass: dict[str, list[list[float]]]
     neutral_nll: list[float]  # per coefficient, nats/token
+
+
+def check_sweep_coeffs(coeffs, name: str = "coeffs") -> tuple[float, ...]:
+    """Validate a sweep's coefficients before any compute: finite numbers, 0 added when missing, sorted, and
+    symmetric (every |c| > 0 swept with both signs, since effects, ρ and symmetry compare +C with −C).
+
+    Returns: the sorted tuple, with 0.0 included.
+    Raises:
+        NonFiniteError: NaN or inf.  ConfigError: not numbers, or a |c| without its mirror (names the fix).
+    """
+    if isinstance(coeffs, (str, bytes)) or not hasattr(coeffs, "__iter__"):
+        raise ConfigError(f"{name} must be a list of numbers, got {coeffs!r}", field=name)
+    cs = sorted({finite_coeff(c, f"{name} entry") for c in coeffs} | {0.0})
+    lonely = [c for c in cs if c != 0 and -c not in cs]
+    if lonely:
+        mirrored = ",".join(f"{c:g}" for c in sorted(set(cs) | {-c for c in cs}))
+        raise ConfigError(f"{name}: {', '.join(f'{c:g}' for c in lonely)} swept without the opposite sign; the "
+                          f"metrics compare +C with -C: use e.g. {mirrored}", field=name)
+    if len(cs) < 3:
+        raise ConfigError(f"{name}: need at least one non-zero coefficient pair ±C, got {coeffs!r}", field=name)
+    return tuple(cs)
 
 
 def run_sweep(model, tokenizer, method, datasets: list[EvalDataset], neutral_texts: list[str],

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import spearmanr
 
+from .errors import NonFiniteError
 from .evaluate import MIN_MASS, Sweep
 
 MAX_DNLL = 0.2  # nats/token
@@ -92,12 +93,29 @@ def dataset_metrics(sweep: Sweep, name: str, labels: np.ndarray, test_idx: np.nd
     return out
 
 
+def check_finite_sweep(sw: Sweep) -> None:
+    """Refuse a sweep with NaN/inf scores or neutral NLL: a broken method must not be reported as a result.
+
+    Raises:
+        NonFiniteError: naming the method, the dataset and the coefficient.
+    """
+    for k, c in enumerate(sw.coeffs):
+        if not np.isfinite(sw.neutral_nll[k]):
+            raise NonFiniteError(f"method {sw.method!r}: neutral-text NLL is {sw.neutral_nll[k]} at c={c:g}; its "
+                                 "adapter or vector holds NaN/inf or |c| is far too large", field=sw.method)
+        for name, rows in sw.scores.items():
+            if not np.isfinite(np.asarray(rows[k], dtype=float)).all():
+                raise NonFiniteError(f"method {sw.method!r}: non-finite Yes/No scores on {name} at c={c:g}; its "
+                                     "adapter or vector holds NaN/inf or |c| is far too large", field=sw.method)
+
+
 def summarize(sweeps: list[Sweep], datasets, splits: dict[str, tuple[np.ndarray, np.ndarray]],
               seed: int = 0) -> dict:
     """Metrics for every method × dataset. splits: dataset → (dev indices, test indices)."""
     result = {}
     dev = {d: s[0] for d, s in splits.items()}
     for sw in sweeps:
+        check_finite_sweep(sw)
         cmax, usable = usable_range(sw, dev)
         per = {}
         for d in datasets:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from .errors import InnerPiSSAError
 from .jsonl import iter_jsonl
 
 __all__ = [
@@ -61,7 +62,7 @@ class PairSplit:
     val: tuple[ContrastivePair, ...]
 
 
-class PairFileError(ValueError):
+class PairFileError(InnerPiSSAError, ValueError):
     """A pair file has a malformed row.
 
     ``str(err)`` starts with ``f"{path}:{lineno}: "`` (1-based line number), or ``f"{path}: "`` for problems that
@@ -69,11 +70,8 @@ class PairFileError(ValueError):
     """
 
     def __init__(self, path: str | Path, lineno: int | None, message: str) -> None:
-        self.path = str(path)
-        self.lineno = lineno
         self.reason = message
-        where = f"{self.path}:{lineno}" if lineno is not None else self.path
-        super().__init__(f"{where}: {message}")
+        super().__init__(message, path=path, lineno=lineno)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -620,6 +618,10 @@ def _parse_pair_row(row: Any, path: Path, lineno: int, tokenizer: Any) -> tuple[
         raise PairFileError(
             path, lineno, "positive and negative prompts are identical (after rendering); a pair must differ"
         )
+    if (tokenizer(pair.positive, add_special_tokens=False)["input_ids"]
+            == tokenizer(pair.negative, add_special_tokens=False)["input_ids"]):
+        raise PairFileError(path, lineno, "positive and negative prompts tokenize identically (they differ only in "
+                            "whitespace or characters the tokenizer drops); a pair must differ in tokens")
     return pair, group
 
 

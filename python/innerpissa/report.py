@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from .adapter.model import atomic_write
@@ -77,11 +78,24 @@ def plot_dose_response(results: dict, dataset: str, path: Path) -> None:
     plt.close(fig)
 
 
+def strict_json(obj):
+    """A copy of ``obj`` whose non-finite floats (undefined statistics: a CI of no items, ρ of a constant curve)
+    are ``None``, so ``results.json`` is valid JSON (RFC 8259 has no NaN). Scores are checked finite upstream."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
 def write_report(results: dict, out_dir: str | Path) -> Path:
     """Write results.json, report.md and <dataset>.png files into ``out_dir`` (atomic per file)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "results.json", lambda p: Path(p).write_text(json.dumps(results, indent=1)))
+    text = json.dumps(strict_json(results), indent=1, allow_nan=False)
+    atomic_write(out / "results.json", lambda p: Path(p).write_text(text))
     atomic_write(out / "report.md", lambda p: Path(p).write_text(markdown_report(results)))
     for d, info in results["datasets"].items():
         if info["labelled"]:

@@ -51,6 +51,25 @@ def default_datasets(root: str | Path | None = None, n_target: int = 64, n_other
     return out
 
 
+KNOWN_METHODS = ("innerpissa", "prompting", "pca", "random")
+
+
+def check_methods(names) -> tuple[str, ...]:
+    """Validate method names before any compute (a typo must not give an empty report).
+
+    Raises:
+        ConfigError: an unknown or empty name, or no names at all.
+    """
+    from .errors import ConfigError
+
+    names = tuple(n.strip() for n in names)
+    unknown = [n for n in names if n not in KNOWN_METHODS]
+    if unknown or not names:
+        raise ConfigError(f"--methods: unknown method(s) {unknown or names}; choose from {', '.join(KNOWN_METHODS)}",
+                          field="methods")
+    return names
+
+
 def build_methods(model, tokenizer, adapter: Adapter | None, pairs: list[ContrastivePair], seed: int,
                   include: tuple[str, ...] = ("innerpissa", "prompting", "pca", "random"),
                   adapter_coeffs=None, vector_coeffs=None, engine=None) -> list:
@@ -58,6 +77,7 @@ def build_methods(model, tokenizer, adapter: Adapter | None, pairs: list[Contras
 
     With ``engine`` (an ``engine.RustEngine``) the PCA vector is computed from the Rust engine's hidden states
     (repeng's recipe, ``engine.pca_control_vector``) instead of running repeng on the torch model."""
+    include = check_methods(include)
     methods = []
     if adapter is not None and "innerpissa" in include:
         methods.append(AdapterMethod(adapter) if adapter_coeffs is None else AdapterMethod(adapter, tuple(adapter_coeffs)))

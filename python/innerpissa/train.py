@@ -23,11 +23,13 @@ The sign is fixed by construction: +c moves toward the positive persona.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
+import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -35,7 +37,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .adapter import Adapter
-from .adapter.model import atomic_write, block_names, decoder_blocks
+from .adapter.model import CONFIG_NAME, WEIGHTS_NAME, atomic_write, block_names, decoder_blocks
+from .errors import ConfigError, OutputExistsError, ResumeMismatchError, TrainingDivergedError
 from .pairs import ContrastivePair
 
 LOSS_NAME = "reprpo-svd"
@@ -62,7 +65,39 @@ class TrainConfig:
     max_suffix_tokens: int = 24
     val_every: int = 25
     checkpoint_every: int = 25
+    max_loss_factor: float = 100.0  # stop when the loss exceeds this × max(1, first loss): diverging
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check types and ranges of every field.
+
+        Raises:
+            ConfigError: naming the field and the allowed range.
+        """
+        positive_int = ("steps", "batch_pairs", "direction_pairs", "last_k", "max_suffix_tokens", "val_every",
+                        "checkpoint_every")
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.type in ("int", int) or f.name in positive_int or f.name in ("val_pairs", "seed"):
+                if isinstance(v, bool) or not isinstance(v, int):
+                    raise ConfigError(f"TrainConfig.{f.name} must be an integer, got {v!r}", field=f.name)
+            elif isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ConfigError(f"TrainConfig.{f.name} must be a finite number, got {v!r}", field=f.name)
+        for name in positive_int:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}", field=name)
+        rules = {"val_pairs": (0, None), "lr": (0, None), "weight_decay": (0, None), "beta": (0, None),
+                 "coherence_tau": (0, None), "coherence_weight": (0, None), "mono_weight": (0, None),
+                 "loss_layer": (0, 1), "max_loss_factor": (1, None)}
+        for name, (lo, hi) in rules.items():
+            v = getattr(self, name)
+            strict = name in ("lr", "beta", "loss_layer")
+            if (v <= lo if strict else v < lo) or (hi is not None and v > hi):
+                rng = f"{'>' if strict else '>='} {lo}" + (f" and <= {hi}" if hi is not None else "")
+                raise ConfigError(f"TrainConfig.{name} must be {rng}, got {v}", field=name)
 
 
 @dataclass
@@ -225,32 +260,143 @@ def reprpo_loss(adapter: Adapter, batch: PairBatch, pref: PreferenceDirection, c
     return loss, metrics
 
 
+def check_pairs_differ(tokenizer, pairs: list[ContrastivePair], what: str = "training pairs") -> None:
+    """Refuse pairs whose positive and negative prompts tokenize to the same ids (e.g. differ in whitespace only):
+    their gradient is float noise.
+
+    Raises:
+        ConfigError: naming the offending pairs (0-based indices; pair files are checked per line on load).
+    """
+    same = [i for i, p in enumerate(pairs)
+            if tokenizer(p.positive, add_special_tokens=False)["input_ids"]
+            == tokenizer(p.negative, add_special_tokens=False)["input_ids"]]
+    if same:
+        raise ConfigError(f"{len(same)} of {len(pairs)} {what} tokenize to identical positive and negative prompts "
+                          f"(pairs {same[:10]}); a pair must differ in tokens, not only in whitespace", field=what)
+
+
+def pairs_sha256(pairs: list[ContrastivePair]) -> str:
+    """sha256 over the ordered (positive, negative) texts: identifies the data of a run."""
+    h = hashlib.sha256()
+    for p in pairs:
+        h.update(json.dumps([p.positive, p.negative]).encode())
+    return h.hexdigest()
+
+
+RUN_STATE = "run_state.json"
+_OWN_FILES = ("metrics.jsonl", "train_config.json", RUN_STATE, f"adapter/{WEIGHTS_NAME}", f"adapter/{CONFIG_NAME}",
+              "checkpoint/state.pt")
+
+
+def _prepare_run_dir(run: Path, signature: dict, overwrite: bool) -> int:
+    """Decide fresh start vs resume for ``run``; returns the step to start from (0 = fresh).
+
+    A directory this function has not written (no ``run_state.json``) must be empty; one that holds a run with
+    another signature, or a finished run, is refused — with ``overwrite`` the run's own files are removed and
+    training starts fresh (other files are kept). Metrics past the checkpoint are dropped on resume.
+    """
+    state_path = run / RUN_STATE
+    if overwrite:
+        for f in _OWN_FILES:
+            (run / f).unlink(missing_ok=True)
+        for sub in ("checkpoint", "adapter"):
+            if (run / sub).is_dir() and not any((run / sub).iterdir()):
+                (run / sub).rmdir()
+        return 0
+    if not state_path.is_file():
+        if run.is_dir() and any(run.iterdir()):
+            raise OutputExistsError("is not empty and holds no innerpissa run (no run_state.json); pass --overwrite "
+                                    "(overwrite=True) to train there anyway, or choose another --out", path=run)
+        return 0
+    try:
+        prev = json.loads(state_path.read_text())
+        prev_sig, finished = prev["signature"], bool(prev["finished"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ResumeMismatchError(f"unreadable run state ({e}); pass --overwrite to start fresh",
+                                  path=state_path) from None
+    if prev_sig != signature:
+        diffs = _signature_diff(prev_sig, signature)
+        raise ResumeMismatchError(f"holds a run with another configuration or data ({'; '.join(diffs[:4])}); "
+                                  "pass --overwrite to start fresh there, or choose another --out", path=run)
+    if finished:
+        raise OutputExistsError("holds a finished run with this configuration; pass --overwrite to train again, or "
+                                "choose another --out", path=run)
+    start = 0
+    ck = run / "checkpoint" / "state.pt"
+    if ck.is_file():
+        start = int(torch.load(ck, map_location="cpu", weights_only=True)["step"])
+    metrics = run / "metrics.jsonl"
+    if metrics.is_file():  # drop records past the checkpoint so a resumed run never duplicates steps
+        keep = [ln for ln in metrics.read_text().splitlines()
+                if ln.strip() and json.loads(ln).get("step", 0) <= start]
+        atomic_write(metrics, lambda p: Path(p).write_text("".join(k + "\n" for k in keep)))
+    return start
+
+
+def _signature_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Human-readable differences between two nested signature dicts ("steps: 125 -> 100")."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _signature_diff(a, b, f"{prefix}{k}.")
+        elif a != b:
+            short = "pairs differ" if k.endswith("sha256") else f"{a!r} -> {b!r}"
+            out.append(f"{prefix}{k}: {short}")
+    return out
+
+
+def _write_run_state(run: Path, signature: dict, step: int, finished: bool) -> None:
+    state = {"signature": signature, "step": step, "finished": finished}
+    atomic_write(run / RUN_STATE, lambda p: Path(p).write_text(json.dumps(state, indent=1)))
+
+
 def _seed_all(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
 
 
 def train(adapter: Adapter, tokenizer, train_pairs: list[ContrastivePair], val_pairs: list[ContrastivePair],
-          cfg: TrainConfig, run_dir: str | Path | None = None, progress: bool = True) -> dict:
+          cfg: TrainConfig, run_dir: str | Path | None = None, progress: bool = True,
+          overwrite: bool = False) -> dict:
     """Train ``adapter`` in place with the ReprPO loss; resumes from ``run_dir/checkpoint`` when present.
 
-    Writes to ``run_dir``: ``train_config.json`` (resolved), ``metrics.jsonl`` (one line per step and per
-    validation), ``checkpoint/`` (adapter + optimizer + step, atomic, every ``checkpoint_every`` steps) and the
-    final adapter in ``adapter/``. Returns the last validation metrics.
+    Writes to ``run_dir``: ``run_state.json`` (the run's signature: training and adapter config, a sha256 of the
+    pairs, the base fingerprint; step; finished), ``train_config.json`` (resolved), ``metrics.jsonl`` (one line
+    per step and per validation), ``checkpoint/state.pt`` (adapter + optimizer + step, loaded with
+    ``weights_only=True``, atomic, every ``checkpoint_every`` steps) and the final adapter in ``adapter/``.
+    A rerun resumes only a matching unfinished run; anything else is refused unless ``overwrite``, which
+    deletes the run's own files (never others) and starts fresh. Returns the last validation metrics.
 
     Raises:
         ValueError: fewer training pairs than one batch.
+        ConfigError: pairs whose two prompts tokenize identically.
+        ResumeMismatchError: ``run_dir`` holds a run with another configuration or other pairs.
+        OutputExistsError: ``run_dir`` holds a finished run, or files that are not a run.
+        TrainingDivergedError: the loss became non-finite or exceeded ``max_loss_factor`` × max(1, first loss),
+            or a parameter became non-finite (the adapter is not saved; lower ``lr``).
     """
+    cfg.validate()
     if len(train_pairs) < cfg.batch_pairs:
         raise ValueError(f"{len(train_pairs)} training pairs < batch_pairs={cfg.batch_pairs}")
+    check_pairs_differ(tokenizer, train_pairs)
+    check_pairs_differ(tokenizer, val_pairs, "validation pairs")
     _seed_all(cfg.seed)
     model = adapter.model
     run = Path(run_dir) if run_dir else None
+    signature = {"train_config": asdict(cfg), "adapter_config": adapter.config.to_dict(),
+                 "train_pairs_sha256": pairs_sha256(train_pairs), "val_pairs_sha256": pairs_sha256(val_pairs),
+                 "base_fingerprint": adapter.base_fingerprint, "loss": {"name": LOSS_NAME, "version": LOSS_VERSION}}
+    signature = json.loads(json.dumps(signature))  # tuples -> lists, as read back from run_state.json
+    start = 0
+    if run is not None:
+        start = _prepare_run_dir(run, signature, overwrite)
     pref = preference_direction(adapter, tokenizer, train_pairs, cfg)
     block = decoder_blocks(model)[pref.block_index]
     adapter.meta.update({
         "loss": {"name": LOSS_NAME, "version": LOSS_VERSION},
         "train_config": asdict(cfg),
+        "coeff_range": [-1.0, 1.0],
         "preference_direction": {"block_index": pref.block_index, "basis_module": pref.basis_module,
                                  "sigma": pref.sigma, "u": pref.u.tolist()},
     })
@@ -258,33 +404,37 @@ def train(adapter: Adapter, tokenizer, train_pairs: list[ContrastivePair], val_p
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda k: min(1.0, (k + 1) / 10) * 0.5 * (1 + math.cos(math.pi * min(k, cfg.steps) / cfg.steps)))
-    start = 0
     if run is not None:
         run.mkdir(parents=True, exist_ok=True)
+        _write_run_state(run, signature, start, False)
         atomic_write(run / "train_config.json", lambda p: Path(p).write_text(json.dumps(asdict(cfg), indent=2)))
-        ck = run / "checkpoint" / "state.pt"
-        if ck.exists():
-            state = torch.load(ck, weights_only=False)
+        if start:
+            state = torch.load(run / "checkpoint" / "state.pt", map_location="cpu", weights_only=True)
             adapter.load_state_dict(state["adapter"])
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
-            start = state["step"]
     gen = random.Random(cfg.seed)
     order: list[int] = []
     for _ in range(start):  # replay the sampler so a resumed run sees the same batches
         order = _next_batch(order, gen, len(train_pairs), cfg.batch_pairs)[1]
     last_val: dict = {}
+    first_loss: float | None = None
     bar = tqdm(range(start, cfg.steps), desc="train", disable=not progress, initial=start, total=cfg.steps)
     for step in bar:
         idx, order = _next_batch(order, gen, len(train_pairs), cfg.batch_pairs)
         batch = tokenize_pairs(tokenizer, [train_pairs[i] for i in idx], cfg.max_suffix_tokens)
         t0 = time.perf_counter()
         loss, m = reprpo_loss(adapter, batch, pref, cfg, block)
+        first_loss = m["loss"] if first_loss is None else first_loss
+        _check_divergence(m["loss"], first_loss, step + 1, cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
+        if not all(torch.isfinite(p).all() for p in params):
+            raise TrainingDivergedError(f"adapter parameters became non-finite at step {step + 1}; lower --lr "
+                                        f"(now {cfg.lr:g}) and rerun with --overwrite", field="lr")
         m.update(step=step + 1, seconds=time.perf_counter() - t0, lr=sched.get_last_lr()[0])
         bar.set_postfix(loss=f"{m['loss']:.3f}", sep=f"+{m['ds_plus']:.2f}/-{m['ds_minus']:.2f}",
                         dnll=f"{m['dnll']:.3f}")
@@ -295,15 +445,27 @@ def train(adapter: Adapter, tokenizer, train_pairs: list[ContrastivePair], val_p
         if run is not None:
             with open(run / "metrics.jsonl", "a") as f:
                 for r in records:
-                    f.write(json.dumps(r) + "\n")
+                    f.write(json.dumps(r, allow_nan=False) + "\n")
             if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
                 (run / "checkpoint").mkdir(exist_ok=True)
                 state = {"adapter": adapter.state_dict(), "optimizer": opt.state_dict(),
                          "scheduler": sched.state_dict(), "step": step + 1}
                 atomic_write(run / "checkpoint" / "state.pt", lambda p: torch.save(state, p))
+                _write_run_state(run, signature, step + 1, False)
     if run is not None:
         adapter.save(run / "adapter")
+        _write_run_state(run, signature, cfg.steps, True)
+        shutil.rmtree(run / "checkpoint", ignore_errors=True)  # finished: the adapter is the result
     return last_val
+
+
+def _check_divergence(loss: float, first: float, step: int, cfg: TrainConfig) -> None:
+    """Raise TrainingDivergedError when ``loss`` is non-finite or > max_loss_factor × max(1, first)."""
+    limit = cfg.max_loss_factor * max(1.0, first)
+    if not math.isfinite(loss) or loss > limit:
+        raise TrainingDivergedError(f"training diverged at step {step}: loss {loss:.4g} (first step {first:.4g}, "
+                                    f"limit {limit:.4g}); lower --lr (now {cfg.lr:g}) and rerun with --overwrite",
+                                    field="lr")
 
 
 def _next_batch(order: list[int], gen: random.Random, n: int, k: int) -> tuple[list[int], list[int]]:

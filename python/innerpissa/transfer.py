@@ -350,7 +350,7 @@ def fold_projection(model: nn.Module, directions: list[torch.Tensor]) -> None:
 
 @torch.no_grad()
 def fold_check(result: AlignResult, student, contrast: str, coeff: float, out_dir, rows: list[ManifestRow],
-               template: ContrastTemplate = TOUR_GUIDE) -> dict:
+               template: ContrastTemplate = TOUR_GUIDE, overwrite: bool = False) -> dict:
     """Fold coeff·(mapped teacher direction, scaled to the own norm) into a copy of the student, save it as a
     transformers checkpoint in ``out_dir``, and compare its logits with hook-based steering on held-out prompts.
 
@@ -388,7 +388,7 @@ def fold_check(result: AlignResult, student, contrast: str, coeff: float, out_di
             "vector_norm": float(vec.norm()), "note": "mapped teacher direction added at this block as an MLP bias"},
             indent=2))
 
-    path = atomic_dir(Path(out_dir), fill)
+    path = atomic_dir(Path(out_dir), fill, overwrite)
     reloaded = AutoModelForCausalLM.from_pretrained(path).eval()
     diff_reloaded = float((logits(reloaded) - want).abs().max())
     return {"contrast": contrast, "coeff": coeff, "max_abs_logit_diff_folded": diff_folded,

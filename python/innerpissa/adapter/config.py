@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, fields
+
+from ..errors import ConfigError
 
 
 @dataclass
@@ -35,20 +38,70 @@ class AdapterConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self, source: str | None = None) -> None:
+        """Check every field's type and range.
+
+        Raises:
+            ConfigError: naming the field (and ``source``, e.g. the adapter_config.json path) and what is allowed.
+        """
+        def bad(field: str, want: str, got) -> ConfigError:
+            return ConfigError(f"field {field!r} must be {want}, got {got!r}", path=source, field=field)
+
+        def is_int(x) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        def is_num(x) -> bool:
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+        if self.rank is not None and not (is_int(self.rank) and self.rank >= 1):
+            raise bad("rank", "an integer >= 1 or null", self.rank)
+        dr = self.depth_range
+        if not isinstance(dr, (list, tuple)) or len(dr) != 2:
+            raise bad("depth_range", "a pair [start, stop] of fractions of depth (stop may be null)", dr)
+        start, stop = dr
+        if not (is_num(start) and 0 <= start <= 1):
+            raise bad("depth_range", "[start, stop] with 0 <= start <= 1", dr)
+        if stop is not None and not (is_num(stop) and start <= stop <= 1):
+            raise bad("depth_range", "[start, stop] with start <= stop <= 1 (or stop null)", dr)
+        if self.n_layers is not None and not (is_int(self.n_layers) and self.n_layers >= 1):
+            raise bad("n_layers", "an integer >= 1 or null", self.n_layers)
+        mods = self.modules
+        if (not isinstance(mods, (list, tuple)) or not mods or not all(isinstance(m, str) for m in mods)
+                or set(mods) - {"attn", "mlp"}):
+            raise bad("modules", "a non-empty list drawn from 'attn', 'mlp'", mods)
         if self.scale not in ("additive", "multiplicative"):
-            raise ValueError(f"AdapterConfig.scale must be 'additive' or 'multiplicative', got {self.scale!r}")
-        bad = set(self.modules) - {"attn", "mlp"}
-        if bad or not self.modules:
-            raise ValueError(f"AdapterConfig.modules must be a non-empty subset of ('attn', 'mlp'), got {self.modules}")
-        if self.rank is not None and self.rank < 1:
-            raise ValueError(f"AdapterConfig.rank must be >= 1, got {self.rank}")
-        self.depth_range = tuple(self.depth_range)
-        self.modules = tuple(self.modules)
+            raise bad("scale", "'additive' or 'multiplicative'", self.scale)
+        if not isinstance(self.rotate, bool):
+            raise bad("rotate", "true or false", self.rotate)
+        if not (is_num(self.init_std) and self.init_std >= 0):
+            raise bad("init_std", "a finite number >= 0", self.init_std)
+        if not is_int(self.seed):
+            raise bad("seed", "an integer", self.seed)
+        self.depth_range = tuple(dr)
+        self.modules = tuple(mods)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "AdapterConfig":
-        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
-        return cls(**known)
+    def from_dict(cls, d: dict, source: str | None = None) -> "AdapterConfig":
+        """Build from a dict (``adapter`` of adapter_config.json); ``source`` names the file in errors.
+
+        Raises:
+            ConfigError: not a dict, an unknown field, or a field of the wrong type or range.
+        """
+        if not isinstance(d, dict):
+            raise ConfigError(f"field 'adapter' must be an object, got {type(d).__name__}", path=source,
+                              field="adapter")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown adapter field(s) {unknown}; known: {sorted(names)}", path=source,
+                              field=unknown[0])
+        cfg = cls.__new__(cls)
+        for f in fields(cls):
+            setattr(cfg, f.name, d.get(f.name, f.default))
+        cfg.validate(source)
+        return cfg

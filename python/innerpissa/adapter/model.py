@@ -7,27 +7,56 @@ error) or an explicit ``adapter.merge(c)`` / ``adapter.unmerge()``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..errors import (AdapterFileError, ConfigError, MissingFileError, NonFiniteError, OutputExistsError,
+                      finite_coeff)
 from .config import AdapterConfig
 from .layer import InnerPiSSALayer
 
-FORMAT_VERSION = 1
+# 1: tensors + config; 2: adds ``tensor_sha256`` (checked on load). Version-1 directories still load.
+FORMAT_VERSION = 2
+# |c| beyond this multiple of the largest trained |c| triggers a SteeringRangeWarning.
+RANGE_WARN_FACTOR = 2.0
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 
 
-class UnsupportedArchitectureError(ValueError):
-    """The model's decoder blocks or residual writers could not be found by structure."""
+class UnsupportedArchitectureError(ConfigError):
+    """The model's decoder blocks or residual writers could not be found by structure, or it is not a
+    decoder-only causal LM."""
+
+
+class SteeringRangeWarning(UserWarning):
+    """A steering coefficient far outside the range the adapter was trained at (text may degrade)."""
+
+
+def check_causal_decoder(model: nn.Module) -> None:
+    """Refuse encoder-decoder models and encoder architectures configured as decoders (BERT with
+    ``is_decoder=True``): InnerPiSSA steers the residual stream of a decoder-only causal LM.
+
+    Raises:
+        UnsupportedArchitectureError: naming the config flag that gave it away.
+    """
+    cfg = getattr(model, "config", None)
+    name = type(model).__name__
+    for flag in ("is_encoder_decoder", "is_decoder", "add_cross_attention"):
+        if getattr(cfg, flag, False) is True:
+            raise UnsupportedArchitectureError(
+                f"{name}: config.{flag} is True; innerpissa needs a decoder-only causal LM (Llama, Gemma, Qwen, "
+                "Mistral families), not an encoder or encoder-decoder model")
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
@@ -161,6 +190,7 @@ class Adapter(nn.Module):
         self._model = [model]  # not a submodule: the adapter's state_dict holds only its own tensors
         self._coeff: float | torch.Tensor = 0.0
         self._merged: float | None = None
+        self._saved: dict[str, torch.Tensor] = {}
 
     @property
     def model(self) -> nn.Module:
@@ -184,7 +214,8 @@ class Adapter(nn.Module):
         """
         if self._merged is not None:
             raise RuntimeError("adapter is merged into the weights; call adapter.unmerge() before steer()")
-        is_zero = (not torch.is_tensor(coeff) and float(coeff) == 0.0)
+        coeff = self.check_coeff(coeff)
+        is_zero = (not torch.is_tensor(coeff) and coeff == 0.0)
         if is_zero:
             yield self
             return
@@ -213,22 +244,67 @@ class Adapter(nn.Module):
             for h in handles:
                 h.remove()
 
+    @property
+    def coeff_range(self) -> tuple[float, float]:
+        """The coefficients the adapter was trained at (``meta["coeff_range"]``; default (−1, +1))."""
+        lo, hi = self.meta.get("coeff_range", (-1.0, 1.0))
+        return float(lo), float(hi)
+
+    def check_coeff(self, coeff: float | torch.Tensor) -> float | torch.Tensor:
+        """Validate a steering coefficient (float or (B,) tensor): finite, and a warning when
+        |c| > RANGE_WARN_FACTOR × the largest trained |c|.
+
+        Returns: the float (or the tensor unchanged).
+        Raises:
+            NonFiniteError: NaN or ±inf anywhere in ``coeff``.
+        """
+        if torch.is_tensor(coeff):
+            if not torch.isfinite(coeff).all():
+                raise NonFiniteError(f"steering coefficients must be finite, got {coeff.tolist()}", field="coeff")
+            biggest = float(coeff.abs().max()) if coeff.numel() else 0.0
+        else:
+            coeff = finite_coeff(coeff, "steering coefficient")
+            biggest = abs(coeff)
+        limit = RANGE_WARN_FACTOR * max(abs(x) for x in self.coeff_range)
+        if biggest > limit:
+            warnings.warn(f"steering coefficient {biggest:g} is far outside the trained range {self.coeff_range} "
+                          f"(warning above |c| = {limit:g}): expect incoherent text", SteeringRangeWarning,
+                          stacklevel=3)
+        return coeff
+
     @torch.no_grad()
     def merge(self, coeff: float) -> None:
-        """Fold W(c) = W + U M(c) Vᵀ into the base weights in place. Undo with ``unmerge()``."""
+        """Fold W(c) = W + U M(c) Vᵀ into the base weights in place. Undo with ``unmerge()``.
+
+        The touched base weights are copied first, so ``unmerge()`` restores them bit-exactly.
+        Raises:
+            RuntimeError: already merged.
+            NonFiniteError: c is not finite, or W(c) overflows (the weights are left untouched).
+        """
         if self._merged is not None:
             raise RuntimeError(f"adapter already merged at c={self._merged}; unmerge() first")
-        for name, lin in self._targets().items():
-            lin.weight += self.layer(name).delta_weight(coeff).to(lin.weight.dtype)
-        self._merged = float(coeff)
+        coeff = self.check_coeff(coeff)
+        targets = self._targets()
+        new = {}
+        for name, lin in targets.items():
+            w = lin.weight + self.layer(name).delta_weight(coeff).to(lin.weight.dtype)
+            if not torch.isfinite(w).all():
+                raise NonFiniteError(f"merging at c={coeff:g} makes {name}.weight non-finite; use a smaller |c|",
+                                     field="coeff")
+            new[name] = w
+        self._saved = {name: lin.weight.detach().clone() for name, lin in targets.items()}
+        for name, lin in targets.items():
+            lin.weight.copy_(new[name])
+        self._merged = coeff
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract the merged ΔW(c) again (exact up to fp32 rounding, ~1e-7 relative)."""
+        """Restore the base weights saved by ``merge`` (bit-exact)."""
         if self._merged is None:
             raise RuntimeError("adapter is not merged")
         for name, lin in self._targets().items():
-            lin.weight -= self.layer(name).delta_weight(self._merged).to(lin.weight.dtype)
+            lin.weight.copy_(self._saved[name])
+        self._saved = {}
         self._merged = None
 
     def save(self, directory: str | Path) -> Path:
@@ -243,6 +319,10 @@ class Adapter(nn.Module):
             lay = self.layer(name)
             for key in ("U", "S", "V", "theta", "delta"):
                 tensors[f"{name}.{key}"] = getattr(lay, key).detach().float().contiguous().cpu()
+        bad = [k for k, t in tensors.items() if not torch.isfinite(t).all()]
+        if bad:
+            raise NonFiniteError(f"refusing to save an adapter with non-finite tensors ({', '.join(bad[:3])}); "
+                                 "training diverged: lower the learning rate", path=out)
         cfg = {
             "format": "innerpissa",
             "format_version": FORMAT_VERSION,
@@ -250,11 +330,56 @@ class Adapter(nn.Module):
             "target_modules": self.target_names,
             "base_fingerprint": self.base_fingerprint,
             "base_model_class": type(self.model).__name__,
+            "tensor_sha256": tensor_checksum(tensors),
             **self.meta,
         }
         atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, str(p)))
         atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(cfg, indent=2, default=str)))
         return out
+
+
+def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the sorted names, dtypes, shapes and bytes of ``tensors`` (stored as ``tensor_sha256``)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def check_output(path: str | Path, overwrite: bool = False, *, kind: str = "dir",
+                 protect: tuple[str | Path, ...] = ()) -> Path:
+    """Check an output path before any compute: nothing the caller did not ask to replace gets replaced.
+
+    Args:
+        path: output directory (``kind="dir"``) or file (``kind="file"``).
+        overwrite: allow a non-empty directory (only the files the export writes are replaced; others are
+            kept) or an existing file.
+        protect: directories the output must not be or contain (e.g. the adapter being exported).
+    Raises:
+        OutputExistsError: the path exists (non-empty) without ``overwrite``, has the wrong kind, or is a
+            protected input directory.
+    """
+    p = Path(path).expanduser()
+    for q in protect:
+        q = Path(q).expanduser().resolve()
+        if p.resolve() == q:
+            raise OutputExistsError(f"output is the input directory {q} (or holds it); choose another output path",
+                                    path=p)
+    if kind == "dir":
+        if p.exists() and not p.is_dir():
+            raise OutputExistsError("exists and is not a directory; choose another output path", path=p)
+        if p.is_dir() and any(p.iterdir()) and not overwrite:
+            raise OutputExistsError("exists and is not empty; pass --overwrite (overwrite=True) to replace the "
+                                    "files this command writes (other files are kept), or choose another path", path=p)
+    else:
+        if p.is_dir():
+            raise OutputExistsError("is a directory; the output of this format is a file", path=p)
+        if p.exists() and not overwrite:
+            raise OutputExistsError("exists; pass --overwrite (overwrite=True) to replace it, or choose another "
+                                    "path", path=p)
+    return p
 
 
 def atomic_write(path: Path, write) -> None:
@@ -269,20 +394,36 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
-def atomic_dir(out: Path, fill) -> Path:
-    """Fill a temporary sibling directory, then move it to ``out`` (an existing ``out`` is replaced only then)."""
-    out = Path(out)
+def atomic_dir(out: Path, fill, overwrite: bool = False) -> Path:
+    """Fill a temporary sibling directory, then publish it as ``out``.
+
+    A new or empty ``out`` receives the whole directory by rename. A non-empty ``out`` is refused unless
+    ``overwrite``; then each written file replaces its namesake by an atomic rename and every other file in
+    ``out`` is kept. Nothing is ever deleted that ``fill`` did not write.
+
+    Raises:
+        OutputExistsError: ``out`` is non-empty without ``overwrite``, or a written file would replace a
+            directory (or a directory a file).
+    """
+    out = check_output(out, overwrite).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
         fill(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old."))
-            os.replace(out, old / "x")
+        if not out.exists():
             os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+            return out
+        for src in sorted(tmp.rglob("*")):
+            dst = out / src.relative_to(tmp)
+            if src.is_dir():
+                if dst.exists() and not dst.is_dir():
+                    raise OutputExistsError("is a file where the export writes a directory", path=dst)
+                dst.mkdir(exist_ok=True)
+            else:
+                if dst.is_dir():
+                    raise OutputExistsError("is a directory where the export writes a file", path=dst)
+                os.replace(src, dst)
+        shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -299,13 +440,14 @@ def attach(model: nn.Module, config: AdapterConfig | None = None, meta: dict | N
     """
     from ..svd import top_r_svd
 
+    check_causal_decoder(model)
     config = config or AdapterConfig()
     targets = find_targets(model, config)
     rank = config.rank or hidden_size(model) // 8
     for name, lin in targets.items():
         if rank > min(lin.weight.shape):
-            raise ValueError(f"rank {rank} exceeds min{tuple(lin.weight.shape)} of {name}")
-    config.rank = rank
+            raise ConfigError(f"rank {rank} exceeds min{tuple(lin.weight.shape)} of {name}", field="rank")
+    config = dataclasses.replace(config, rank=rank)  # the caller's config is not changed
     weights = {n: lin.weight for n, lin in targets.items()}
     bases = top_r_svd([w.detach().float() for w in weights.values()], rank)
     gen = torch.Generator().manual_seed(config.seed)
@@ -319,49 +461,120 @@ def attach(model: nn.Module, config: AdapterConfig | None = None, meta: dict | N
     return adapter.to(device)
 
 
+def _read_adapter_config(d: Path) -> dict:
+    """adapter_config.json of directory ``d``, with every field the loader uses type-checked."""
+    cfg_path = d / CONFIG_NAME
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterFileError(f"not valid JSON ({e}); re-save the adapter", path=cfg_path) from None
+    if not isinstance(cfg, dict):
+        raise AdapterFileError(f"expected a JSON object, got {type(cfg).__name__}", path=cfg_path)
+    if cfg.get("format", "innerpissa") != "innerpissa":
+        raise AdapterFileError(f"field 'format' is {cfg['format']!r}, not 'innerpissa': not an innerpissa adapter "
+                               "(a PEFT export loads with peft, not load_adapter)", path=cfg_path, field="format")
+    version = cfg.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        raise AdapterFileError(f"field 'format_version' is {version!r}; this innerpissa reads versions 1.."
+                               f"{FORMAT_VERSION} (upgrade innerpissa for newer adapters)", path=cfg_path,
+                               field="format_version")
+    for field in ("adapter", "target_modules", "base_fingerprint"):
+        if field not in cfg:
+            raise AdapterFileError(f"missing field {field!r}; re-save the adapter", path=cfg_path, field=field)
+    names = cfg["target_modules"]
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        raise AdapterFileError(f"field 'target_modules' must be a non-empty list of module names, got {names!r:.80}",
+                               path=cfg_path, field="target_modules")
+    fp = cfg["base_fingerprint"]
+    if not isinstance(fp, str) or len(fp) != 64 or any(ch not in "0123456789abcdef" for ch in fp):
+        raise AdapterFileError("field 'base_fingerprint' must be a sha256 hex digest (64 characters 0-9a-f)",
+                               path=cfg_path, field="base_fingerprint")
+    loss = cfg.get("loss")
+    if loss is not None:
+        from ..train import LOSS_NAME, LOSS_VERSION
+
+        if (not isinstance(loss, dict) or loss.get("name") != LOSS_NAME or isinstance(loss.get("version"), bool)
+                or not isinstance(loss.get("version"), int) or not 1 <= loss["version"] <= LOSS_VERSION):
+            raise AdapterFileError(f"field 'loss' is {loss!r}; this innerpissa knows {LOSS_NAME} versions 1.."
+                                   f"{LOSS_VERSION} (upgrade innerpissa)", path=cfg_path, field="loss")
+    if version >= 2 and not isinstance(cfg.get("tensor_sha256"), str):
+        raise AdapterFileError("missing field 'tensor_sha256' (format version 2 stores a checksum of the tensors)",
+                               path=cfg_path, field="tensor_sha256")
+    return cfg
+
+
+def _read_adapter_tensors(d: Path, cfg: dict) -> dict[str, torch.Tensor]:
+    """adapter_model.safetensors, checked against the config's checksum and for finite values."""
+    path = d / WEIGHTS_NAME
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error type for truncated / garbled headers
+        raise AdapterFileError(f"unreadable safetensors file ({type(e).__name__}: {e}); the file is truncated or "
+                               "corrupted: re-save or re-export the adapter", path=path) from None
+    want = cfg.get("tensor_sha256")
+    if want is not None and tensor_checksum(tensors) != want:
+        raise AdapterFileError("tensor checksum differs from adapter_config.json's tensor_sha256: the file is "
+                               "corrupted (or was edited); re-save the adapter", path=path, field="tensor_sha256")
+    for name, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise NonFiniteError(f"tensor {name!r} holds NaN or inf: the training diverged; retrain with a lower "
+                                 "learning rate", path=path, field=name)
+    return tensors
+
+
 def load_adapter(model: nn.Module, directory: str | Path) -> Adapter:
     """Load an adapter saved by ``Adapter.save`` onto ``model``.
 
+    Checks, each failing with a one-line message naming the file and field: both files exist and parse; the
+    format and its version, the loss name and version, the field types (``AdapterConfig.from_dict``); the tensor
+    checksum (format ≥ 2), finite values and shapes against the model; and the base-model fingerprint.
+
     Raises:
-        FileNotFoundError: a missing file (named).
-        ValueError: a malformed config (field named), or an adapter made for a different base model
-            (fingerprint of the targeted weights' names, shapes and values differs).
+        AdapterFileError: a missing, truncated, corrupted or malformed file (file and field named).
+        ConfigError: an ``adapter`` field of the wrong type or range.
+        NonFiniteError: a tensor holds NaN or inf.
+        ValueError: an adapter made for a different base model (fingerprint of the targeted weights' names,
+            shapes and values differs).
     """
     d = Path(directory)
     for f in (CONFIG_NAME, WEIGHTS_NAME):
-        if not (d / f).exists():
-            raise FileNotFoundError(f"{d / f} not found: not an innerpissa adapter directory")
-    try:
-        cfg = json.loads((d / CONFIG_NAME).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{d / CONFIG_NAME}: invalid JSON ({e})") from e
-    for field in ("adapter", "target_modules", "base_fingerprint"):
-        if field not in cfg:
-            raise ValueError(f"{d / CONFIG_NAME}: missing field {field!r}")
+        if not (d / f).is_file():
+            raise MissingFileError(f"{f} not found: not an innerpissa adapter directory", path=d)
+    cfg = _read_adapter_config(d)
+    config = AdapterConfig.from_dict(cfg["adapter"], source=str(d / CONFIG_NAME))
     made_for = cfg.get("base_model_class")
     if made_for is not None and made_for != type(model).__name__:
         raise ValueError(f"{d}: adapter was made for a different base model ({made_for}, not {type(model).__name__})")
     mods = dict(model.named_modules())
-    missing = [n for n in cfg["target_modules"] if n not in mods]
+    missing = [n for n in cfg["target_modules"] if not isinstance(mods.get(n), nn.Linear)]
     if missing:
         raise ValueError(f"{d / CONFIG_NAME}: adapter targets modules this model lacks ({missing[:3]}…): "
                          "it was made for a different base model")
     weights = {n: mods[n].weight for n in cfg["target_modules"]}
     if fingerprint(weights) != cfg["base_fingerprint"]:
         raise ValueError(f"{d}: adapter was made for a different base model (weight fingerprint differs)")
-    config = AdapterConfig.from_dict(cfg["adapter"])
-    tensors = load_file(str(d / WEIGHTS_NAME))
+    tensors = _read_adapter_tensors(d, cfg)
     layers = {}
     for name in cfg["target_modules"]:
         try:
-            lay = InnerPiSSALayer(tensors[f"{name}.U"], tensors[f"{name}.S"], tensors[f"{name}.V"],
-                                  scale=config.scale, rotate=config.rotate)
-            lay.theta.data.copy_(tensors[f"{name}.theta"])
-            lay.delta.data.copy_(tensors[f"{name}.delta"])
+            u, s, v = tensors[f"{name}.U"], tensors[f"{name}.S"], tensors[f"{name}.V"]
+            theta, delta = tensors[f"{name}.theta"], tensors[f"{name}.delta"]
         except KeyError as e:
-            raise ValueError(f"{d / WEIGHTS_NAME}: missing tensor {e.args[0]}") from e
+            raise AdapterFileError(f"missing tensor {e.args[0]}", path=d / WEIGHTS_NAME) from None
+        d_out, d_in = weights[name].shape
+        r = config.rank or s.shape[0]
+        expect = {"U": (d_out, r), "S": (r,), "V": (d_in, r), "theta": (r, r), "delta": (r,)}
+        for key, t in zip(expect, (u, s, v, theta, delta)):
+            if tuple(t.shape) != expect[key]:
+                raise AdapterFileError(f"tensor {name}.{key} has shape {tuple(t.shape)}, expected {expect[key]} "
+                                       f"(rank {r}, weight {d_out}x{d_in})", path=d / WEIGHTS_NAME,
+                                       field=f"{name}.{key}")
+        lay = InnerPiSSALayer(u, s, v, scale=config.scale, rotate=config.rotate)
+        lay.theta.data.copy_(theta)
+        lay.delta.data.copy_(delta)
         layers[name] = lay
     meta = {k: v for k, v in cfg.items() if k not in
-            ("format", "format_version", "adapter", "target_modules", "base_fingerprint", "base_model_class")}
+            ("format", "format_version", "adapter", "target_modules", "base_fingerprint", "base_model_class",
+             "tensor_sha256")}
     device = next(model.parameters()).device
     return Adapter(model, config, layers, cfg["base_fingerprint"], meta).to(device)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..adapter.model import Adapter, atomic_write
+from ..adapter.model import Adapter, atomic_write, check_output
 from .gguf_io import (GGUFExportError, architecture, read_field, write_control_vector_gguf, write_lora_gguf,
                       write_merged_gguf)
 from .hf import export_merged_hf, export_peft_lora, lora_factors, provenance
@@ -88,12 +88,14 @@ def gguf_architecture(adapter: Adapter, base_gguf: str | Path | None = None) -> 
 
 
 def export_merged_gguf(adapter: Adapter, coeff: float, out: str | Path, base_gguf: str | Path | None = None,
-                       tensor_type: str = "same") -> dict[str, str]:
+                       tensor_type: str = "same", overwrite: bool = False) -> dict[str, str]:
     """GGUF of the base model with W(c) written into the adapted tensors (see ``gguf_io.write_merged_gguf``).
 
     Returns {GGUF tensor name: type written}; with ``tensor_type="same"`` a K-quant input (e.g. Q4_K) cannot be
-    re-quantized by gguf and is written as F32.
+    re-quantized by gguf and is written as F32. An existing ``out`` needs ``overwrite``.
     """
+    coeff = adapter.check_coeff(coeff)
+    check_output(out, overwrite, kind="file")
     base = resolve_base_gguf(adapter, base_gguf)
     deltas = {n: adapter.layer(n).delta_weight(coeff).detach().cpu().numpy() for n in adapter.target_names}
     return write_merged_gguf(base, out, deltas, adapter.model.config, tensor_type=tensor_type,
@@ -101,8 +103,13 @@ def export_merged_gguf(adapter: Adapter, coeff: float, out: str | Path, base_ggu
                                        "kind": "merged"})
 
 
-def export_llama_lora(adapter: Adapter, coeff: float, out: str | Path, base_gguf: str | Path | None = None) -> Path:
-    """llama.cpp LoRA GGUF exact at ``coeff``: lora_a = Vᵀ, lora_b = U·M(c), alpha = r; load with scale 1."""
+def export_llama_lora(adapter: Adapter, coeff: float, out: str | Path, base_gguf: str | Path | None = None,
+                      overwrite: bool = False) -> Path:
+    """llama.cpp LoRA GGUF exact at ``coeff``: lora_a = Vᵀ, lora_b = U·M(c), alpha = r; load with scale 1.
+
+    An existing ``out`` needs ``overwrite``."""
+    coeff = adapter.check_coeff(coeff)
+    check_output(out, overwrite, kind="file")
     arch, n_blocks = gguf_architecture(adapter, base_gguf)
     factors = {n: (a.numpy(), b.numpy()) for n, (a, b) in lora_factors(adapter, exact_at(adapter, coeff)).items()}
     return write_lora_gguf(out, arch, n_blocks, factors, adapter.model.config,
@@ -139,14 +146,15 @@ class LiveLoRA:
 def export_llama_lora_live(adapter: Adapter, out_dir: str | Path, c_range: tuple[float, float] = (-2.0, 2.0),
                            degree: int | None = None, tol: float = 1e-3,
                            base_gguf: str | Path | None = None,
-                           fits: dict[str, PolyFit] | None = None) -> LiveLoRA:
+                           fits: dict[str, PolyFit] | None = None, overwrite: bool = False) -> LiveLoRA:
     """LoRA GGUFs whose sum, applied with scales c, c², …, c^K, gives M̂(c) ≈ M(c) over ``c_range``.
 
     The degree is the smallest K ≤ 8 whose worst relative error is ≤ ``tol`` unless given; ``fits`` from
     ``fit_adapter`` over the same range skips the fit. The error is written
-    into each file's metadata (``innerpissa.max_rel_error``) and into ``out_dir/live_lora.json``.
+    into each file's metadata (``innerpissa.max_rel_error``) and into ``out_dir/live_lora.json``. A non-empty
+    ``out_dir`` needs ``overwrite`` (the files written here replace their namesakes; others are kept).
     """
-    out_dir = Path(out_dir)
+    out_dir = check_output(out_dir, overwrite)
     arch, n_blocks = gguf_architecture(adapter, base_gguf)
     fits = fits or fit_adapter(adapter, c_range, degree=degree, tol=tol)
     k_deg = next(iter(fits.values())).degree
@@ -171,7 +179,11 @@ def export_llama_lora_live(adapter: Adapter, out_dir: str | Path, c_range: tuple
     return live
 
 
-def export_control_vector(directions: dict[int, "np.ndarray"], out: str | Path, model_hint: str) -> Path:
-    """Control-vector GGUF for activation-addition baselines (PCA, mean difference); see ``gguf_io``."""
+def export_control_vector(directions: dict[int, "np.ndarray"], out: str | Path, model_hint: str,
+                          overwrite: bool = False) -> Path:
+    """Control-vector GGUF for activation-addition baselines (PCA, mean difference); see ``gguf_io``.
+
+    An existing ``out`` needs ``overwrite``."""
+    check_output(out, overwrite, kind="file")
     return write_control_vector_gguf(out, {k: np.asarray(v, dtype=np.float32) for k, v in directions.items()},
                                      model_hint)

@@ -23,11 +23,12 @@ from pathlib import Path
 import numpy as np
 
 from ..adapter.model import atomic_write
+from ..errors import InnerPiSSAError
 
 ROW_PERMUTED_ARCHS = {"llama"}
 
 
-class GGUFExportError(ValueError):
+class GGUFExportError(InnerPiSSAError, ValueError):
     """A GGUF file or field that the export cannot use (the file and field are named)."""
 
 

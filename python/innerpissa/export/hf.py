@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..adapter.model import Adapter, atomic_dir
+from ..adapter.model import Adapter, atomic_dir, check_output
 from .poly import exact_at
 
 
@@ -29,11 +29,14 @@ def provenance(adapter: Adapter, coeff: float | None, kind: str, **extra) -> dic
             "adapter": adapter.config.to_dict(), "target_modules": adapter.target_names, **extra}
 
 
-def export_merged_hf(adapter: Adapter, tokenizer, coeff: float, out: str | Path) -> Path:
+def export_merged_hf(adapter: Adapter, tokenizer, coeff: float, out: str | Path, overwrite: bool = False) -> Path:
     """Save the model with W(c) merged as a transformers checkpoint directory (fp32 safetensors).
 
-    The in-memory model is merged for the save and unmerged afterwards (|error| ~1e-7 relative), also on error.
+    The in-memory model is merged for the save and unmerged afterwards (bit-exact), also on error. A non-empty
+    ``out`` is refused unless ``overwrite`` (then only the files written here are replaced; see ``atomic_dir``).
     """
+    coeff = adapter.check_coeff(coeff)
+    check_output(out, overwrite)
     model = adapter.model
 
     def fill(tmp: Path):
@@ -46,7 +49,7 @@ def export_merged_hf(adapter: Adapter, tokenizer, coeff: float, out: str | Path)
             tokenizer.save_pretrained(tmp)
         (tmp / "innerpissa_export.json").write_text(json.dumps(provenance(adapter, coeff, "merged-hf"), indent=2))
 
-    return atomic_dir(Path(out), fill)
+    return atomic_dir(Path(out), fill, overwrite)
 
 
 def lora_factors(adapter: Adapter, m_of: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -61,8 +64,13 @@ def lora_factors(adapter: Adapter, m_of: dict[str, torch.Tensor]) -> dict[str, t
     return out
 
 
-def export_peft_lora(adapter: Adapter, coeff: float, out: str | Path) -> Path:
-    """Write a PEFT LoRA adapter (rank r, alpha r) whose weights equal the steered model's at ``coeff``."""
+def export_peft_lora(adapter: Adapter, coeff: float, out: str | Path, overwrite: bool = False) -> Path:
+    """Write a PEFT LoRA adapter (rank r, alpha r) whose weights equal the steered model's at ``coeff``.
+
+    ``out`` must not be the adapter's own directory; a non-empty one needs ``overwrite``.
+    """
+    coeff = adapter.check_coeff(coeff)
+    check_output(out, overwrite)
     factors = lora_factors(adapter, exact_at(adapter, coeff))
     rank = adapter.config.rank
     tensors = {}
@@ -81,4 +89,4 @@ def export_peft_lora(adapter: Adapter, coeff: float, out: str | Path) -> Path:
         (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
         (tmp / "innerpissa_export.json").write_text(json.dumps(provenance(adapter, coeff, "peft-lora"), indent=2))
 
-    return atomic_dir(Path(out), fill)
+    return atomic_dir(Path(out), fill, overwrite)

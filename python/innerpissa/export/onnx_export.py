@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..adapter.model import Adapter
-from ..adapter.model import atomic_dir
+from ..adapter.model import atomic_dir, check_output
 from .hf import provenance
 from .poly import PolyFit
 
@@ -79,8 +79,13 @@ def _export(module: nn.Module, args: tuple, names: list[str], path: Path) -> Non
         model.set_attn_implementation(prev)
 
 
-def export_onnx_merged(adapter: Adapter, coeff: float, out: str | Path) -> Path:
-    """Write ``out/model.onnx`` computing the merged model's logits at ``coeff`` (exact; fp32)."""
+def export_onnx_merged(adapter: Adapter, coeff: float, out: str | Path, overwrite: bool = False) -> Path:
+    """Write ``out/model.onnx`` computing the merged model's logits at ``coeff`` (exact; fp32).
+
+    A non-empty ``out`` needs ``overwrite`` (only the files written here are replaced).
+    """
+    coeff = adapter.check_coeff(coeff)
+    check_output(out, overwrite)
     def fill(tmp: Path):
         adapter.merge(coeff)
         try:
@@ -90,16 +95,17 @@ def export_onnx_merged(adapter: Adapter, coeff: float, out: str | Path) -> Path:
             adapter.unmerge()
         (tmp / "innerpissa_export.json").write_text(json.dumps(provenance(adapter, coeff, "onnx-merged"), indent=2))
 
-    return atomic_dir(Path(out), fill)
+    return atomic_dir(Path(out), fill, overwrite)
 
 
-def export_onnx_live(adapter: Adapter, fits: dict[str, PolyFit], out: str | Path) -> Path:
+def export_onnx_live(adapter: Adapter, fits: dict[str, PolyFit], out: str | Path, overwrite: bool = False) -> Path:
     """Write ``out/model.onnx`` with a scalar ``coefficient`` input, using the polynomial fits ``fits``.
 
     The adapted linear layers are swapped for polynomial side-path modules while tracing and restored after,
     also on error. The recorded error (max relative ‖M̂ − M‖_F over the fit range) goes to
     ``innerpissa_export.json``.
     """
+    check_output(out, overwrite)
     model = adapter.model
     powers = _Powers()
     degree = {f.degree for f in fits.values()}
@@ -127,7 +133,7 @@ def export_onnx_live(adapter: Adapter, fits: dict[str, PolyFit], out: str | Path
         (tmp / "innerpissa_export.json").write_text(json.dumps(info, indent=2))
 
     try:
-        return atomic_dir(Path(out), fill)
+        return atomic_dir(Path(out), fill, overwrite)
     finally:
         for parent, child, lin in swapped:
             setattr(parent, child, lin)
