@@ -60,9 +60,29 @@ def _writer(path: Path, arch: str, cfg):
     return w
 
 
-def _write_tensors(w, model, arch: str, transform) -> None:
+def _override(w, arch: str, overrides: dict | None) -> None:
+    """Replace header fields: ``{"attention.head_count": 0, "rope.dimension_count": None}`` sets
+    ``<arch>.attention.head_count`` to 0 (an unsigned 32-bit value, or a string/float for a str/float) and drops
+    ``<arch>.rope.dimension_count``. For writing malformed files in tests."""
+    import gguf
+
+    for key, val in (overrides or {}).items():
+        full = f"{arch}.{key}"
+        w.kv_data[0].pop(full, None)
+        if val is None:
+            continue
+        if isinstance(val, str):
+            w.add_string(full, val)
+        elif isinstance(val, float):
+            w.add_float32(full, val)
+        else:
+            w.add_key_value(full, int(val), gguf.GGUFValueType.UINT32)
+
+
+def _write_tensors(w, model, arch: str, transform, overrides: dict | None = None) -> None:
     """Add every weight under gguf's name for ``arch`` (tied lm_head skipped), ``transform(gguf name, array)``
-    applied, then write and close the file."""
+    applied, header ``overrides`` applied (see ``_override``), then write and close the file."""
+    _override(w, arch, overrides)
     name_map = tensor_name_map(arch, model.config.num_hidden_layers)
     for name, t in model.state_dict().items():
         if name == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", True):
@@ -77,8 +97,10 @@ def _write_tensors(w, model, arch: str, transform) -> None:
     w.close()
 
 
-def write_llama_gguf(model, path: Path) -> Path:
-    """Write ``model`` (LlamaForCausalLM) to ``path`` as an F32 GGUF llama.cpp and transformers can load."""
+def write_llama_gguf(model, path: Path, overrides: dict | None = None) -> Path:
+    """Write ``model`` (LlamaForCausalLM) to ``path`` as an F32 GGUF llama.cpp and transformers can load.
+    ``overrides``: header fields to replace or (None) drop, keys without the ``llama.`` prefix (tests of
+    malformed files)."""
     import gguf
 
     cfg = model.config
@@ -106,13 +128,14 @@ def write_llama_gguf(model, path: Path) -> Path:
             return permute_rows(data, cfg.num_attention_heads, cfg.num_key_value_heads)
         return data
 
-    _write_tensors(w, model, "llama", permute_qk)
+    _write_tensors(w, model, "llama", permute_qk, overrides)
     return path
 
 
-def write_gemma3_gguf(model, path: Path) -> Path:
+def write_gemma3_gguf(model, path: Path, overrides: dict | None = None) -> Path:
     """Write a Gemma3ForCausalLM as an F32 GGUF the way llama.cpp's converter does: RMS-norm weights stored
-    with the +1 added, no q/k permutation, gemma3.* hyper-parameters. No tokenizer (the engine takes ids)."""
+    with the +1 added, no q/k permutation, gemma3.* hyper-parameters. No tokenizer (the engine takes ids).
+    ``overrides``: as for ``write_llama_gguf`` (keys without the ``gemma3.`` prefix)."""
     cfg = model.config
     w = _writer(path, "gemma3", cfg)
     w.add_key_length(cfg.head_dim)
@@ -121,5 +144,6 @@ def write_gemma3_gguf(model, path: Path) -> Path:
         and "full_attention" in cfg.rope_parameters else cfg.rope_theta
     w.add_rope_freq_base(float(theta))
     w.add_sliding_window(cfg.sliding_window)
-    _write_tensors(w, model, "gemma3", lambda gname, data: data + 1.0 if gname.endswith("norm.weight") else data)
+    _write_tensors(w, model, "gemma3", lambda gname, data: data + 1.0 if gname.endswith("norm.weight") else data,
+                   overrides)
     return path

@@ -5,6 +5,7 @@
 //! released.
 
 use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 
 use innerpissa_core::engine::{ControlVector, Engine, EngineError, LowRankAdapter, Steer, WeightMode};
@@ -14,6 +15,21 @@ use numpy::{IntoPyArray, PyArray1, PyArray2, PyArray4, PyReadonlyArray1, PyReado
 use pyo3::exceptions::{PyFileNotFoundError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
+
+/// Run the body of a Python entry point with panics caught: a panic (a bug: every input error is meant to be a
+/// `Result`) becomes a `RuntimeError` instead of pyo3's `PanicException`, which derives from `BaseException` and
+/// so escapes `except Exception`. Rayon re-raises worker-thread panics on the calling thread, so those are
+/// caught here too.
+fn guard<T>(body: impl FnOnce() -> PyResult<T>) -> PyResult<T> {
+    catch_unwind(AssertUnwindSafe(body)).unwrap_or_else(|payload| {
+        let msg = payload
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".to_owned());
+        Err(PyRuntimeError::new_err(format!("innerpissa engine internal error: {msg}; please report")))
+    })
+}
 
 type SvdTuple<'py> = (
     Bound<'py, PyArray2<f32>>,
@@ -118,13 +134,15 @@ fn top_r_svd<'py>(
     r: i64,
     precision: &str,
 ) -> PyResult<SvdTuple<'py>> {
-    let (r, p) = (rank(r)?, self::precision(precision)?);
-    let x = input(w, "w")?;
-    let view = x.view();
-    let out = py
-        .detach(|| svd::top_r_svd(view, r, p))
-        .map_err(|e| svd_err("", &e))?;
-    Ok(to_numpy(py, out))
+    guard(|| {
+        let (r, p) = (rank(r)?, self::precision(precision)?);
+        let x = input(w, "w")?;
+        let view = x.view();
+        let out = py
+            .detach(|| svd::top_r_svd(view, r, p))
+            .map_err(|e| svd_err("", &e))?;
+        Ok(to_numpy(py, out))
+    })
 }
 
 /// top_r_svd_batch(ws, r, *, precision="float64") -> list[(U, S, V)]
@@ -140,17 +158,19 @@ fn top_r_svd_batch<'py>(
     r: i64,
     precision: &str,
 ) -> PyResult<Vec<SvdTuple<'py>>> {
-    let (r, p) = (rank(r)?, self::precision(precision)?);
-    let inputs = ws
-        .iter()
-        .enumerate()
-        .map(|(i, w)| input(w, &format!("ws[{i}]")))
-        .collect::<PyResult<Vec<_>>>()?;
-    let views: Vec<MatrixView<'_>> = inputs.iter().map(Input::view).collect();
-    let out = py
-        .detach(|| svd::top_r_svd_batch(&views, r, p))
-        .map_err(|BatchError { index, error }| svd_err(&format!("ws[{index}]: "), &error))?;
-    Ok(out.into_iter().map(|d| to_numpy(py, d)).collect())
+    guard(|| {
+        let (r, p) = (rank(r)?, self::precision(precision)?);
+        let inputs = ws
+            .iter()
+            .enumerate()
+            .map(|(i, w)| input(w, &format!("ws[{i}]")))
+            .collect::<PyResult<Vec<_>>>()?;
+        let views: Vec<MatrixView<'_>> = inputs.iter().map(Input::view).collect();
+        let out = py
+            .detach(|| svd::top_r_svd_batch(&views, r, p))
+            .map_err(|BatchError { index, error }| svd_err(&format!("ws[{index}]: "), &error))?;
+        Ok(out.into_iter().map(|d| to_numpy(py, d)).collect())
+    })
 }
 
 fn engine_err(e: EngineError) -> PyErr {
@@ -202,61 +222,74 @@ impl PyEngine {
     #[new]
     #[pyo3(signature = (path, weights = "f32", device = "cpu"))]
     fn new(py: Python<'_>, path: PathBuf, weights: &str, device: &str) -> PyResult<Self> {
-        let mode = WeightMode::parse(weights).map_err(engine_err)?;
-        let inner = py.detach(|| Engine::load(&path, mode, device)).map_err(engine_err)?;
-        Ok(Self { inner })
+        guard(|| {
+            let mode = WeightMode::parse(weights).map_err(engine_err)?;
+            let inner = py.detach(|| Engine::load(&path, mode, device)).map_err(engine_err)?;
+            Ok(Self { inner })
+        })
     }
 
     /// Model hyper-parameters as a dict.
     #[getter]
     fn config<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let c = &self.inner.model.cfg;
-        let d = PyDict::new(py);
-        d.set_item("arch", format!("{:?}", c.arch).to_lowercase())?;
-        d.set_item("n_layer", c.n_layer)?;
-        d.set_item("d_model", c.d_model)?;
-        d.set_item("n_head", c.n_head)?;
-        d.set_item("n_kv_head", c.n_kv_head)?;
-        d.set_item("head_dim", c.head_dim)?;
-        d.set_item("d_ff", c.d_ff)?;
-        d.set_item("vocab", c.vocab)?;
-        d.set_item("weights", format!("{:?}", self.inner.model.weights).to_lowercase())?;
-        Ok(d)
+        guard(|| {
+            let c = &self.inner.model.cfg;
+            let d = PyDict::new(py);
+            d.set_item("arch", format!("{:?}", c.arch).to_lowercase())?;
+            d.set_item("n_layer", c.n_layer)?;
+            d.set_item("d_model", c.d_model)?;
+            d.set_item("n_head", c.n_head)?;
+            d.set_item("n_kv_head", c.n_kv_head)?;
+            d.set_item("head_dim", c.head_dim)?;
+            d.set_item("d_ff", c.d_ff)?;
+            d.set_item("vocab", c.vocab)?;
+            d.set_item("weights", format!("{:?}", self.inner.model.weights).to_lowercase())?;
+            Ok(d)
+        })
     }
 
     /// load_adapter(directory) -> list of target module names. Reads adapter_config.json and
     /// adapter_model.safetensors (U, S, V, theta, delta); raises FileNotFoundError / ValueError naming the field.
     fn load_adapter(&mut self, py: Python<'_>, directory: PathBuf) -> PyResult<Vec<String>> {
-        let a = py.detach(|| LowRankAdapter::load(&directory)).map_err(engine_err)?;
-        let names = a.layers.iter().map(|l| l.name.clone()).collect();
-        self.inner.set_adapter(a).map_err(engine_err)?;
-        Ok(names)
+        guard(|| {
+            let a = py.detach(|| LowRankAdapter::load(&directory)).map_err(engine_err)?;
+            let names = a.layers.iter().map(|l| l.name.clone()).collect();
+            self.inner.set_adapter(a).map_err(engine_err)?;
+            Ok(names)
+        })
     }
 
     /// steer_matrix(name, c) -> M(c) (r, r) float64 of the loaded adapter's layer `name`.
     fn steer_matrix<'py>(&self, py: Python<'py>, name: &str, c: f64) -> PyResult<Bound<'py, PyArray2<f64>>> {
-        let a = self.inner.adapter().ok_or_else(|| PyValueError::new_err("no adapter loaded"))?;
-        let l = a
-            .layers
-            .iter()
-            .find(|l| l.name == name)
-            .ok_or_else(|| PyValueError::new_err(format!("adapter has no layer {name:?}")))?;
-        let m = l.steer_matrix(c, a.multiplicative, a.rotate);
-        Ok(Array2::from_shape_vec((l.r, l.r), m).expect("r*r").into_pyarray(py))
+        guard(|| {
+            let a = self.inner.adapter().ok_or_else(|| PyValueError::new_err("no adapter loaded"))?;
+            let l = a
+                .layers
+                .iter()
+                .find(|l| l.name == name)
+                .ok_or_else(|| PyValueError::new_err(format!("adapter has no layer {name:?}")))?;
+            let m = l.steer_matrix(c, a.multiplicative, a.rotate);
+            Ok(Array2::from_shape_vec((l.r, l.r), m).expect("r*r").into_pyarray(py))
+        })
     }
 
     /// add_control_vector({block: direction (d,) float32}) -> index for ("vector", c, index) branches.
     fn add_control_vector(&mut self, directions: HashMap<usize, PyReadonlyArray1<'_, f32>>) -> PyResult<usize> {
-        let mut dirs: Vec<(usize, Vec<f32>)> = directions
-            .into_iter()
-            .map(|(l, v)| (l, v.as_array().iter().copied().collect()))
-            .collect();
-        dirs.sort_by_key(|d| d.0);
-        self.inner.add_control_vector(ControlVector { directions: dirs }).map_err(engine_err)
+        guard(|| {
+            let mut dirs: Vec<(usize, Vec<f32>)> = directions
+                .into_iter()
+                .map(|(l, v)| (l, v.as_array().iter().copied().collect()))
+                .collect();
+            dirs.sort_by_key(|d| d.0);
+            self.inner.add_control_vector(ControlVector { directions: dirs }).map_err(engine_err)
+        })
     }
 
-    fn clear_control_vectors(&mut self) {
-        self.inner.clear_control_vectors();
+    fn clear_control_vectors(&mut self) -> PyResult<()> {
+        guard(|| {
+            self.inner.clear_control_vectors();
+            Ok(())
+        })
     }
 
     /// yes_no(seqs, branches, pos_ids, neg_ids, batch=64) -> (scores, mass), each (len(branches), len(seqs))
@@ -272,15 +305,17 @@ impl PyEngine {
         neg_ids: Vec<u32>,
         batch: usize,
     ) -> PyResult<(Bound<'py, PyArray2<f64>>, Bound<'py, PyArray2<f64>>)> {
-        let br = steers(&branches)?;
-        let (s, m) = py
-            .detach(|| self.inner.yes_no(&seqs, &br, &pos_ids, &neg_ids, batch))
-            .map_err(engine_err)?;
-        let shape = (br.len(), seqs.len());
-        Ok((
-            Array2::from_shape_vec(shape, s).expect("b*n").into_pyarray(py),
-            Array2::from_shape_vec(shape, m).expect("b*n").into_pyarray(py),
-        ))
+        guard(|| {
+            let br = steers(&branches)?;
+            let (s, m) = py
+                .detach(|| self.inner.yes_no(&seqs, &br, &pos_ids, &neg_ids, batch))
+                .map_err(engine_err)?;
+            let shape = (br.len(), seqs.len());
+            Ok((
+                Array2::from_shape_vec(shape, s).expect("b*n").into_pyarray(py),
+                Array2::from_shape_vec(shape, m).expect("b*n").into_pyarray(py),
+            ))
+        })
     }
 
     /// token_logprobs(seqs, starts, branches, batch=16) -> list (branch-major, len(branches)·len(seqs)) of
@@ -294,11 +329,13 @@ impl PyEngine {
         branches: Vec<Bound<'py, PyAny>>,
         batch: usize,
     ) -> PyResult<Vec<Bound<'py, PyArray1<f32>>>> {
-        let br = steers(&branches)?;
-        let out = py
-            .detach(|| self.inner.token_logprobs(&seqs, &starts, &br, batch))
-            .map_err(engine_err)?;
-        Ok(out.into_iter().map(|v| v.into_pyarray(py)).collect())
+        guard(|| {
+            let br = steers(&branches)?;
+            let out = py
+                .detach(|| self.inner.token_logprobs(&seqs, &starts, &br, batch))
+                .map_err(engine_err)?;
+            Ok(out.into_iter().map(|v| v.into_pyarray(py)).collect())
+        })
     }
 
     /// hidden(seqs, layers, branches, batch=64, positions=None) -> (len(layers), len(branches), len(seqs), d)
@@ -314,26 +351,32 @@ impl PyEngine {
         batch: usize,
         positions: Option<Vec<usize>>,
     ) -> PyResult<Bound<'py, PyArray4<f32>>> {
-        let br = steers(&branches)?;
-        let d = self.inner.model.cfg.d_model;
-        let out = py
-            .detach(|| self.inner.hidden(&seqs, &layers, &br, batch, positions.as_deref()))
-            .map_err(engine_err)?;
-        Ok(Array4::from_shape_vec((layers.len(), br.len(), seqs.len(), d), out)
-            .expect("l*b*n*d")
-            .into_pyarray(py))
+        guard(|| {
+            let br = steers(&branches)?;
+            let d = self.inner.model.cfg.d_model;
+            let out = py
+                .detach(|| self.inner.hidden(&seqs, &layers, &br, batch, positions.as_deref()))
+                .map_err(engine_err)?;
+            Ok(Array4::from_shape_vec((layers.len(), br.len(), seqs.len(), d), out)
+                .expect("l*b*n*d")
+                .into_pyarray(py))
+        })
     }
 }
 
 /// num_threads() -> the size of the rayon pool the engine and the SVD run on.
 #[pyfunction]
-fn num_threads() -> usize {
-    rayon::current_num_threads()
+fn num_threads() -> PyResult<usize> {
+    guard(|| Ok(rayon::current_num_threads()))
 }
 
 /// Native extension of innerpissa (Rust, via pyo3).
 #[pymodule]
 fn _rust(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    guard(|| init(m))
+}
+
+fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // CANDLE_NUM_THREADS sizes the pool when RAYON_NUM_THREADS is unset; candle's own kernels read the latter.
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         if let Ok(n) = std::env::var("CANDLE_NUM_THREADS") {

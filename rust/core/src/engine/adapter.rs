@@ -49,8 +49,9 @@ pub struct LowRankLayer {
 #[derive(Clone, Debug)]
 pub struct LowRankAdapter {
     pub layers: Vec<LowRankLayer>,
-    /// `base_fingerprint` of adapter_config.json: sha256 over the targeted base weights.
-    pub base_fingerprint: Option<String>,
+    /// `base_fingerprint` of adapter_config.json: sha256 (64 lowercase hex digits) over the targeted base
+    /// weights, as `innerpissa.adapter.model.fingerprint` computes it. Required, as Python's `load_adapter` does.
+    pub base_fingerprint: String,
     pub multiplicative: bool,
     pub rotate: bool,
 }
@@ -75,6 +76,24 @@ pub fn parse_target(name: &str) -> Result<(usize, Writer)> {
     Ok((block, if attn { Writer::Attn } else { Writer::Mlp }))
 }
 
+/// The `base_fingerprint` value if it is a sha256 hex digest (64 lowercase hex digits), else what is wrong.
+fn check_fingerprint(v: &serde_json::Value) -> std::result::Result<String, String> {
+    let s = v.as_str().ok_or_else(|| format!("must be a string (a sha256 hex digest), got {}", char_prefix(&v.to_string(), 80)))?;
+    if s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        Ok(s.to_owned())
+    } else {
+        Err(format!("must be 64 lowercase hex digits (a sha256 digest), got {:?}", char_prefix(s, 80)))
+    }
+}
+
+/// At most the first `n` characters of `s` (never splits a character), with "…" when cut.
+pub(crate) fn char_prefix(s: &str, n: usize) -> String {
+    match s.char_indices().nth(n) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_owned(),
+    }
+}
+
 fn tensor_vec(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
 }
@@ -95,9 +114,13 @@ impl LowRankAdapter {
         let cfg: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| EngineError::Format(format!("{}: invalid JSON ({e})", cfg_path.display())))?;
         let field = |k: &str| {
-            cfg.get(k).ok_or_else(|| EngineError::Format(format!("{}: missing field {k:?}", cfg_path.display())))
+            cfg.get(k).ok_or_else(|| EngineError::Format(format!("{}: missing field '{k}'", cfg_path.display())))
         };
+        // The fields Python's `load_adapter` requires, checked in its order before anything else is read.
         let adapter = field("adapter")?;
+        let targets = field("target_modules")?;
+        let base_fingerprint = check_fingerprint(field("base_fingerprint")?)
+            .map_err(|e| EngineError::Format(format!("{}: base_fingerprint {e}", cfg_path.display())))?;
         let scale = adapter.get("scale").and_then(|v| v.as_str()).unwrap_or("additive");
         let multiplicative = match scale {
             "additive" => false,
@@ -105,7 +128,7 @@ impl LowRankAdapter {
             s => return Err(EngineError::Format(format!("{}: adapter.scale {s:?} unknown", cfg_path.display()))),
         };
         let rotate = adapter.get("rotate").and_then(|v| v.as_bool()).unwrap_or(true);
-        let targets: Vec<String> = field("target_modules")?
+        let targets: Vec<String> = targets
             .as_array()
             .ok_or_else(|| EngineError::Format(format!("{}: target_modules is not a list", cfg_path.display())))?
             .iter()
@@ -124,34 +147,67 @@ impl LowRankAdapter {
             };
             let (u, s, v) = (get("U")?, get("S")?, get("V")?);
             let (theta, delta) = (get("theta")?, get("delta")?);
-            let r = s.elem_count();
-            let (ud, vd) = (u.dims().to_vec(), v.dims().to_vec());
-            if ud.len() != 2 || vd.len() != 2 || ud[1] != r || vd[1] != r || theta.elem_count() != r * r || delta.elem_count() != r {
+            let r = match s.dims() {
+                &[r] if r > 0 => r,
+                dims => {
+                    return Err(EngineError::Format(format!(
+                        "{}: tensor {name}.S has shape {dims:?}, expected [r] with r > 0",
+                        w_path.display()
+                    )))
+                }
+            };
+            let (d_out, d_in) = match (u.dims(), v.dims()) {
+                (&[d_out, ru], &[d_in, rv]) if ru == r && rv == r && d_out > 0 && d_in > 0 => (d_out, d_in),
+                (ud, vd) => {
+                    return Err(EngineError::Format(format!(
+                        "{}: tensors {name}.U {ud:?} and {name}.V {vd:?} should be [d_out, {r}] and [d_in, {r}] \
+                         ({name}.S has rank {r})",
+                        w_path.display()
+                    )))
+                }
+            };
+            for (k, t, want) in [("theta", theta, vec![r, r]), ("delta", delta, vec![r])] {
+                if t.dims() != want.as_slice() {
+                    return Err(EngineError::Format(format!(
+                        "{}: tensor {name}.{k} has shape {:?}, expected {want:?} ({name}.S has rank {r})",
+                        w_path.display(),
+                        t.dims()
+                    )));
+                }
+            }
+            let finite = |k: &str, t: &Tensor| -> Result<Vec<f32>> {
+                let x = tensor_vec(t)?;
+                if x.iter().any(|v| !v.is_finite()) {
+                    return Err(EngineError::Format(format!(
+                        "{}: tensor {name}.{k} holds non-finite values (NaN or infinity)",
+                        w_path.display()
+                    )));
+                }
+                Ok(x)
+            };
+            if layers.iter().any(|l: &LowRankLayer| l.block == block && l.writer == writer) {
                 return Err(EngineError::Format(format!(
-                    "{}: {name}: shapes U {ud:?}, S [{r}], V {vd:?}, theta {:?}, delta {:?} disagree on the rank",
-                    w_path.display(),
-                    theta.dims(),
-                    delta.dims()
+                    "{}: target_modules names block {block}'s {writer:?} writer twice ({name})",
+                    cfg_path.display()
                 )));
             }
             layers.push(LowRankLayer {
                 name: name.clone(),
                 block,
                 writer,
-                d_out: ud[0],
-                d_in: vd[0],
+                d_out,
+                d_in,
                 r,
-                u: tensor_vec(u)?,
-                s: tensor_vec(s)?,
-                v: tensor_vec(v)?,
-                theta: tensor_vec(theta)?,
-                delta: tensor_vec(delta)?,
+                u: finite("U", u)?,
+                s: finite("S", s)?,
+                v: finite("V", v)?,
+                theta: finite("theta", theta)?,
+                delta: finite("delta", delta)?,
             });
         }
         if layers.is_empty() {
             return Err(EngineError::Format(format!("{}: no target modules", cfg_path.display())));
         }
-        let base_fingerprint = cfg.get("base_fingerprint").and_then(|v| v.as_str()).map(str::to_owned);
         Ok(Self { layers, base_fingerprint, multiplicative, rotate })
     }
 
@@ -330,6 +386,29 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn fingerprint_must_be_a_sha256_hex_digest() {
+        let ok = "0123456789abcdef".repeat(4);
+        assert_eq!(check_fingerprint(&serde_json::json!(ok)).unwrap(), ok);
+        for bad in [
+            serde_json::json!(ok.to_uppercase()),
+            serde_json::json!(&ok[..63]),
+            serde_json::json!("é".repeat(64)),
+            serde_json::json!(format!("0{}", "é".repeat(63))),
+            serde_json::json!(123),
+            serde_json::Value::Null,
+        ] {
+            assert!(check_fingerprint(&bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn char_prefix_never_splits_a_character() {
+        assert_eq!(char_prefix("0éé", 2), "0é…");
+        assert_eq!(char_prefix("abc", 12), "abc");
+        assert_eq!(char_prefix(&"é".repeat(100), 80).chars().count(), 81);
     }
 
     #[test]

@@ -168,15 +168,15 @@ impl Engine {
                 )));
             }
         }
-        if let Some(expected) = &adapter.base_fingerprint {
-            let got = self.fingerprint(&adapter)?;
-            if &got != expected {
-                return Err(EngineError::Input(format!(
-                    "adapter was made for another model: the fingerprint of its target weights differs ({} vs {})",
-                    &got[..12],
-                    &expected[..expected.len().min(12)]
-                )));
-            }
+        // As Python's `load_adapter`: the fingerprint of the targeted base weights must equal the saved one.
+        let got = self.fingerprint(&adapter)?;
+        if got != adapter.base_fingerprint {
+            return Err(EngineError::Input(format!(
+                "adapter was made for another model: the fingerprint of its target weights differs \
+                 (this model {}, adapter base_fingerprint {})",
+                adapter::char_prefix(&got, 12),
+                adapter::char_prefix(&adapter.base_fingerprint, 12)
+            )));
         }
         self.adapter = Some(adapter);
         Ok(())
