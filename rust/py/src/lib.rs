@@ -338,6 +338,46 @@ impl PyEngine {
         })
     }
 
+    /// token_stats(seqs, starts, branches, batch=16, ref_seqs=None, ref_starts=None) -> (logprobs, kls)
+    ///
+    /// Per-token log-probabilities and the per-token KL divergence from the unsteered model, for coherence.
+    /// Both are lists (branch-major: branch b, sequence i at b·len(seqs) + i) of float32 arrays of
+    /// len(seq) − 1 − starts[i] entries (0 when starts[i] ≥ len(seq) − 1), one per predicting position
+    /// t = starts[i] + j (j = 0, 1, …):
+    ///
+    /// - logprobs: log p_b(seq[t+1] | seq[:t+1]) in nats, equal to `token_logprobs(seqs, starts, branches, batch)`;
+    /// - kls: KL(p_ref ‖ p_b) = Σ_v p_ref(v) (log p_ref(v) − log p_b(v)) in nats, p_b the next-token distribution
+    ///   of branch b on seqs[i] at position starts[i] + j, p_ref that of the unsteered model (no adapter, no
+    ///   vector) on ref_seqs[i] at position ref_starts[i] + j. ref_seqs / ref_starts default to seqs / starts
+    ///   (then the ("base",) branch has KL 0); pass them to compare against another prompt head, e.g. a steering
+    ///   system prompt in seqs and the plain prompt in ref_seqs, with the same body.
+    ///
+    /// Raises ValueError if ref_seqs / ref_starts have another length than seqs, if sequence i and
+    /// ref_seqs[i] have different numbers of positions to read (len − start), for an empty sequence, a token id
+    /// out of range or a bad branch.
+    #[pyo3(signature = (seqs, starts, branches, batch = 16, ref_seqs = None, ref_starts = None))]
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn token_stats<'py>(
+        &self,
+        py: Python<'py>,
+        seqs: Vec<Vec<u32>>,
+        starts: Vec<usize>,
+        branches: Vec<Bound<'py, PyAny>>,
+        batch: usize,
+        ref_seqs: Option<Vec<Vec<u32>>>,
+        ref_starts: Option<Vec<usize>>,
+    ) -> PyResult<(Vec<Bound<'py, PyArray1<f32>>>, Vec<Bound<'py, PyArray1<f32>>>)> {
+        guard(|| {
+            let br = steers(&branches)?;
+            let refs = (ref_seqs.as_deref().unwrap_or(&seqs), ref_starts.as_deref().unwrap_or(&starts));
+            let (lp, kl) = py
+                .detach(|| self.inner.token_stats(&seqs, &starts, &br, batch, Some(refs)))
+                .map_err(engine_err)?;
+            let arrays = |v: Vec<Vec<f32>>| v.into_iter().map(|a| a.into_pyarray(py)).collect();
+            Ok((arrays(lp), arrays(kl)))
+        })
+    }
+
     /// hidden(seqs, layers, branches, batch=64, positions=None) -> (len(layers), len(branches), len(seqs), d)
     /// float32: decoder-block outputs (the residual stream after block ℓ) at positions[i] of sequence i (0-based
     /// token index), or at each sequence's last token when positions is None.
