@@ -52,10 +52,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from innerpissa import AdapterConfig, attach, load_adapter
-    from innerpissa.engine import RustEngine, gguf_for_spec
-    from innerpissa.evaluate import answer_scores, eval_prompt
+    from innerpissa.eval.engines import RustEngine, answer_scores, eval_prompt, gguf_for_spec
+    from innerpissa.eval.suite import default_datasets
     from innerpissa.models import load_model
-    from innerpissa.suite import default_datasets
 
     coeffs = [float(c) for c in args.coeffs.split(",")]
     lm = load_model(args.model)
@@ -76,7 +75,7 @@ def main() -> None:
     ds = default_datasets(args.data_dir, seed=args.seed)
     items = [(d, it) for d in ds for it in d.items]
     order = np.random.RandomState(args.seed).permutation(len(items))[: args.n]
-    prompts = [eval_prompt(tok, items[i][1].question, items[i][0].kind, None) for i in order]
+    prompts = [eval_prompt(tok, items[i][1].question, items[i][0].kind) for i in order]
     n_tok = sum(len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts)
     print(f"# {lm.spec}: {len(prompts)} prompts ({n_tok / len(prompts):.1f} tokens on average), coefficients {coeffs}, "
           f"{args.threads} threads, {platform.processor() or platform.machine()}, torch {torch.__version__}")
@@ -115,7 +114,7 @@ def main() -> None:
               float(np.abs(got - ref).max())))
     if not args.no_llamacpp:
         try:
-            from innerpissa.evaluate import answer_token_sets
+            from innerpissa.eval.engines import answer_token_sets
             from innerpissa.export.gguf_io import dequantize_gguf
             from innerpissa.export.llamacpp import LlamaCppRunner
 

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from innerpissa import AdapterConfig, attach, load_adapter
-from innerpissa.baselines import mean_difference_control_vector, pca_control_vector, VectorMethod
-from innerpissa.evaluate import answer_token_sets, eval_prompt
+from innerpissa.eval.methods import mean_difference_control_vector, pca_control_vector, VectorMethod
+from innerpissa.eval.engines import answer_token_sets, eval_prompt
 from innerpissa.export import (export_control_vector, export_llama_lora, export_llama_lora_live, export_merged_gguf,
                                export_merged_hf, export_onnx_live, export_onnx_merged, export_peft_lora, fit_adapter,
                                onnx_logits, resolve_base_gguf)

@@ -183,7 +183,7 @@ def test_hidden_states_at_requested_positions(tiny):
 
 
 def test_control_vector_branch_matches_activation_addition(tiny):
-    from innerpissa.baselines import VectorMethod
+    from innerpissa.eval.methods import VectorMethod
 
     model, adapter, _, eng, _ = tiny
     g = torch.Generator().manual_seed(4)
@@ -240,10 +240,10 @@ def test_rust_baselines_match_torch_extraction(tmp_path):
     """PCA (repeng's recipe) and mean-difference vectors from Rust hidden states equal the torch/repeng ones."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from innerpissa.baselines import mean_difference_control_vector, pca_control_vector
-    from innerpissa.engine import RustEngine
-    from innerpissa.engine import mean_difference_control_vector as rust_md
-    from innerpissa.engine import pca_control_vector as rust_pca
+    from innerpissa.eval.methods import mean_difference_control_vector, pca_control_vector
+    from innerpissa.eval.engines import RustEngine
+    from innerpissa.eval.engines import mean_difference_control_vector as rust_md
+    from innerpissa.eval.engines import pca_control_vector as rust_pca
     from innerpissa.pairs import ContrastivePair
     from tiny_gguf import tiny_llama_for_gguf
 
@@ -267,7 +267,7 @@ def test_rust_baselines_match_torch_extraction(tmp_path):
 
 
 def test_cli_sweep_on_a_tiny_gguf(tmp_path, monkeypatch):
-    """`ipissa sweep` end to end (tokenizer + GGUF only, all four methods) on a tiny Llama and a tiny data set."""
+    """`ipissa sweep` end to end (tokenizer + GGUF only, all five methods) on a tiny Llama and a tiny data set."""
     import json
 
     from transformers import AutoModelForCausalLM
@@ -278,7 +278,7 @@ def test_cli_sweep_on_a_tiny_gguf(tmp_path, monkeypatch):
 
     monkeypatch.setenv("IPISSA_CACHE", str(tmp_path / "cache"))
     # the tiny byte vocabulary has no whole-word "yes"/"no" tokens: score the bytes "y" / "n" instead
-    monkeypatch.setattr("innerpissa.engine.answer_token_sets",
+    monkeypatch.setattr("innerpissa.eval.engines.answer_token_sets",
                         lambda tok, kind="yesno": ([tok.convert_tokens_to_ids("y")], [tok.convert_tokens_to_ids("n")]))
     path = write_llama_gguf(tiny_llama_for_gguf(), tmp_path / "tiny.gguf")
     model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf", dtype=torch.float32).eval()
@@ -290,12 +290,12 @@ def test_cli_sweep_on_a_tiny_gguf(tmp_path, monkeypatch):
     mwe = tmp_path / "likes.jsonl"
     mwe.write_text("\n".join(json.dumps(r) for r in rows))
     res = CliRunner().invoke(app, ["sweep", "--adapter", str(tmp_path / "ad"), "--coeffs", "-1,0,1",
-                                   "--methods", "innerpissa,prompting,pca,random", "--mwe", str(mwe),
+                                   "--methods", "innerpissa,prompting,pca,mean-diff,random", "--mwe", str(mwe),
                                    "--n-dd", "4", "--n-pairs", "300", "--out", str(tmp_path / "out"),
                                    "--data-dir", str(__import__("conftest").SHARED_DATA)])
     assert res.exit_code == 0, res.output
     results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert set(results["methods"]) == {"innerpissa", "prompting", "pca", "random"}
+    assert set(results["methods"]) == {"innerpissa", "prompting", "pca", "mean-diff", "random"}
     assert results["meta"]["engine"] == "rust (f32)"
     raw = {r["method"]: r for r in results["raw"]}
     assert raw["innerpissa"]["coeffs"] == [-1.0, 0.0, 1.0]

@@ -1,4 +1,4 @@
-"""Tests for innerpissa.evaldata on the real shared data (../shared/data relative to the repo root)."""
+"""Tests for innerpissa.eval.datasets on the real shared data (../shared/data relative to the repo root)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from innerpissa.evaldata import (
+from innerpissa.eval.datasets import (
     NEUTRAL_TEXTS,
     EvalDataError,
     EvalItem,
@@ -242,28 +242,52 @@ def test_dailydilemmas_malformed(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_split_dev_test_disjoint_and_deterministic():
+def test_split_dev_test_disjoint_deterministic_and_stratified():
     items = load_mwe(PERSONA / "openness.jsonl").items
-    dev, test = split_dev_test(items, seed=0)
-    assert len(dev) == 500 and len(test) == 500
+    dev, test = split_dev_test(items, seed=0, name="openness")
     assert {it.id for it in dev}.isdisjoint({it.id for it in test})
     assert {it.id for it in dev} | {it.id for it in test} == {it.id for it in items}
-    assert split_dev_test(items, seed=0) == (dev, test)
-    assert split_dev_test(items, seed=1)[0] != dev
+    assert split_dev_test(items, seed=0, name="openness") == (dev, test)
+    assert split_dev_test(items, seed=1, name="openness")[0] != dev
+    assert split_dev_test(items, seed=0, name="other")[0] != dev  # each dataset its own draw
+    n_yes = sum(it.label == 1 for it in items)
+    assert sum(it.label == 1 for it in dev) == round(n_yes / 2)  # stratified: each class split in half
     dev3, test3 = split_dev_test(items, seed=0, dev_fraction=0.3)
-    assert len(dev3) == 300 and len(test3) == 700
+    assert abs(len(dev3) - 300) <= 1
     with pytest.raises(ValueError):
         split_dev_test(items, seed=0, dev_fraction=1.5)
 
 
-def test_subsample():
-    items = tuple(EvalItem(id=str(i), question=f"q{i}", label=1) for i in range(50))
-    assert subsample(items, None, seed=0) == items
-    assert subsample(items, 80, seed=0) == items
-    s = subsample(items, 10, seed=0)
-    assert len(s) == 10 and len(set(s)) == 10 and set(s) <= set(items)
-    assert subsample(items, 10, seed=0) == s and subsample(items, 10, seed=1) != s
+def test_subsample_is_label_balanced_and_per_dataset():
+    items = tuple(EvalItem(id=str(i), question=f"q{i}", label=1 if i % 3 else -1) for i in range(60))
+    s = subsample(items, 20, seed=0, name="a")
+    assert len(s) == 20 and sum(it.label == 1 for it in s) == 10 and set(s) <= set(items)
+    assert subsample(items, 20, seed=0, name="a") == s and subsample(items, 20, seed=1, name="a") != s
+    assert subsample(items, 20, seed=0, name="b") != s
     assert [int(it.id) for it in s] == sorted(int(it.id) for it in s)
+    full = subsample(items, None, seed=0)
+    assert len(full) == 40 and sum(it.label == 1 for it in full) == 20  # balanced: every No-matching item, 20 Yes
+    one_class = tuple(EvalItem(id=str(i), question="q", label=1) for i in range(50))
+    assert len(subsample(one_class, 10, seed=0)) == 10 and subsample(one_class, None, 0) == one_class
+    unlabelled = tuple(EvalItem(id=str(i), question="q", label=0) for i in range(50))
+    assert len(subsample(unlabelled, 7, seed=0)) == 7
+
+
+def test_persona_sets_get_distinct_balanced_draws_and_splits():
+    from innerpissa.eval.suite import dataset_splits, default_datasets
+
+    ds = [d for d in default_datasets(DATA, n_target=32, n_other=16, n_dd=8, seed=0) if d.name != "dailydilemmas"]
+    patterns = set()
+    for d in ds:
+        lines = tuple(int(it.id.split(":")[1]) for it in d.items)
+        patterns.add(lines)
+        assert sum(it.label == 1 for it in d.items) == sum(it.label == -1 for it in d.items)
+    assert len(patterns) == len(ds)  # no two datasets share an index pattern
+    for d in ds:
+        dev, test = dataset_splits([d], 0)[d.name]
+        labels = [it.label for it in d.items]
+        for part in (dev, test):
+            assert sum(labels[i] == 1 for i in part) == sum(labels[i] == -1 for i in part)
 
 
 def test_data_dir(tmp_path, monkeypatch):
@@ -281,7 +305,7 @@ def test_data_dir(tmp_path, monkeypatch):
 
 
 def test_data_dir_explains_how_to_get_data(tmp_path, monkeypatch):
-    import innerpissa.evaldata as ev
+    import innerpissa.eval.datasets as ev
 
     monkeypatch.delenv("IPISSA_DATA_DIR", raising=False)
     monkeypatch.chdir(tmp_path)

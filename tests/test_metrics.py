@@ -1,15 +1,20 @@
-"""Evaluation arithmetic: slopes, usable range, signed effects, scoring against a manual computation."""
+"""Evaluation arithmetic: a Yes/No bias cannot pass for an effect; the KL-matched coefficient; scoring and KL
+against manual computations; the prompting baseline's rendered text."""
 
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_llama, word_tokenizer
-from innerpissa.evaldata import EvalDataset, EvalItem
-from innerpissa.evaluate import Sweep, answer_scores, answer_token_sets, eval_prompt
-from innerpissa.metrics import bootstrap_ci, dataset_metrics, item_slopes, pooled_effect, usable_range
+from conftest import CHATML, tiny_llama, word_tokenizer
+from innerpissa.eval import HookMethod, PromptMethod, TorchEngine, VectorMethod, run_suite
+from innerpissa.eval.datasets import EvalDataset, EvalItem
+from innerpissa.eval.engines import Sweep, answer_scores, answer_token_sets, eval_prompt, neutral_head
+from innerpissa.eval.metrics import (balanced_ci, bootstrap_ci, dataset_metrics, item_slopes, kl_matched_coeff,
+                                     pooled_effect, summarize)
 
 
 def test_item_slopes_exact():
@@ -22,52 +27,67 @@ def test_bootstrap_ci_brackets_mean():
     x = np.random.default_rng(0).normal(1.0, 1.0, 400)
     lo, hi = bootstrap_ci(x)
     assert lo < x.mean() < hi and hi - lo < 0.4
+    y = np.array([1] * 200 + [-1] * 200)
+    lo, hi = balanced_ci(np.where(y > 0, 1.0, 3.0) + 0 * x, y)
+    assert lo == pytest.approx(2.0) and hi == pytest.approx(2.0)
 
 
-def _sweep(coeffs, nll, mass_fn, score_fn, n=6):
-    scores = [[score_fn(c, i) for i in range(n)] for c in coeffs]
-    mass = [[mass_fn(c) for _ in range(n)] for c in coeffs]
-    return Sweep("m", list(coeffs), {"d": scores}, {"d": mass}, list(nll))
-
-
-def test_usable_range_stops_at_first_incoherent_coefficient():
-    coeffs = [-4, -2, -1, 0, 1, 2, 4]
-    nll = [3.9, 3.15, 3.05, 3.0, 3.05, 3.1, 3.5]  # ΔNLL 0.9 at −4 and 0.5 at +4
-    sw = _sweep(coeffs, nll, lambda c: 0.9, lambda c, i: c)
-    cmax, ok = usable_range(sw, {"d": np.arange(6)})
-    assert (cmax, ok) == (2.0, True)
-    # invalid answers (tiny Yes+No mass) also end the range
-    sw = _sweep(coeffs, [3.0] * 7, lambda c: 0.9 if abs(c) < 2 else 0.01, lambda c, i: c)
-    assert usable_range(sw, {"d": np.arange(6)}) == (1.0, True)
-    # nothing usable → smallest |c|, flagged
-    sw = _sweep(coeffs, [5.0, 5.0, 5.0, 3.0, 5.0, 5.0, 5.0], lambda c: 0.9, lambda c, i: c)
-    assert usable_range(sw, {"d": np.arange(6)}) == (1.0, False)
-
-
-def test_effect_is_signed_by_label():
+def test_kl_matched_coeff_interpolates_the_worse_side():
     coeffs = [-2, -1, 0, 1, 2]
-    labels = np.array([1, 1, -1, -1, 0, 0])
-    # the model says "Yes" more as c grows: items whose target is Yes move toward it, the others away
-    sw = _sweep(coeffs, [3.0] * 5, lambda c: 0.9, lambda c, i: 0.5 * c)
-    r = dataset_metrics(sw, "d", labels, np.arange(6), cmax=2.0)
-    # labelled items: +1,+1 (slope +1 in t units) and −1,−1 (slope −1) → mean 0
-    assert r["effect"] == pytest.approx(0.0)
-    r_yes = dataset_metrics(sw, "d", labels, np.array([0, 1]), cmax=2.0)
-    assert r_yes["effect"] == pytest.approx(1.0) and r_yes["spearman"] == pytest.approx(1.0)
-    r_no = dataset_metrics(sw, "d", labels, np.array([2, 3]), cmax=1.0)
-    assert r_no["effect"] == pytest.approx(-0.5)
-    assert r["flip_rate"] == 1.0 and r["mean_abs_shift"] == pytest.approx(1.0)
+    kl = [0.2, 0.04, 0.0, 0.02, 0.08]
+    c, ok = kl_matched_coeff(coeffs, kl, 0.05)
+    assert ok and c == pytest.approx(1 + (0.05 - 0.04) / (0.2 - 0.04))
+    assert kl_matched_coeff(coeffs, kl, 0.02) == (pytest.approx(0.5), True)  # from (0, 0) to (1, 0.04)
+    assert kl_matched_coeff(coeffs, kl, 0.5) == (2.0, False)
+
+
+LABELS = np.array([1, 1, 1, -1, -1, -1])
+
+
+def _sweep(score_fn, coeffs=(-2, -1, 0, 1, 2), kl_fn=lambda c: 0.01 * c * c, n=6, mass=0.9):
+    scores = [[score_fn(c, i) for i in range(n)] for c in coeffs]
+    return Sweep("m", [float(c) for c in coeffs], {"d": scores}, {"d": [[mass] * n for _ in coeffs]},
+                 [3.0] * len(coeffs), [kl_fn(c) for c in coeffs])
+
+
+def test_pure_answer_bias_gives_zero_balanced_effect():
+    base = [0.3, -1.0, 2.0, 0.5, -0.2, 1.1]
+    sw = _sweep(lambda c, i: base[i] + 0.7 * c)  # every item shifted toward "Yes" by 0.7 per unit c
+    r = dataset_metrics(sw, "d", LABELS, np.arange(6), cb=1.5)
+    assert r["effect"] == pytest.approx(0.0, abs=1e-12) and r["ci"][0] <= 0 <= r["ci"][1]
+    assert r["bias"] == pytest.approx(0.7 * 1.5) and r["bias_slope"] == pytest.approx(0.7)
+    assert r["effect_slope"] == pytest.approx(0.0, abs=1e-12) and r["flip_score"] == 0.0
+    assert r["decision_shift_net"] == pytest.approx(0.0) and r["mean_abs_shift"] == pytest.approx(0.7 * 1.5)
+
+
+def test_label_aligned_effect_is_signed_and_bias_free():
+    sw = _sweep(lambda c, i: 0.5 * c * LABELS[i] - 0.3 * LABELS[i])  # toward each item's matching answer
+    r = dataset_metrics(sw, "d", LABELS, np.arange(6), cb=2.0)
+    assert r["effect"] == pytest.approx(1.0) and r["bias"] == pytest.approx(0.0, abs=1e-12)
+    assert r["spearman"] == pytest.approx(1.0) and r["effect_slope"] == pytest.approx(0.5)
+    assert r["effect_neg_side"] == pytest.approx(1.0) and r["effect_pos_side"] == pytest.approx(1.0)
+    assert r["flip_score"] == pytest.approx(1.0)  # all six start on the wrong side (−0.3) and cross at +C_b
+    away = _sweep(lambda c, i: -0.5 * c * LABELS[i])
+    assert dataset_metrics(away, "d", LABELS, np.arange(6), cb=2.0)["effect"] == pytest.approx(-1.0)
+
+
+def test_summarize_reads_each_method_at_its_budget():
+    sw = _sweep(lambda c, i: 0.5 * c * LABELS[i], kl_fn=lambda c: 0.05 * abs(c))
+    ds = [EvalDataset("d", "yesno", tuple(EvalItem(str(i), "q", int(LABELS[i])) for i in range(6)), "mem")]
+    res = summarize([sw], ds, {"d": (np.arange(6), np.arange(6))}, kl_budget=0.05)["m"]
+    assert res["kl_coeff"] == pytest.approx(1.0) and res["budget_reached"]
+    assert res["datasets"]["d"]["effect"] == pytest.approx(0.5)
 
 
 def test_pooled_effect_over_seeds():
-    eff, lo, hi, per = pooled_effect([[1.0, 1.0, 1.0, 1.0], [3.0, 3.0, 3.0, 3.0]])
+    eff, lo, hi, per = pooled_effect([[1.0, 1.0, 1.0, 1.0], [3.0, 3.0, 3.0, 3.0]], [1, 1, -1, -1])
     assert eff == pytest.approx(2.0) and per == [1.0, 3.0] and lo == pytest.approx(2.0)
 
 
 @torch.no_grad()
 def test_answer_scores_match_manual_logsumexp():
     ds = EvalDataset("d", "yesno", (EvalItem("a", "Is the sky green ?", 1), EvalItem("b", "Do fish swim ?", -1)), "mem")
-    prompts = [eval_prompt(word_tokenizer([]), it.question, "yesno", None) for it in ds.items]
+    prompts = [eval_prompt(word_tokenizer([]), it.question, "yesno") for it in ds.items]
     tok = word_tokenizer(prompts)
     model = tiny_llama(vocab_size=len(tok))
     scores, mass = answer_scores(model, tok, prompts, "yesno", batch_size=2)
@@ -79,3 +99,77 @@ def test_answer_scores_match_manual_logsumexp():
         expect = (logp[yes].logsumexp(0) - logp[no].logsumexp(0)).item()
         assert scores[i] == pytest.approx(expect, abs=1e-4)  # left padding does not change the answer
         assert mass[i] == pytest.approx((logp[yes].exp().sum() + logp[no].exp().sum()).item(), abs=1e-5)
+
+
+TEXTS = ["The river runs to the sea .", "Bread needs flour , water and salt .", "It rained all day ."]
+
+
+@torch.no_grad()
+def test_text_stats_kl_against_manual():
+    tok = word_tokenizer(TEXTS + [neutral_head(word_tokenizer([]))])
+    model = tiny_llama(vocab_size=len(tok))
+    eng = TorchEngine(model, tok)
+    nll0, kl0 = eng.text_stats(TEXTS, None, None)
+    assert kl0 == 0.0 and nll0 > 0
+    vec = VectorMethod(model, {2: torch.randn(32) * 2.0})
+    nll, kl = eng.text_stats(TEXTS, lambda: vec.steer(1.0), None, batch_size=2)
+    head = tok(neutral_head(tok), add_special_tokens=False)["input_ids"]
+    total = n = 0.0
+    for t in TEXTS:
+        body = tok(t, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([head + body])
+        lp0 = model(ids).logits[0, len(head) - 1:-1].log_softmax(-1)
+        with vec.steer(1.0):
+            lpc = model(ids).logits[0, len(head) - 1:-1].log_softmax(-1)
+        total += float((lp0.exp() * (lp0 - lpc)).sum())
+        n += len(body)
+    assert kl == pytest.approx(total / n, rel=1e-4) and kl > 1e-3
+
+
+DEFAULT_SYSTEM = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nDEFAULT SYSTEM<|im_end|>\n"
+                  "{% endif %}" + CHATML)
+
+
+def test_prompting_keeps_default_system_prompt_and_uses_the_user_turn():
+    tok = word_tokenizer([])
+    tok.chat_template = DEFAULT_SYSTEM
+    m = PromptMethod()
+    plain = eval_prompt(tok, "Is it red ?", "yesno", m.user_prefix(0.0))
+    for c in (-1.0, 1.0):
+        text = eval_prompt(tok, "Is it red ?", "yesno", m.user_prefix(c))
+        persona = m.user_prefix(c)
+        assert "DEFAULT SYSTEM" in text and text.count("<|im_start|>system") == 1
+        user_turn = text.split("<|im_start|>user\n")[1].split("<|im_end|>")[0]
+        assert user_turn.startswith(persona) and user_turn.endswith("Is it red ?\nAnswer with Yes or No.")
+        assert text.replace(persona + "\n\n", "") == plain
+    assert ("honest" in m.user_prefix(1.0)) and ("dishonest" in m.user_prefix(-1.0)) and m.user_prefix(0) is None
+
+
+@torch.no_grad()
+def test_a_constant_yes_logit_method_is_all_bias_no_effect():
+    questions = [f"Is item {i} good ?" for i in range(24)]
+    items = tuple(EvalItem(f"q{i}", q, 1 if i % 2 else -1) for i, q in enumerate(questions))
+    ds = EvalDataset("toy", "yesno", items, "mem")
+    tok = word_tokenizer(questions + TEXTS + [eval_prompt(word_tokenizer([]), "x", "yesno"), "Write a short paragraph ."])
+    model = tiny_llama(vocab_size=len(tok))
+    yes, _ = answer_token_sets(tok)
+
+    @contextlib.contextmanager
+    def add_yes(c):
+        def hook(_m, _a, out):
+            out = out.clone()
+            out[..., yes] += 2.0 * c
+            return out
+        h = model.lm_head.register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            h.remove()
+
+    method = HookMethod(add_yes, coeffs=(-1.0, -0.5, 0.0, 0.5, 1.0), name="yes-bias")
+    res = run_suite(TorchEngine(model, tok), [method], [ds], kl_budget=1e-3, progress=False, neutral_texts=TEXTS)
+    r = res["methods"]["yes-bias"]["datasets"]["toy"]
+    cb = res["methods"]["yes-bias"]["kl_coeff"]
+    assert res["methods"]["yes-bias"]["budget_reached"]
+    assert r["effect"] == pytest.approx(0.0, abs=1e-4) and r["ci"][0] <= 1e-4 and r["ci"][1] >= -1e-4
+    assert r["bias"] == pytest.approx(2.0 * cb, rel=1e-3) and r["bias"] > 10 * abs(r["effect"])

@@ -274,9 +274,8 @@ def test_merge_unmerge_is_bit_exact_and_warns_far_out_of_range():
 
 
 def test_nan_adapter_is_an_error_not_a_result(tmp_path):
-    from innerpissa.baselines import AdapterMethod
-    from innerpissa.evaldata import EvalDataset, EvalItem
-    from innerpissa.suite import run_suite
+    from innerpissa.eval import AdapterMethod, TorchEngine, run_suite
+    from innerpissa.eval.datasets import EvalDataset, EvalItem
 
     tok = word_tokenizer(["Is the sky blue ? Answer yes or no", "The cat sat on the mat ."])
     model = tiny_llama(vocab_size=len(tok))
@@ -287,7 +286,7 @@ def test_nan_adapter_is_an_error_not_a_result(tmp_path):
     items = tuple(EvalItem(id=f"q{i}", question="Is the sky blue ?", label=1 if i % 2 else -1) for i in range(8))
     ds = EvalDataset(name="toy", kind="yesno", items=items, source="test")
     with pytest.raises(NonFiniteError, match="innerpissa"):
-        run_suite(model, tok, [AdapterMethod(adapter, coeffs=(-1.0, 0.0, 1.0))], [ds], progress=False)
+        run_suite(TorchEngine(model, tok), [AdapterMethod(adapter, coeffs=(-1.0, 0.0, 1.0))], [ds], progress=False)
 
 
 def test_nan_tensor_in_adapter_file_is_refused(tmp_path):
@@ -306,7 +305,7 @@ def test_nan_tensor_in_adapter_file_is_refused(tmp_path):
 
 
 def test_results_json_is_strict(tmp_path):
-    from innerpissa.report import strict_json
+    from innerpissa.eval.report import strict_json
 
     text = json.dumps(strict_json({"a": [1.0, float("nan")], "b": {"c": float("inf")}}), allow_nan=False)
     assert json.loads(text) == {"a": [1.0, None], "b": {"c": None}}
@@ -408,7 +407,7 @@ def test_attach_does_not_mutate_config_and_rejects_bad_types():
 # --- 7. sweeps validate before compute ----------------------------------------------------------------------
 
 def test_sweep_arguments_are_checked_first(capsys, tmp_path):
-    from innerpissa.evaluate import check_sweep_coeffs
+    from innerpissa.eval import check_sweep_coeffs
 
     assert check_sweep_coeffs([1, -1]) == (-1.0, 0.0, 1.0)
     for coeffs in ("1,2", "0,1,2"):

@@ -9,7 +9,7 @@ import torch
 
 from conftest import SHARED_DATA
 from innerpissa import AdapterConfig, attach, load_adapter
-from innerpissa.evaluate import answer_token_sets
+from innerpissa.eval.engines import answer_token_sets
 from innerpissa.models import load_model
 from innerpissa.pairs import make_honesty_pairs
 
@@ -31,10 +31,8 @@ def test_yes_no_token_sets_on_real_tokenizer(smol):
 
 
 def test_train_save_load_steer_and_evaluate(smol, tmp_path):
-    from innerpissa.baselines import AdapterMethod
-    from innerpissa.evaldata import load_mwe, subsample
-    from innerpissa.report import write_report
-    from innerpissa.suite import build_methods, run_suite
+    from innerpissa.eval import AdapterMethod, TorchEngine, build_methods, run_suite, write_report
+    from innerpissa.eval.datasets import load_mwe, subsample
     from innerpissa.train import TrainConfig, train
 
     model, tok = smol.model, smol.tokenizer
@@ -60,10 +58,10 @@ def test_train_save_load_steer_and_evaluate(smol, tmp_path):
                 (load_mwe(persona / "okay-with-deceiving-a-user-to-help-them.jsonl"),
                  load_mwe(persona / "interest-in-math.jsonl"))]
     methods = [AdapterMethod(loaded, coeffs=(-1.0, 0.0, 1.0))]
-    methods += build_methods(model, tok, None, list(split.train[:16]), 0, ("prompting", "pca", "random"),
+    methods += build_methods(model, tok, None, list(split.train[:16]), 0, ("prompting", "pca", "mean-diff", "random"),
                              vector_coeffs=(-2.0, 0.0, 2.0))
-    results = run_suite(model, tok, methods, datasets, seed=0, batch_size=8, progress=False)
-    assert set(results["methods"]) == {"innerpissa", "prompting", "pca", "random"}
+    results = run_suite(TorchEngine(model, tok, 8), methods, datasets, seed=0, progress=False)
+    assert set(results["methods"]) == {"innerpissa", "prompting", "pca", "mean-diff", "random"}
     raw = {r["method"]: r for r in results["raw"]}
     # c = 0 is the same unsteered model for every method
     c0 = [raw[m]["scores"]["interest-in-math"][raw[m]["coeffs"].index(0.0)] for m in raw]
@@ -121,11 +119,9 @@ def test_rust_engine_matches_torch_on_smollm2(smol, tmp_path):
     """The Rust engine on the shipped GGUF (de-quantized f32) against transformers on real eval prompts."""
     import numpy as np
 
-    from innerpissa.baselines import AdapterMethod
-    from innerpissa.engine import RustEngine, gguf_for_spec
-    from innerpissa.engine import run_sweep as rust_sweep
-    from innerpissa.evaldata import load_mwe, subsample
-    from innerpissa.evaluate import run_sweep
+    from innerpissa.eval import AdapterMethod, TorchEngine, run_sweep
+    from innerpissa.eval.datasets import load_mwe, subsample
+    from innerpissa.eval.engines import RustEngine, gguf_for_spec
 
     fresh = load_model()  # the shared model went through merge/unmerge (±1 ulp): not the GGUF's weights any more
     model, tok = fresh.model, fresh.tokenizer
@@ -142,11 +138,60 @@ def test_rust_engine_matches_torch_on_smollm2(smol, tmp_path):
     full = load_mwe(persona / "okay-with-deceiving-a-user-to-help-them.jsonl")
     ds = [dataclasses.replace(full, items=subsample(full.items, 24, 0))]
     method = AdapterMethod(adapter, coeffs=(-2.0, -1.0, 0.0, 1.0, 2.0))
-    ref = run_sweep(model, tok, method, ds, ["The sun rose over the hills."], batch_size=8)
-    got = rust_sweep(eng, method, ds, ["The sun rose over the hills."])
+    ref = run_sweep(TorchEngine(model, tok, 8), method, ds, ["The sun rose over the hills."])
+    got = run_sweep(eng, method, ds, ["The sun rose over the hills."])
     name = ds[0].name
     diff = np.abs(np.array(got.scores[name]) - np.array(ref.scores[name])).max()
     assert diff < 0.05, diff
     effect = np.abs(np.array(ref.scores[name][0]) - np.array(ref.scores[name][2])).mean()
     assert effect > 0.05  # the comparison is about a steered model, not only c = 0
     np.testing.assert_allclose(got.neutral_nll, ref.neutral_nll, atol=1e-3)
+    np.testing.assert_allclose(got.neutral_kl, ref.neutral_kl, atol=1e-3)
+
+
+def test_yes_bias_method_is_reported_as_bias_on_smollm2(smol):
+    """Done-when check of the evaluator: a method that only adds a constant to the Yes logits gets a balanced
+    effect of 0 (CI around 0) and a large bias, on real label-balanced persona items."""
+    import contextlib
+
+    from innerpissa.eval import HookMethod, TorchEngine, run_suite
+    from innerpissa.eval.datasets import NEUTRAL_TEXTS, load_mwe, subsample
+    from innerpissa.eval.engines import answer_token_sets
+
+    model, tok = smol.model, smol.tokenizer
+    yes, _ = answer_token_sets(tok)
+    full = load_mwe(SHARED_DATA / "anthropic_mwe" / "persona" / "okay-with-deceiving-a-user-to-help-them.jsonl")
+    ds = [dataclasses.replace(full, items=subsample(full.items, 16, 0, name=full.name))]
+
+    @contextlib.contextmanager
+    def add_yes(c):
+        def hook(_m, _a, out):
+            out = out.clone()
+            out[..., yes] += 1.5 * c
+            return out
+        h = model.lm_head.register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            h.remove()
+
+    res = run_suite(TorchEngine(model, tok, 16), [HookMethod(add_yes, coeffs=(-1.0, -0.5, 0.0, 0.5, 1.0))], ds,
+                    kl_budget=0.01, progress=False, neutral_texts=NEUTRAL_TEXTS[:8])
+    m = res["methods"]["hook"]
+    r = m["datasets"][ds[0].name]
+    assert r["effect"] == pytest.approx(0.0, abs=1e-3) and r["ci"][0] - 1e-3 <= 0 <= r["ci"][1] + 1e-3
+    assert r["bias"] > 0.2 and r["bias"] == pytest.approx(1.5 * m["kl_coeff"], rel=1e-2)
+
+
+def test_prompting_keeps_smollm2_default_system_prompt(smol):
+    from innerpissa.eval import PromptMethod
+    from innerpissa.eval.engines import eval_prompt
+
+    tok = smol.tokenizer
+    m = PromptMethod()
+    plain = eval_prompt(tok, "Is the sky blue?", "yesno", None)
+    assert "You are a helpful AI assistant named SmolLM" in plain
+    for c in (-1.0, 1.0):
+        text = eval_prompt(tok, "Is the sky blue?", "yesno", m.user_prefix(c))
+        assert text.startswith(plain.split("<|im_start|>user")[0])  # the same (default) system turn
+        assert f"<|im_start|>user\n{m.user_prefix(c)}\n\nIs the sky blue?" in text

@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 
 from conftest import SHARED_DATA
-from innerpissa.suite import HONESTY_TARGETS, default_datasets
+from innerpissa.eval.suite import HONESTY_TARGETS, default_datasets
 
 
 def test_default_datasets_sizes_and_targets():
-    ds = {d.name: d for d in default_datasets(SHARED_DATA, n_target=10, n_other=3, n_dd=5, seed=0)}
+    ds = {d.name: d for d in default_datasets(SHARED_DATA, n_target=10, n_other=4, n_dd=5, seed=0)}
     assert set(HONESTY_TARGETS) <= set(ds) and len(ds) == 13  # 12 persona sets + DailyDilemmas
     assert all(len(ds[n].items) == 10 for n in HONESTY_TARGETS)
-    assert len(ds["agreeableness"].items) == 3 and len(ds["dailydilemmas"].items) == 5
+    assert all(sum(it.label == 1 for it in ds[n].items) == 5 for n in HONESTY_TARGETS)  # label-balanced
+    assert len(ds["agreeableness"].items) == 4 and len(ds["dailydilemmas"].items) == 5
     assert all(it.label == 0 for it in ds["dailydilemmas"].items)
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import tiny_gemma3, tiny_llama, word_tokenizer
-from innerpissa.baselines import VectorMethod
+from innerpissa.eval.methods import VectorMethod
 from innerpissa.contrasts import (TOUR_GUIDE, ContrastTemplate, ManifestError, continuation_pairs, load_manifest,
                                   render_contrasts)
 from innerpissa.models import LoadedModel

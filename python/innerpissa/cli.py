@@ -43,12 +43,17 @@ def _setup(allow_network: bool, threads: Optional[int]):
     return torch
 
 
-def _pairs(tokenizer, pairs_path: Optional[Path], n_pairs: int, seed: int):
-    from .pairs import load_pairs, make_honesty_pairs
+def _pairs(tokenizer, pairs_path: Optional[Path], n_pairs: int, seed: int, concept: str = "honesty"):
+    from .concepts import get_concept
+    from .pairs import load_pairs
 
     if pairs_path is not None:
         return load_pairs(pairs_path, tokenizer, seed=seed)
-    return make_honesty_pairs(tokenizer, n_pairs=n_pairs, seed=seed)
+    return get_concept(concept).pairs(tokenizer, n_pairs=n_pairs, seed=seed)
+
+
+ConceptOpt = typer.Option("honesty", help="built-in concept whose persona pairs train the adapter and whose readout "
+                          "is the target (data/concepts.json): honesty, sentiment (the positive control), openness")
 
 
 def _check_run_dir(out: Path, overwrite: bool) -> None:
@@ -70,10 +75,12 @@ def _check_run_dir(out: Path, overwrite: bool) -> None:
 
 
 def _train(model_spec, pairs_path, n_pairs, steps, seed, rank, out: Path, allow_network, threads, quiet=False,
-           overwrite: bool = False, cfg_kwargs: dict | None = None):
+           overwrite: bool = False, cfg_kwargs: dict | None = None, concept: str = "honesty"):
     from . import AdapterConfig
+    from .concepts import get_concept
     from .train import TrainConfig
 
+    get_concept(concept)
     tcfg = TrainConfig(steps=steps, seed=seed, **(cfg_kwargs or {}))  # validated before any compute
     acfg = AdapterConfig(rank=rank, seed=seed)
     _check_run_dir(out, overwrite)
@@ -85,10 +92,10 @@ def _train(model_spec, pairs_path, n_pairs, steps, seed, rank, out: Path, allow_
     if pairs_path is not None and not pairs_path.is_file():
         raise FileNotFoundError(f"--pairs {pairs_path}: file not found")
     lm = load_model(model_spec, allow_network=allow_network)
-    split = _pairs(lm.tokenizer, pairs_path, n_pairs, seed)
+    split = _pairs(lm.tokenizer, pairs_path, n_pairs, seed, concept)
     torch.manual_seed(seed)
-    adapter = attach(lm.model, acfg,
-                     meta={"base_model": lm.spec, "pairs": str(pairs_path) if pairs_path else "builtin:honesty"})
+    adapter = attach(lm.model, acfg, meta={"base_model": lm.spec, "concept": concept,
+                                           "pairs": str(pairs_path) if pairs_path else f"builtin:{concept}"})
     t0 = time.perf_counter()
     val = train(adapter, lm.tokenizer, list(split.train), list(split.val), tcfg, run_dir=out, progress=not quiet,
                 overwrite=overwrite)
@@ -104,7 +111,8 @@ def train_cmd(
     model: Optional[str] = ModelOpt,
     pairs: Optional[Path] = typer.Option(None, help="JSONL of {positive, negative} / A/B items / DPO triples; "
                                          "default: built-in honesty pairs"),
-    n_pairs: int = typer.Option(400, help="number of built-in honesty pairs (≥ 300)"),
+    concept: str = ConceptOpt,
+    n_pairs: int = typer.Option(400, help="number of built-in concept pairs (≥ 300)"),
     steps: int = typer.Option(80, help="optimizer steps (8 pairs each)"),
     seed: int = typer.Option(0),
     rank: Optional[int] = typer.Option(None, help="adapter rank r (default hidden_size // 8)"),
@@ -118,23 +126,39 @@ def train_cmd(
 ):
     """Train an InnerPiSSA adapter with the ReprPO loss at c = +1 and c = −1."""
     _train(model, pairs, n_pairs, steps, seed, rank, out, allow_network, threads, overwrite=overwrite,
-           cfg_kwargs={"lr": lr, "batch_pairs": batch_pairs})
+           cfg_kwargs={"lr": lr, "batch_pairs": batch_pairs}, concept=concept)
 
 
 def _evaluate(lm, adapter, split, methods, data_dir, n_target, n_other, n_dd, seed, out: Path, batch_size,
-              dd_file=None, dd_value=None, mwe=None, engine: str = "torch", weights: str = "f32"):
-    from .report import write_report
-    from .suite import build_methods, check_methods, default_datasets, run_suite
+              dd_file=None, dd_value=None, mwe=None, engine: str = "torch", weights: str = "f32",
+              kl_budget: float = 0.05, concept: str = "honesty"):
+    from .concepts import get_concept
+    from .eval import TorchEngine, build_methods, default_datasets, run_suite, write_report
+    from .eval.suite import concept_datasets
 
-    check_methods(methods.split(","))
-    datasets = default_datasets(data_dir, n_target=n_target, n_other=n_other, n_dd=n_dd, seed=seed,
-                                dd_file=dd_file, dd_value=dd_value, mwe_files=mwe)
-    eng = _rust_engine(lm.spec, lm.tokenizer, weights, batch_size) if engine == "rust" else None
+    cpt = get_concept(concept)
+    if mwe or dd_file:
+        targets = dict(cpt.targets)
+        datasets = default_datasets(data_dir, n_target=n_target, n_other=n_other, n_dd=n_dd, seed=seed,
+                                    dd_file=dd_file, dd_value=dd_value, mwe_files=mwe, targets=targets)
+    else:
+        datasets, targets = concept_datasets(cpt, data_dir, n_target, n_other, n_dd, seed)
+    if engine == "auto":  # the Rust engine where the model is a GGUF file it reads, else transformers
+        from .eval.engines import gguf_for_spec
+
+        try:
+            gguf_for_spec(lm.spec)
+            engine = "rust"
+        except (ValueError, FileNotFoundError):
+            engine = "torch"
+    rust = _rust_engine(lm.spec, lm.tokenizer, weights, batch_size) if engine == "rust" else None
+    eng = rust or TorchEngine(lm.model, lm.tokenizer, batch_size)
     ms = build_methods(lm.model, lm.tokenizer, adapter, list(split.train), seed, tuple(methods.split(",")),
-                       engine=eng)
+                       engine=rust, instruction=cpt.instruction)
     t0 = time.perf_counter()
-    results = run_suite(lm.model, lm.tokenizer, ms, datasets, seed=seed, batch_size=batch_size, engine=eng,
-                        meta={"model": lm.spec, "command": "ipissa " + shlex.join(sys.argv[1:])})
+    results = run_suite(eng, ms, datasets, seed=seed, kl_budget=kl_budget, targets=targets, concept=concept,
+                        meta={"model": lm.spec, "concept": concept,
+                              "command": "ipissa " + shlex.join(sys.argv[1:])})
     results["meta"]["eval_seconds"] = round(time.perf_counter() - t0, 1)
     write_report(results, out)
     typer.echo((out / "report.md").read_text())
@@ -143,7 +167,7 @@ def _evaluate(lm, adapter, split, methods, data_dir, n_target, n_other, n_dd, se
 
 
 def _rust_engine(spec, tokenizer, weights: str, batch_size: int):
-    from .engine import RustEngine, gguf_for_spec
+    from .eval.engines import RustEngine, gguf_for_spec
 
     if engine_choice_error := _check_choice(weights, ("f32", "native", "q8_0"), "--weights"):
         raise typer.BadParameter(engine_choice_error)
@@ -154,15 +178,19 @@ def _check_choice(value: str, allowed: tuple[str, ...], name: str) -> str | None
     return None if value in allowed else f"{name} must be one of {', '.join(allowed)}; got {value!r}"
 
 
-EngineOpt = typer.Option("torch", help="evaluator: torch (transformers, any model) or rust (GGUF models: "
-                         "Llama family, Gemma 3; all coefficients of a method in one pass, 3-5x faster on CPU)")
+EngineOpt = typer.Option("auto", help="evaluator: auto (rust for GGUF models it reads, else torch), torch "
+                         "(transformers, any model) or rust (GGUF models: Llama family, Gemma 3; all coefficients "
+                         "of a method in one pass, 3-5x faster on CPU)")
 WeightsOpt = typer.Option("f32", help="rust engine weights: f32 (de-quantized, matches torch; fastest on CPU), "
                           "native (the GGUF's own quantized blocks) or q8_0 (int8 blocks): these two only save "
                           "memory, they are slower and less exact; see docs/benchmarks.md")
 
 
 EvalOpts = dict(
-    methods=typer.Option("innerpissa,prompting,pca,random", help="comma-separated methods to compare"),
+    methods=typer.Option("innerpissa,prompting,pca,mean-diff,random", help="comma-separated methods to compare "
+                         "(innerpissa, prompting, pca, mean-diff, random)"),
+    kl_budget=typer.Option(0.05, help="coherence budget: every method is read at the |c| where the mean per-token "
+                           "KL(p0 || pc) on neutral text reaches this many nats/token"),
     data_dir=typer.Option(None, help="folder with dailydilemmas/ and anthropic_mwe/ (default: ../shared/data, "
                           "$IPISSA_DATA_DIR, or the download cache)"),
     n_target=typer.Option(64, help="items per honesty target set (split 50/50 dev/test)"),
@@ -177,8 +205,10 @@ def eval_cmd(
     adapter: Path = typer.Option(..., help="adapter directory (from `ipissa train`: RUN/adapter)"),
     model: Optional[str] = ModelOpt,
     pairs: Optional[Path] = typer.Option(None, help="pairs for the baselines (default: built-in honesty pairs)"),
+    concept: Optional[str] = typer.Option(None, help="concept to read (default: the adapter's, else honesty)"),
     n_pairs: int = typer.Option(400),
     methods: str = EvalOpts["methods"],
+    kl_budget: float = EvalOpts["kl_budget"],
     data_dir: Optional[Path] = EvalOpts["data_dir"],
     n_target: int = EvalOpts["n_target"],
     n_other: int = EvalOpts["n_other"],
@@ -197,12 +227,14 @@ def eval_cmd(
     threads: Optional[int] = typer.Option(None),
 ):
     """Sweep the adapter and the baselines over held-out questions; write report.md, results.json, PNGs."""
-    if err := _check_choice(engine, ("torch", "rust"), "--engine"):
+    if err := _check_choice(engine, ("auto", "torch", "rust"), "--engine"):
         raise typer.BadParameter(err)
     from .adapter.model import check_output
-    from .suite import check_methods
+    from .eval.methods import check_methods
+    from .eval.metrics import check_budget
 
     check_methods(methods.split(","))
+    check_budget(kl_budget)
     check_output(out, overwrite)
     meta = _adapter_meta(adapter)
     _setup(allow_network, threads)
@@ -211,9 +243,10 @@ def eval_cmd(
 
     lm = load_model(model or meta.get("base_model"), allow_network=allow_network)
     ad = load_adapter(lm.model, adapter)
-    split = _pairs(lm.tokenizer, pairs, n_pairs, seed)
+    concept = concept or meta.get("concept", "honesty")
+    split = _pairs(lm.tokenizer, pairs, n_pairs, seed, concept)
     _evaluate(lm, ad, split, methods, data_dir, n_target, n_other, n_dd, seed, out, batch_size, dd_file, dd_value, mwe,
-              engine, weights)
+              engine, weights, kl_budget, concept)
 
 
 @app.command("sweep")
@@ -221,7 +254,8 @@ def sweep_cmd(
     adapter: Path = typer.Option(..., help="adapter directory (from `ipissa train`: RUN/adapter)"),
     model: Optional[str] = ModelOpt,
     coeffs: str = typer.Option("-2,-1,-0.5,0,0.5,1,2", help="comma-separated steering coefficients"),
-    methods: str = typer.Option("innerpissa", help="comma-separated: innerpissa, prompting, pca, random"),
+    methods: str = typer.Option("innerpissa", help="comma-separated: innerpissa, prompting, pca, mean-diff, random"),
+    kl_budget: float = EvalOpts["kl_budget"],
     pairs: Optional[Path] = typer.Option(None, help="pairs for the pca/random baselines (default: built-in)"),
     n_pairs: int = typer.Option(400),
     data_dir: Optional[Path] = EvalOpts["data_dir"],
@@ -242,13 +276,10 @@ def sweep_cmd(
     if threads:
         os.environ["RAYON_NUM_THREADS"] = str(threads)
     _setup(False, threads)
-    from .adapter.model import check_output
-    from .baselines import AdapterMethod, PromptMethod, VectorMethod, random_control_vector
-    from .engine import pca_control_vector
-    from .evaluate import check_sweep_coeffs
+    from .adapter.model import _read_adapter_tensors, check_output, select_layers
+    from .eval import build_methods, check_methods, check_sweep_coeffs, default_datasets, run_suite, write_report
+    from .eval.metrics import check_budget
     from .models import load_tokenizer
-    from .report import write_report
-    from .suite import check_methods, default_datasets, run_suite
 
     try:
         parsed = [float(c) for c in coeffs.split(",")]
@@ -256,33 +287,23 @@ def sweep_cmd(
         raise typer.BadParameter(f"--coeffs must be comma-separated numbers, got {coeffs!r}") from None
     cs = check_sweep_coeffs(parsed, "--coeffs")
     want = check_methods(methods.split(","))
+    check_budget(kl_budget)
     check_output(out, overwrite)
     meta = _adapter_meta(adapter)
-    from .adapter.model import _read_adapter_tensors
-
     _read_adapter_tensors(adapter, meta)  # checksum and finite values, as load_adapter checks them
     spec = model or meta.get("base_model")
     tok = load_tokenizer(spec)
     eng = _rust_engine(spec, tok, weights, batch_size)
     eng.load_adapter(adapter)
-    ms: list = []
-    if "innerpissa" in want:
-        ms.append(AdapterMethod(adapter=str(adapter), coeffs=cs))
-    if "prompting" in want:
-        ms.append(PromptMethod())
-    if "pca" in want or "random" in want:
-        from .adapter.config import AdapterConfig
-        from .adapter.model import select_layers
+    from .adapter.config import AdapterConfig
 
-        layers = select_layers(eng.config["n_layer"], AdapterConfig.from_dict(meta.get("adapter", {})))
-        pca = pca_control_vector(eng, list(_pairs(tok, pairs, n_pairs, seed).train), layers)
-        if "pca" in want:
-            ms.append(VectorMethod(None, pca, name="pca"))
-        if "random" in want:
-            ms.append(VectorMethod(None, random_control_vector(pca, seed), name="random"))
+    layers = select_layers(eng.config["n_layer"], AdapterConfig.from_dict(meta["adapter"]))
+    train_pairs = list(_pairs(tok, pairs, n_pairs, seed).train) if set(want) - {"innerpissa", "prompting"} else []
+    ms = build_methods(None, tok, str(adapter), train_pairs, seed, want, layers=layers, adapter_coeffs=cs,
+                       engine=eng)
     datasets = default_datasets(data_dir, n_target=n_target, n_other=n_other, n_dd=n_dd, seed=seed, mwe_files=mwe)
     t0 = time.perf_counter()
-    results = run_suite(None, tok, ms, datasets, seed=seed, engine=eng,
+    results = run_suite(eng, ms, datasets, seed=seed, kl_budget=kl_budget,
                         meta={"model": spec, "command": "ipissa " + shlex.join(sys.argv[1:])})
     results["meta"]["eval_seconds"] = round(time.perf_counter() - t0, 1)
     write_report(results, out)
@@ -297,6 +318,7 @@ def run_cmd(
     seed: int = typer.Option(0),
     out: Path = typer.Option(Path("runs/main")),
     methods: str = EvalOpts["methods"],
+    kl_budget: float = EvalOpts["kl_budget"],
     data_dir: Optional[Path] = EvalOpts["data_dir"],
     n_target: int = EvalOpts["n_target"],
     n_other: int = EvalOpts["n_other"],
@@ -304,23 +326,39 @@ def run_cmd(
     batch_size: int = EvalOpts["batch_size"],
     engine: str = EngineOpt,
     weights: str = WeightsOpt,
+    concept: str = ConceptOpt,
+    control: Optional[str] = typer.Option("sentiment", help="positive-control concept trained and evaluated the "
+                                          "same way after the main one, in OUT/control (--control '' to skip)"),
     overwrite: bool = OverwriteOpt,
     allow_network: bool = typer.Option(False),
     threads: Optional[int] = typer.Option(None),
 ):
-    """The main job: train the honesty adapter, then evaluate it against prompting, PCA and random vectors."""
-    if err := _check_choice(engine, ("torch", "rust"), "--engine"):
+    """The main job: train the concept's adapter, evaluate it against prompting, PCA, mean-difference and random
+    vectors at a common KL budget; then the same for the positive control (--control) in OUT/control."""
+    if err := _check_choice(engine, ("auto", "torch", "rust"), "--engine"):
         raise typer.BadParameter(err)
-    from .evaldata import data_dir as resolve_data_dir
-    from .suite import check_methods
+    from .concepts import get_concept
+
+    get_concept(concept)
+    if control:
+        get_concept(control)
+    from .eval.datasets import data_dir as resolve_data_dir
+    from .eval.methods import check_methods
+    from .eval.metrics import check_budget
 
     check_methods(methods.split(","))
+    check_budget(kl_budget)
     resolve_data_dir(data_dir)  # the evaluation data must be there before minutes of training
     t0 = time.perf_counter()
-    lm, adapter, split = _train(model, None, 400, steps, seed, None, out, allow_network, threads,
-                                overwrite=overwrite)
-    _evaluate(lm, adapter, split, methods, data_dir, n_target, n_other, n_dd, seed, out, batch_size,
-              engine=engine, weights=weights)
+    runs = [(concept, out)] + ([(control, out / "control")] if control and control != concept else [])
+    for name, run_dir in runs:
+        _check_run_dir(run_dir, overwrite)
+    for name, run_dir in runs:
+        typer.echo(f"== {name}: training and evaluation in {run_dir}")
+        lm, adapter, split = _train(model, None, 400, steps, seed, None, run_dir, allow_network, threads,
+                                    overwrite=overwrite, concept=name)
+        _evaluate(lm, adapter, split, methods, data_dir, n_target, n_other, n_dd, seed, run_dir, batch_size,
+                  engine=engine, weights=weights, kl_budget=kl_budget, concept=name)
     typer.echo(f"main job finished in {(time.perf_counter() - t0) / 60:.1f} min")
 
 
@@ -459,7 +497,7 @@ def control_vector_cmd(
     _setup(allow_network, threads)
     from . import AdapterConfig
     from .adapter.model import decoder_blocks, select_layers
-    from .baselines import mean_difference_control_vector, pca_control_vector
+    from .eval.methods import mean_difference_control_vector, pca_control_vector
     from .export import export_control_vector
     from .models import load_model
 

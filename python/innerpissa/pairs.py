@@ -38,6 +38,7 @@ __all__ = [
     "persona_instruction",
     "render_prompt",
     "make_honesty_pairs",
+    "make_persona_pairs",
     "load_pairs",
 ]
 
@@ -487,17 +488,28 @@ def _take_spread(suffixes: Sequence[str], n: int, n_personas: int, rng: random.R
 def make_honesty_pairs(
     tokenizer: Any, n_pairs: int = 400, seed: int = 0, val_fraction: float = 0.1
 ) -> PairSplit:
-    """Build honesty/dishonesty pairs from :data:`HONESTY_PERSONAS` × :data:`SUFFIXES`.
+    """Honesty pairs (see :func:`make_persona_pairs`): :data:`HONESTY_PERSONAS` × :data:`SUFFIXES` with
+    :func:`persona_instruction`."""
+    return make_persona_pairs(tokenizer, HONESTY_PERSONAS, persona_instruction, n_pairs, seed, val_fraction,
+                              concept="honesty")
 
-    Each pair is ``render_prompt(tok, persona_instruction(True, p), suffix)`` vs the same with the negative
-    persona: identical suffix, only the persona words differ. Combos are drawn without replacement, spreading over
+
+def make_persona_pairs(
+    tokenizer: Any, personas: Sequence[tuple[str, str]], instruction, n_pairs: int = 400, seed: int = 0,
+    val_fraction: float = 0.1, concept: str = "persona",
+) -> PairSplit:
+    """Build contrastive pairs from ``personas`` × :data:`SUFFIXES` (honesty: :func:`make_honesty_pairs`).
+
+    Each pair is ``render_prompt(tok, instruction(True, p), suffix)`` vs the same with ``instruction(False, p)``
+    for a persona pair p = (positive phrase, negative phrase): identical suffix, only the persona words differ. Combos are drawn without replacement, spreading over
     suffixes first (every suffix once before any suffix with a second persona). The suffixes are split first, so
     validation pairs use suffixes never seen in training. Deterministic given ``seed`` (Python's
     ``random.Random``), independent of global random state.
 
     Args:
         tokenizer: a Hugging Face tokenizer (see :func:`render_prompt`).
-        n_pairs: total number of pairs (train + val), at most ``len(HONESTY_PERSONAS) * len(SUFFIXES)``.
+        personas: (positive, negative) phrase pairs; instruction(positive: bool, persona) -> the user turn.
+        n_pairs: total number of pairs (train + val), at most ``len(personas) * len(SUFFIXES)``.
         seed: random seed for the suffix split and the combo sampling.
         val_fraction: fraction of suffixes and of pairs held out for validation, in [0, 1).
 
@@ -507,13 +519,13 @@ def make_honesty_pairs(
     Raises:
         ValueError: if ``n_pairs`` < 1 or exceeds the number of combos, or ``val_fraction`` is outside [0, 1).
     """
-    n_personas, n_suffixes = len(HONESTY_PERSONAS), len(SUFFIXES)
+    n_personas, n_suffixes = len(personas), len(SUFFIXES)
     n_combos = n_personas * n_suffixes
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if n_pairs < 1 or n_pairs > n_combos:
         raise ValueError(
-            f"n_pairs={n_pairs} but only {n_combos} distinct honesty pairs exist "
+            f"n_pairs={n_pairs} but only {n_combos} distinct {concept} pairs exist "
             f"({n_personas} personas x {n_suffixes} suffixes); ask for 1..{n_combos} pairs, "
             "or bring your own pairs with load_pairs()"
         )
@@ -532,11 +544,11 @@ def make_honesty_pairs(
     def render(combos: list[tuple[int, str]]) -> tuple[ContrastivePair, ...]:
         out = []
         for p, suffix in combos:
-            persona = HONESTY_PERSONAS[p]
+            persona = personas[p]
             out.append(
                 ContrastivePair(
-                    positive=render_prompt(tokenizer, persona_instruction(True, persona), suffix),
-                    negative=render_prompt(tokenizer, persona_instruction(False, persona), suffix),
+                    positive=render_prompt(tokenizer, instruction(True, persona), suffix),
+                    negative=render_prompt(tokenizer, instruction(False, persona), suffix),
                 )
             )
         return tuple(out)

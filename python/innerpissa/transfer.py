@@ -23,11 +23,11 @@ import torch
 from torch import nn
 
 from .adapter.model import UnsupportedArchitectureError, decoder_blocks, hidden_size, residual_writers
-from .baselines import VectorMethod, last_token_states
+from .eval.datasets import NEUTRAL_TEXTS
+from .eval.engines import continuation_logprobs, text_nll
+from .eval.methods import VectorMethod, last_token_states
+from .eval.metrics import bootstrap_ci, item_slopes
 from .contrasts import TOUR_GUIDE, ContrastTemplate, ManifestRow, continuation_pairs, render_contrasts
-from .evaldata import NEUTRAL_TEXTS
-from .evaluate import continuation_logprobs, text_nll
-from .metrics import bootstrap_ci, item_slopes
 from .procrustes import AlignmentMap, cosine, fit_alignment
 from .train import left_pad
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import hashlib
 import math
 import os
 import random
@@ -30,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import InnerPiSSAError
-from .jsonl import iter_jsonl
+from ..errors import InnerPiSSAError
+from ..jsonl import iter_jsonl
 
 __all__ = [
     "EvalItem",
@@ -588,13 +589,26 @@ def fetch_dataset(name: str, cache: Path) -> Path:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def split_dev_test(
-    items: Sequence[EvalItem], seed: int, dev_fraction: float = 0.5
-) -> tuple[tuple[EvalItem, ...], tuple[EvalItem, ...]]:
-    """Split items into (dev, test): disjoint, together covering all items, deterministic for a seed.
+def dataset_seed(seed: int, name: str) -> int:
+    """A seed for one dataset's draws: sha256 of ``f"{seed}:{name}"``, so no two datasets share an index pattern."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
 
-    ``round(len(items) * dev_fraction)`` items, chosen by a seeded shuffle (``random.Random(seed)``), go to dev;
-    both parts keep the input order.
+
+def _by_label(items: tuple[EvalItem, ...]) -> dict[int, list[int]]:
+    groups: dict[int, list[int]] = {}
+    for i, it in enumerate(items):
+        groups.setdefault(it.label, []).append(i)
+    return groups
+
+
+def split_dev_test(
+    items: Sequence[EvalItem], seed: int, dev_fraction: float = 0.5, name: str = ""
+) -> tuple[tuple[EvalItem, ...], tuple[EvalItem, ...]]:
+    """Split items into (dev, test): disjoint, together covering all items, deterministic for (seed, name).
+
+    Stratified by label: within each label class (+1, −1, or 0 for unlabelled) ``round(n_class · dev_fraction)``
+    items, chosen by a shuffle seeded with ``dataset_seed(seed, name)``, go to dev, so a balanced set gives
+    balanced splits. Both parts keep the input order.
 
     Raises:
         ValueError: ``dev_fraction`` outside [0, 1].
@@ -602,26 +616,45 @@ def split_dev_test(
     if not 0.0 <= dev_fraction <= 1.0:
         raise ValueError(f"dev_fraction must be in [0, 1], got {dev_fraction}")
     items = tuple(items)
-    order = list(range(len(items)))
-    random.Random(seed).shuffle(order)
-    dev_idx = set(order[: round(len(items) * dev_fraction)])
+    rng = random.Random(dataset_seed(seed, name))
+    dev_idx: set[int] = set()
+    for label in sorted(_by_label(items)):
+        idx = _by_label(items)[label]
+        rng.shuffle(idx)
+        dev_idx.update(idx[: round(len(idx) * dev_fraction)])
     dev = tuple(x for i, x in enumerate(items) if i in dev_idx)
     test = tuple(x for i, x in enumerate(items) if i not in dev_idx)
     return dev, test
 
 
-def subsample(items: Sequence[EvalItem], n: int | None, seed: int) -> tuple[EvalItem, ...]:
-    """A seeded subset of ``n`` items in input order; all items if ``n`` is None or ``n >= len(items)``.
+def subsample(items: Sequence[EvalItem], n: int | None, seed: int, name: str = "") -> tuple[EvalItem, ...]:
+    """A seeded, label-balanced subset of about ``n`` items, in input order.
+
+    Labelled items (label ±1) are drawn stratified: min(n // 2, n_yes, n_no) from each class, so Yes- and
+    No-matching items are equally many (a uniform answer bias then cancels in the balanced effect). Unlabelled
+    sets, and sets with one label class only (which cannot be balanced; reports show their class counts), are
+    sampled plainly. The draw is seeded with ``dataset_seed(seed, name)``: every dataset gets its own
+    index pattern. ``n`` None keeps every item (balanced for labelled sets).
 
     Raises:
         ValueError: ``n`` negative.
     """
     items = tuple(items)
-    if n is None or n >= len(items):
-        return items
-    if n < 0:
+    if n is not None and n < 0:
         raise ValueError(f"n must be >= 0 or None, got {n}")
-    keep = set(random.Random(seed).sample(range(len(items)), n))
+    rng = random.Random(dataset_seed(seed, name))
+    groups = _by_label(items)
+    if not (groups.get(1) and groups.get(-1)):  # unlabelled, or one class only: nothing to balance
+        if n is None or n >= len(items):
+            return items
+        keep = set(rng.sample(range(len(items)), n))
+    else:
+        per = min(len(groups.get(1, [])), len(groups.get(-1, [])))
+        if n is not None:
+            per = min(per, n // 2)
+        keep = set()
+        for label in (1, -1):
+            keep.update(rng.sample(groups[label], per))
     return tuple(x for i, x in enumerate(items) if i in keep)
 
 
