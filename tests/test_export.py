@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from innerpissa import AdapterConfig, attach
 from innerpissa.adapter.layer import InnerPiSSALayer
 from innerpissa.adapter.model import Adapter, fingerprint
-from innerpissa.baselines import VectorMethod, mean_difference_control_vector
+from innerpissa.eval.methods import VectorMethod, mean_difference_control_vector
 from innerpissa.export import (GGUFExportError, export_control_vector, export_llama_lora, export_llama_lora_live,
                                export_merged_gguf, export_merged_hf, export_onnx_live, export_onnx_merged,
                                export_peft_lora, fit_adapter, fit_polynomial, onnx_logits)

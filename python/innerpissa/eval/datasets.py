@@ -462,8 +462,8 @@ _HOW_TO_GET_DATA = (
     "  dailydilemmas/dilemma.csv, dailydilemmas/values.csv   (github.com/kellycyy/daily_dilemmas, data/*.csv)\n"
     "  anthropic_mwe/persona/<behaviour>.jsonl              (github.com/anthropics/evals, persona/*.jsonl)\n"
     "or pass the folder explicitly, or download into the cache {cache} with\n"
-    "  innerpissa.evaldata.fetch_dataset('dailydilemmas/dilemma.csv', Path('{cache}'))\n"
-    "  innerpissa.evaldata.fetch_dataset('anthropic_mwe/persona/openness.jsonl', Path('{cache}'))\n"
+    "  innerpissa.eval.datasets.fetch_dataset('dailydilemmas/dilemma.csv', Path('{cache}'))\n"
+    "  innerpissa.eval.datasets.fetch_dataset('anthropic_mwe/persona/openness.jsonl', Path('{cache}'))\n"
     "Looked in: {looked}"
 )
 
