@@ -131,7 +131,7 @@ def write_doc(args, summaries: list[dict], minutes: float) -> None:
     lines = ["# Results", "",
              f"Command: `python scripts/results.py {' '.join(sys.argv[1:])}` (last run {datetime.date.today()}, "
              f"{minutes:.0f} min this call; {cpu}; 2 threads; seed {args.seed}).", "",
-             "Protocol (`docs/` and `innerpissa.eval.metrics`): label-balanced items, a separate seeded draw per "
+             "Protocol (the `innerpissa.eval.metrics` module docstring): label-balanced items, a separate seeded draw per "
              "dataset, dev/test split stratified by label, **test items only** below. Every method is read at its "
              f"own KL-matched coefficient C_b, where the mean per-token KL(p₀ ‖ p_c) on neutral text (worse of ±c) "
              f"reaches **{args.kl_budget} nats/token** (prompting: its one dose, c = ±1, KL shown). Balanced effect "
