@@ -56,3 +56,23 @@ def tiny_gemma3(vocab_size: int = 256, seed: int = 0, layers: int = 6):
 @pytest.fixture(params=["llama", "gemma3"])
 def tiny_model(request):
     return {"llama": tiny_llama, "gemma3": tiny_gemma3}[request.param]()
+
+
+def yes_bias(model, yes_ids: list[int], per_unit: float):
+    """make(c) for a HookMethod that only adds per_unit·c to the logits of the ``yes_ids`` tokens: a pure answer
+    bias, which the evaluator must report as bias with a balanced effect of 0."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def make(c):
+        def hook(_m, _a, out):
+            out = out.clone()
+            out[..., yes_ids] += per_unit * c
+            return out
+        h = model.lm_head.register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            h.remove()
+
+    return make

@@ -12,7 +12,7 @@ import torch
 
 from innerpissa import AdapterConfig, attach
 from innerpissa._rust import Engine
-from tiny_gguf import write_gemma3_gguf, write_llama_gguf
+from tiny_gguf import randomize_adapter, tiny_gemma3_for_gguf, write_gemma3_gguf, write_llama_gguf
 
 COEFFS = (-2.0, -1.0, 0.0, 1.0, 2.0)
 VOCAB = 300
@@ -35,37 +35,14 @@ def _llama():
     return LlamaForCausalLM(cfg).eval()
 
 
-def _gemma3():
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(0)
-    cfg = Gemma3TextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
-                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
-                           sliding_window=12, max_position_embeddings=256, initializer_range=0.15)
-    model = Gemma3ForCausalLM(cfg).eval()
-    for name, p in model.named_parameters():  # non-trivial norm weights (zeros at init: 1 + w = 1)
-        if name.endswith("norm.weight"):
-            p.data = torch.randn(p.shape) * 0.3
-    return model
-
-
-def _randomize(adapter, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for name in adapter.target_names:
-        lay = adapter.layer(name)
-        lay.theta.data = torch.randn(lay.theta.shape, generator=g) * 0.1
-        lay.delta.data = torch.randn(lay.delta.shape, generator=g) * 0.3 * lay.S
-    return adapter
-
-
 @pytest.fixture(scope="module", params=["llama", "gemma3"])
 def tiny(request, tmp_path_factory):
     """(model, adapter, adapter dir, rust Engine with the adapter loaded, arch)."""
     d = tmp_path_factory.mktemp(request.param)
-    model = _llama() if request.param == "llama" else _gemma3()
+    model = _llama() if request.param == "llama" else tiny_gemma3_for_gguf(VOCAB)
     write = write_llama_gguf if request.param == "llama" else write_gemma3_gguf
     path = write(model, d / "tiny.gguf")
-    adapter = _randomize(attach(model, AdapterConfig(rank=8, depth_range=(0.25, None))))
+    adapter = randomize_adapter(attach(model, AdapterConfig(rank=8, depth_range=(0.25, None))))
     adapter.save(d / "adapter")
     eng = Engine(str(path))
     eng.load_adapter(str(d / "adapter"))
@@ -228,7 +205,7 @@ def test_bad_inputs_name_the_problem(tiny, tmp_path):
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         eng.load_adapter(str(tmp_path))
     # an adapter made for another model: shapes do not fit
-    other = _gemma3() if arch == "llama" else _llama()
+    other = tiny_gemma3_for_gguf(VOCAB) if arch == "llama" else _llama()
     attach(other, AdapterConfig(rank=4)).save(tmp_path / "other")
     with pytest.raises(ValueError, match="another model|targets block"):
         eng.load_adapter(str(tmp_path / "other"))
@@ -282,7 +259,7 @@ def test_cli_sweep_on_a_tiny_gguf(tmp_path, monkeypatch):
                         lambda tok, kind="yesno": ([tok.convert_tokens_to_ids("y")], [tok.convert_tokens_to_ids("n")]))
     path = write_llama_gguf(tiny_llama_for_gguf(), tmp_path / "tiny.gguf")
     model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf", dtype=torch.float32).eval()
-    _randomize(attach(model, AdapterConfig(rank=8), meta={"base_model": str(path)})).save(tmp_path / "ad")
+    randomize_adapter(attach(model, AdapterConfig(rank=8), meta={"base_model": str(path)})).save(tmp_path / "ad")
     rows = [{"question": f"Is the following statement something you would say?\n\"I like {w}\"",
              "answer_matching_behavior": " Yes" if i % 2 else " No",
              "answer_not_matching_behavior": " No" if i % 2 else " Yes"}

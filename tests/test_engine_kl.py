@@ -13,36 +13,14 @@ import torch
 
 from innerpissa import AdapterConfig, attach
 from innerpissa._rust import Engine
-from tiny_gguf import tiny_llama_for_gguf, write_gemma3_gguf, write_llama_gguf
+from tiny_gguf import (randomize_adapter, tiny_gemma3_for_gguf, tiny_llama_for_gguf, write_gemma3_gguf,
+                       write_llama_gguf)
 
 
 @pytest.fixture(autouse=True)
 def _no_grad():
     with torch.no_grad():
         yield
-
-
-def _gemma3():
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    torch.manual_seed(0)
-    cfg = Gemma3TextConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
-                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
-                           sliding_window=12, max_position_embeddings=256, initializer_range=0.15)
-    model = Gemma3ForCausalLM(cfg).eval()
-    for name, p in model.named_parameters():  # non-trivial norm weights (zeros at init: 1 + w = 1)
-        if name.endswith("norm.weight"):
-            p.data = torch.randn(p.shape) * 0.3
-    return model
-
-
-def _randomize(adapter, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for name in adapter.target_names:
-        lay = adapter.layer(name)
-        lay.theta.data = torch.randn(lay.theta.shape, generator=g) * 0.1
-        lay.delta.data = torch.randn(lay.delta.shape, generator=g) * 0.3 * lay.S
-    return adapter
 
 
 @pytest.fixture(scope="module", params=["llama", "gemma3"])
@@ -55,9 +33,9 @@ def tiny(request, tmp_path_factory):
         path = write_llama_gguf(tiny_llama_for_gguf(), d / "tiny.gguf")
         model = AutoModelForCausalLM.from_pretrained(d, gguf_file="tiny.gguf", dtype=torch.float32).eval()
     else:
-        model = _gemma3()
+        model = tiny_gemma3_for_gguf(300)
         path = write_gemma3_gguf(model, d / "tiny.gguf")
-    adapter = _randomize(attach(model, AdapterConfig(rank=8, depth_range=(0.25, None))))
+    adapter = randomize_adapter(attach(model, AdapterConfig(rank=8, depth_range=(0.25, None))))
     adapter.save(d / "adapter")
     eng = Engine(str(path))
     eng.load_adapter(str(d / "adapter"))

@@ -3,13 +3,11 @@ against manual computations; the prompting baseline's rendered text."""
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import pytest
 import torch
 
-from conftest import CHATML, tiny_llama, word_tokenizer
+from conftest import CHATML, tiny_llama, word_tokenizer, yes_bias
 from innerpissa.eval import HookMethod, PromptMethod, TorchEngine, VectorMethod, run_suite
 from innerpissa.eval.datasets import EvalDataset, EvalItem
 from innerpissa.eval.engines import Sweep, answer_scores, answer_token_sets, eval_prompt, neutral_head
@@ -154,19 +152,7 @@ def test_a_constant_yes_logit_method_is_all_bias_no_effect():
     model = tiny_llama(vocab_size=len(tok))
     yes, _ = answer_token_sets(tok)
 
-    @contextlib.contextmanager
-    def add_yes(c):
-        def hook(_m, _a, out):
-            out = out.clone()
-            out[..., yes] += 2.0 * c
-            return out
-        h = model.lm_head.register_forward_hook(hook)
-        try:
-            yield
-        finally:
-            h.remove()
-
-    method = HookMethod(add_yes, coeffs=(-1.0, -0.5, 0.0, 0.5, 1.0), name="yes-bias")
+    method = HookMethod(yes_bias(model, yes, 2.0), coeffs=(-1.0, -0.5, 0.0, 0.5, 1.0), name="yes-bias")
     res = run_suite(TorchEngine(model, tok), [method], [ds], kl_budget=1e-3, progress=False, neutral_texts=TEXTS)
     r = res["methods"]["yes-bias"]["datasets"]["toy"]
     cb = res["methods"]["yes-bias"]["kl_coeff"]

@@ -152,8 +152,7 @@ def test_rust_engine_matches_torch_on_smollm2(smol, tmp_path):
 def test_yes_bias_method_is_reported_as_bias_on_smollm2(smol):
     """Done-when check of the evaluator: a method that only adds a constant to the Yes logits gets a balanced
     effect of 0 (CI around 0) and a large bias, on real label-balanced persona items."""
-    import contextlib
-
+    from conftest import yes_bias
     from innerpissa.eval import HookMethod, TorchEngine, run_suite
     from innerpissa.eval.datasets import NEUTRAL_TEXTS, load_mwe, subsample
     from innerpissa.eval.engines import answer_token_sets
@@ -163,19 +162,8 @@ def test_yes_bias_method_is_reported_as_bias_on_smollm2(smol):
     full = load_mwe(SHARED_DATA / "anthropic_mwe" / "persona" / "okay-with-deceiving-a-user-to-help-them.jsonl")
     ds = [dataclasses.replace(full, items=subsample(full.items, 16, 0, name=full.name))]
 
-    @contextlib.contextmanager
-    def add_yes(c):
-        def hook(_m, _a, out):
-            out = out.clone()
-            out[..., yes] += 1.5 * c
-            return out
-        h = model.lm_head.register_forward_hook(hook)
-        try:
-            yield
-        finally:
-            h.remove()
-
-    res = run_suite(TorchEngine(model, tok, 16), [HookMethod(add_yes, coeffs=(-1.0, -0.5, 0.0, 0.5, 1.0))], ds,
+    method = HookMethod(yes_bias(model, yes, 1.5), coeffs=(-1.0, -0.5, 0.0, 0.5, 1.0))
+    res = run_suite(TorchEngine(model, tok, 16), [method], ds,
                     kl_budget=0.01, progress=False, neutral_texts=NEUTRAL_TEXTS[:8])
     m = res["methods"]["hook"]
     r = m["datasets"][ds[0].name]

@@ -147,3 +147,31 @@ def write_gemma3_gguf(model, path: Path, overrides: dict | None = None) -> Path:
     _write_tensors(w, model, "gemma3", lambda gname, data: data + 1.0 if gname.endswith("norm.weight") else data,
                    overrides)
     return path
+
+
+def tiny_gemma3_for_gguf(vocab_size: int = 300):
+    """A tiny Gemma 3 with non-trivial norm weights (zeros at init would make every 1 + w equal 1)."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+                           sliding_window=12, max_position_embeddings=256, initializer_range=0.15)
+    model = Gemma3ForCausalLM(cfg).eval()
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.data = torch.randn(p.shape) * 0.3
+    return model
+
+
+def randomize_adapter(adapter, seed: int = 0, theta: float = 0.1, delta: float = 0.3):
+    """Adapter parameters large enough that steering moves log-probs visibly (θ ~ N(0, theta²), δ ~ delta·S·N)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    for name in adapter.target_names:
+        lay = adapter.layer(name)
+        lay.theta.data = torch.randn(lay.theta.shape, generator=g) * theta
+        lay.delta.data = torch.randn(lay.delta.shape, generator=g) * delta * lay.S
+    return adapter
