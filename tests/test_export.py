@@ -23,7 +23,7 @@ from innerpissa.export import (GGUFExportError, export_control_vector, export_ll
                                export_peft_lora, fit_adapter, fit_polynomial, onnx_logits)
 from innerpissa.export.gguf_io import permute_rows
 from innerpissa.export.llamacpp import llama_cpp_logprobs
-from tiny_gguf import VOCAB_SIZE, tiny_llama_for_gguf, write_llama_gguf
+from tiny_gguf import VOCAB_SIZE, randomize_adapter, tiny_llama_for_gguf, write_llama_gguf
 
 from conftest import tiny_gemma3
 
@@ -36,14 +36,9 @@ def _no_grad():
         yield
 
 
-def _randomize(adapter: Adapter, seed: int = 0, theta: float = 0.05, delta: float = 0.3) -> Adapter:
-    """Give the adapter parameters large enough that steering moves log-probs by nats, not 1e-3."""
-    g = torch.Generator().manual_seed(seed)
-    for name in adapter.target_names:
-        lay = adapter.layer(name)
-        lay.theta.data = torch.randn(lay.theta.shape, generator=g) * theta
-        lay.delta.data = torch.randn(lay.delta.shape, generator=g) * delta * lay.S
-    return adapter
+def _randomize(adapter: Adapter) -> Adapter:
+    """Steering that moves log-probs by nats, not 1e-3 (θ scale 0.05)."""
+    return randomize_adapter(adapter, theta=0.05)
 
 
 def _logprobs(model, adapter, ids, c, mask=None):
