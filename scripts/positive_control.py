@@ -40,6 +40,8 @@ def concept_datasets(concept, data_dir, n_items: int, seed: int):
     root = resolve(data_dir) / "anthropic_mwe" / "persona"
     out = []
     for name in concept.targets:
+        if name == "truthfulqa":  # a target only when the user gives its file; not part of the control choice
+            continue
         ds = load_mwe(root / f"{name}.jsonl")
         out.append(dataclasses.replace(ds, items=subsample(ds.items, n_items, seed, name=ds.name)))
     return out

@@ -60,7 +60,8 @@ def run_one(spec: str, concept_name: str, args) -> dict:
               TrainConfig(steps=args.steps, seed=args.seed), run_dir=run)
         train_minutes = (time.perf_counter() - t0) / 60
     eng = RustEngine(gguf_for_spec(lm.spec), lm.tokenizer, batch_size=args.batch_size)
-    datasets, targets = concept_datasets(concept, args.data_dir, args.n_target, args.n_other, args.n_dd, args.seed)
+    datasets, targets = concept_datasets(concept, args.data_dir, args.n_target, args.n_other, args.n_dd, args.seed,
+                                         truthfulqa=args.truthfulqa)
     methods = build_methods(lm.model, lm.tokenizer, adapter, list(split.train), args.seed, engine=eng,
                             instruction=concept.instruction)
     t1 = time.perf_counter()
@@ -157,6 +158,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--truthfulqa", type=Path, default=None,
+                    help="TruthfulQA.csv to add as a multiple-choice set (a target of the honesty concept)")
     ap.add_argument("--out", type=Path, default=Path("runs/results"))
     ap.add_argument("--doc", type=Path, default=Path("docs/results.md"))
     args = ap.parse_args()

@@ -131,7 +131,7 @@ def train_cmd(
 
 def _evaluate(lm, adapter, split, methods, data_dir, n_target, n_other, n_dd, seed, out: Path, batch_size,
               dd_file=None, dd_value=None, mwe=None, engine: str = "torch", weights: str = "f32",
-              kl_budget: float = 0.05, concept: str = "honesty"):
+              kl_budget: float = 0.05, concept: str = "honesty", truthfulqa: Path | None = None):
     from .concepts import get_concept
     from .eval import TorchEngine, build_methods, default_datasets, run_suite, write_report
     from .eval.suite import concept_datasets
@@ -140,9 +140,10 @@ def _evaluate(lm, adapter, split, methods, data_dir, n_target, n_other, n_dd, se
     if mwe or dd_file:
         targets = dict(cpt.targets)
         datasets = default_datasets(data_dir, n_target=n_target, n_other=n_other, n_dd=n_dd, seed=seed,
-                                    dd_file=dd_file, dd_value=dd_value, mwe_files=mwe, targets=targets)
+                                    dd_file=dd_file, dd_value=dd_value, mwe_files=mwe, targets=targets,
+                                    truthfulqa=truthfulqa)
     else:
-        datasets, targets = concept_datasets(cpt, data_dir, n_target, n_other, n_dd, seed)
+        datasets, targets = concept_datasets(cpt, data_dir, n_target, n_other, n_dd, seed, truthfulqa=truthfulqa)
     if engine == "auto":  # the Rust engine where the model is a GGUF file it reads, else transformers
         from .eval.engines import gguf_for_spec
 
@@ -197,6 +198,9 @@ EvalOpts = dict(
     n_other=typer.Option(16, help="items per off-target persona set"),
     n_dd=typer.Option(48, help="DailyDilemmas situations"),
     batch_size=typer.Option(32),
+    truthfulqa=typer.Option(None, help="TruthfulQA.csv (github.com/sylinrl/TruthfulQA) to add as a multiple-choice "
+                            "set: length-normalised log-likelihood of true minus false answers; a target of the "
+                            "honesty concept"),
 )
 
 
@@ -213,6 +217,7 @@ def eval_cmd(
     n_target: int = EvalOpts["n_target"],
     n_other: int = EvalOpts["n_other"],
     n_dd: int = EvalOpts["n_dd"],
+    truthfulqa: Optional[Path] = EvalOpts["truthfulqa"],
     batch_size: int = EvalOpts["batch_size"],
     dd_file: Optional[Path] = typer.Option(None, help="DailyDilemmas in the full per-action layout (HF release)"),
     dd_value: Optional[str] = typer.Option(None, help="value that labels DailyDilemmas items, e.g. honesty"),
@@ -236,6 +241,10 @@ def eval_cmd(
     check_methods(methods.split(","))
     check_budget(kl_budget)
     check_output(out, overwrite)
+    if truthfulqa is not None:  # a bad file fails before the model loads
+        from .eval.datasets import load_truthfulqa
+
+        load_truthfulqa(truthfulqa)
     meta = _adapter_meta(adapter)
     _setup(allow_network, threads)
     from . import load_adapter
@@ -246,7 +255,7 @@ def eval_cmd(
     concept = concept or meta.get("concept", "honesty")
     split = _pairs(lm.tokenizer, pairs, n_pairs, seed, concept)
     _evaluate(lm, ad, split, methods, data_dir, n_target, n_other, n_dd, seed, out, batch_size, dd_file, dd_value, mwe,
-              engine, weights, kl_budget, concept)
+              engine, weights, kl_budget, concept, truthfulqa)
 
 
 @app.command("sweep")
@@ -262,6 +271,7 @@ def sweep_cmd(
     n_target: int = EvalOpts["n_target"],
     n_other: int = EvalOpts["n_other"],
     n_dd: int = EvalOpts["n_dd"],
+    truthfulqa: Optional[Path] = EvalOpts["truthfulqa"],
     batch_size: int = typer.Option(64, help="prompts per packed pass"),
     mwe: Optional[list[Path]] = typer.Option(None, help="model-written-eval JSONL file(s) instead of the persona sets"),
     seed: int = typer.Option(0),
@@ -301,7 +311,8 @@ def sweep_cmd(
     train_pairs = list(_pairs(tok, pairs, n_pairs, seed).train) if set(want) - {"innerpissa", "prompting"} else []
     ms = build_methods(None, tok, str(adapter), train_pairs, seed, want, layers=layers, adapter_coeffs=cs,
                        engine=eng)
-    datasets = default_datasets(data_dir, n_target=n_target, n_other=n_other, n_dd=n_dd, seed=seed, mwe_files=mwe)
+    datasets = default_datasets(data_dir, n_target=n_target, n_other=n_other, n_dd=n_dd, seed=seed, mwe_files=mwe,
+                                truthfulqa=truthfulqa)
     t0 = time.perf_counter()
     results = run_suite(eng, ms, datasets, seed=seed, kl_budget=kl_budget,
                         meta={"model": spec, "command": "ipissa " + shlex.join(sys.argv[1:])})
@@ -323,6 +334,7 @@ def run_cmd(
     n_target: int = EvalOpts["n_target"],
     n_other: int = EvalOpts["n_other"],
     n_dd: int = EvalOpts["n_dd"],
+    truthfulqa: Optional[Path] = EvalOpts["truthfulqa"],
     batch_size: int = EvalOpts["batch_size"],
     engine: str = EngineOpt,
     weights: str = WeightsOpt,
@@ -349,6 +361,10 @@ def run_cmd(
     check_methods(methods.split(","))
     check_budget(kl_budget)
     resolve_data_dir(data_dir)  # the evaluation data must be there before minutes of training
+    if truthfulqa is not None:
+        from .eval.datasets import load_truthfulqa
+
+        load_truthfulqa(truthfulqa)
     t0 = time.perf_counter()
     runs = [(concept, out)] + ([(control, out / "control")] if control and control != concept else [])
     for name, run_dir in runs:
@@ -358,7 +374,7 @@ def run_cmd(
         lm, adapter, split = _train(model, None, 400, steps, seed, None, run_dir, allow_network, threads,
                                     overwrite=overwrite, concept=name)
         _evaluate(lm, adapter, split, methods, data_dir, n_target, n_other, n_dd, seed, run_dir, batch_size,
-                  engine=engine, weights=weights, kl_budget=kl_budget, concept=name)
+                  engine=engine, weights=weights, kl_budget=kl_budget, concept=name, truthfulqa=truthfulqa)
     typer.echo(f"main job finished in {(time.perf_counter() - t0) / 60:.1f} min")
 
 

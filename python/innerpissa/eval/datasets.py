@@ -1,9 +1,11 @@
-"""Held-out evaluation sets (DESIGN.md §5): Anthropic model-written evals, DailyDilemmas, neutral texts.
+"""Held-out evaluation sets (DESIGN.md §5): Anthropic model-written evals, DailyDilemmas, TruthfulQA, neutral texts.
 
 Every set becomes an :class:`EvalDataset` of :class:`EvalItem` s holding the *untemplated* user question and a
 label ``y`` in {+1, -1, 0}: +1 when answering "Yes" (or "(A)") is the dataset's target behaviour, -1 when "No"
 (or "(B)") is, 0 when unlabelled. The evaluator adds the chat template and the answer instruction, reads the
-Yes/No score and forms the label-aligned score ``y * score``.
+Yes/No score and forms the label-aligned score ``y * score``. Multiple-choice items (TruthfulQA, kind ``"mc"``)
+also carry their true and false answers; their score is the length-normalised log-likelihood gap (see
+``engines.mc_score``) and their label is +1 (a true answer is the target behaviour).
 
 Sources (CC BY 4.0):
 
@@ -12,6 +14,8 @@ Sources (CC BY 4.0):
 * DailyDilemmas (Chiu, Jiang, Choi 2024), https://github.com/kellycyy/daily_dilemmas — ``data/dilemma.csv``,
   ``data/values.csv``; the per-action value labels are in the Hugging Face release ``kellycyy/daily_dilemmas``
   (``dilemma_to_action_to_values_aggregated.csv``).
+* TruthfulQA (Lin, Hilton, Evans 2022; Apache-2.0), https://github.com/sylinrl/TruthfulQA — ``TruthfulQA.csv``
+  (or the Hugging Face ``truthful_qa`` "generation" rows as CSV/JSONL); read only from a path the user gives.
 
 Imports only the standard library.
 """
@@ -41,6 +45,7 @@ __all__ = [
     "DataDownloadError",
     "load_mwe",
     "load_dailydilemmas",
+    "load_truthfulqa",
     "data_dir",
     "fetch_dataset",
     "split_dev_test",
@@ -67,16 +72,21 @@ class EvalItem:
         id: stable identifier, e.g. ``"openness:17"`` (file stem and 1-based line) or ``"dd-55"``.
         question: user-turn text, not templated.
         label: +1 if answering "Yes"/"(A)" is the target behaviour, -1 if "No"/"(B)" is, 0 if unlabelled.
+        true_answers, false_answers: multiple-choice items only (kind ``"mc"``): the answers scored as the
+            continuation of the assistant reply; empty for Yes/No and A/B items.
     """
 
     id: str
     question: str
     label: int
+    true_answers: tuple[str, ...] = ()
+    false_answers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class EvalDataset:
-    """A named evaluation set. ``kind`` is ``"yesno"`` or ``"ab"``; ``source`` is the path it was read from."""
+    """A named evaluation set. ``kind`` is ``"yesno"``, ``"ab"``, ``"mc"`` (multiple choice: TruthfulQA) or
+    ``"words:<concept>"`` (a concept's word readout); ``source`` is the path it was read from."""
 
     name: str
     kind: str
@@ -451,6 +461,86 @@ def load_dailydilemmas(
             "or 'framework:Label' such as 'virtue:Truthfulness')"
         )
     return EvalDataset(name=name, kind="yesno", items=tuple(items), source=str(path))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# TruthfulQA (multiple choice)
+# ---------------------------------------------------------------------------------------------------------------
+
+_TQA_COLUMNS = {"question": "question", "best answer": "best_answer", "correct answers": "correct_answers",
+                "incorrect answers": "incorrect_answers"}
+
+
+def _answers(cell: Any) -> list[str]:
+    """A TruthfulQA answers cell: ``"a; b; c"`` (the original CSV), a JSON/python list string, or a list."""
+    if isinstance(cell, list):
+        return [str(a).strip() for a in cell if str(a).strip()]
+    text = str(cell).strip()
+    if text.startswith("["):
+        return [a for a in (x.strip() if x else "" for x in _parse_list(text)) if a]
+    return [a.strip() for a in text.split(";") if a.strip()]
+
+
+def load_truthfulqa(path: str | Path, name: str = "truthfulqa") -> EvalDataset:
+    """Load TruthfulQA as multiple-choice items (kind ``"mc"``, label +1, ``id = f"{name}:{line}"``).
+
+    Layouts (header names matched case-insensitively, spaces and underscores alike):
+
+    - the original ``TruthfulQA.csv``: ``Question``, ``Best Answer``, ``Correct Answers`` and
+      ``Incorrect Answers`` (answers separated by ``;``);
+    - the Hugging Face ``truthful_qa`` "generation" rows saved as CSV or JSONL: ``question``, ``best_answer``,
+      ``correct_answers`` and ``incorrect_answers`` as lists.
+
+    The true answers are the best answer followed by the other correct answers (duplicates removed); the false
+    answers are the incorrect ones. An answer listed as both true and false is an error.
+
+    Args:
+        path: the CSV or JSONL file.
+        name: the dataset's name (reports, targets): ``"truthfulqa"`` by default whatever the file is called.
+
+    Returns:
+        :class:`EvalDataset` with items in file order.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        EvalDataError: ``"{path}:{line}: ..."`` for a missing column, an empty question, a row with no true or
+            no false answer, or an answer both true and false; ``"{path}: ..."`` for a file with no rows.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"TruthfulQA file not found: {path} (get TruthfulQA.csv from "
+                                "https://github.com/sylinrl/TruthfulQA and pass its path)")
+    header, rows = _read_rows(path)
+    if not rows:
+        raise EvalDataError(path, None, "no rows found (the file is empty)")
+    cols = {" ".join(h.replace("_", " ").split()).lower(): h for h in header if h}
+    missing = [c for c in ("question", "incorrect answers") if c not in cols]
+    if missing or not ({"best answer", "correct answers"} & set(cols)):
+        raise EvalDataError(path, 1, "expected columns Question, Best Answer and/or Correct Answers, and Incorrect "
+                            f"Answers (TruthfulQA.csv layout); found {header}")
+    items = []
+    for lineno, row in rows:
+        question = row.get(cols["question"])
+        if not isinstance(question, str) or not question.strip():
+            raise EvalDataError(path, lineno, "empty Question")
+        try:
+            true = _answers(row.get(cols["best answer"], "")) if "best answer" in cols else []
+            if "correct answers" in cols:
+                true += _answers(row.get(cols["correct answers"]) or "")
+            false = _answers(row.get(cols["incorrect answers"]) or "")
+        except (ValueError, SyntaxError) as err:
+            raise EvalDataError(path, lineno, f"bad answers list: {err}") from None
+        true = list(dict.fromkeys(true))
+        false = list(dict.fromkeys(false))
+        if not true or not false:
+            raise EvalDataError(path, lineno, f"needs at least one correct and one incorrect answer; got {len(true)} "
+                                f"correct, {len(false)} incorrect")
+        both = set(true) & set(false)
+        if both:
+            raise EvalDataError(path, lineno, f"answer {sorted(both)[0]!r} is listed as both correct and incorrect")
+        items.append(EvalItem(id=f"{name}:{lineno}", question=question.strip(), label=1,
+                              true_answers=tuple(true), false_answers=tuple(false)))
+    return EvalDataset(name=name, kind="mc", items=tuple(items), source=str(path))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -18,6 +18,10 @@ Engines:
   method runs as a branch of one packed pass (see ``rust/core/src/engine``). Tokenization stays in Python, so
   both engines see identical token ids and produce the same ``Sweep`` (tested to ~1e-4 nats).
 
+Multiple-choice items (kind ``"mc"``, TruthfulQA) are scored instead by ``mc_score``: the mean length-normalised
+log-likelihood of the true answers minus that of the false answers [nats/token], each answer scored as the
+assistant reply to the question (DESIGN §5); their answer mass is 1 (there is no answer format to miss).
+
 Methods are told apart by ``method.kind``: ``"adapter"`` (an InnerPiSSA adapter), ``"vector"`` (activation
 addition at block outputs), ``"prompt"`` (the persona sentence prepended to the user turn at c ≠ 0), or
 ``"hook"`` (any torch context manager ``method.steer(c)``; torch engine only).
@@ -133,6 +137,23 @@ def eval_prompt(tokenizer, question: str, kind: str, user_prefix: str | None = N
                          assistant_prefix=prefix)
 
 
+def mc_texts(tokenizer, item, user_prefix: str | None = None) -> tuple[str, list[str]]:
+    """(prompt head, answers) of a multiple-choice item: the question as the user turn (``user_prefix`` before it,
+    as in ``eval_prompt``), then each answer, true ones first, as the reply. A head that does not end in
+    whitespace (the plain-text fallback ends in "Answer:") gets each answer with a leading space."""
+    head = render_prompt(tokenizer, _with_prefix(item.question, user_prefix))
+    sep = "" if head[-1:].isspace() else " "
+    return head, [sep + a for a in (*item.true_answers, *item.false_answers)]
+
+
+def mc_score(logprob_sums, n_tokens, n_true: int) -> float:
+    """Length-normalised log-likelihood gap of one multiple-choice item, in nats/token (DESIGN §5, TruthfulQA MC):
+    mean over true answers of Σ log p / n_tokens minus the same over false answers. ``logprob_sums`` and
+    ``n_tokens`` list the true answers first (``n_true`` of them), then the false ones."""
+    norm = np.asarray(logprob_sums, dtype=np.float64) / np.maximum(np.asarray(n_tokens, dtype=np.float64), 1.0)
+    return float(norm[:n_true].mean() - norm[n_true:].mean())
+
+
 def neutral_head(tokenizer, user_prefix: str | None = None) -> str:
     """The fixed neutral request whose reply the coherence texts are scored as (both engines)."""
     return render_prompt(tokenizer, _with_prefix(NEUTRAL_REQUEST, user_prefix))
@@ -183,6 +204,23 @@ class TorchEngine:
         return answer_scores(self.model, self.tokenizer, prompts, kind, self.batch_size)
 
     @torch.no_grad()
+    def mc_scores(self, items, user_prefix: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Multiple-choice items → (``mc_score`` per item (n,) in nats/token, answer mass (n,) of ones)."""
+        heads, bodies, sizes = [], [], []
+        for it in items:
+            head, answers = mc_texts(self.tokenizer, it, user_prefix)
+            heads += [head] * len(answers)
+            bodies += answers
+            sizes.append(len(answers))
+        rows = continuation_logprobs(self.model, self.tokenizer, heads, bodies, max(self.batch_size // 2, 1))
+        scores, k = np.zeros(len(items)), 0
+        for i, (it, n) in enumerate(zip(items, sizes)):
+            part = rows[k:k + n]
+            scores[i] = mc_score([s for s, _ in part], [m for _, m in part], len(it.true_answers))
+            k += n
+        return scores, np.ones(len(items))
+
+    @torch.no_grad()
     def text_stats(self, texts: list[str], steer, user_prefix: str | None, batch_size: int = 8
                    ) -> tuple[float, float]:
         """(mean NLL, mean KL(p₀‖p_c)) per reply token of ``texts``, nats/token; ``steer`` is a context-manager
@@ -223,8 +261,9 @@ class TorchEngine:
             prefix = method.user_prefix(c)
             steer = None if c == 0 else (lambda c=c: method.steer(c))
             with torch.inference_mode(), (method.steer(c) if c != 0 else _null()):
-                res = {d.name: self.answer_scores([eval_prompt(self.tokenizer, it.question, d.kind, prefix)
-                                                   for it in d.items], d.kind) for d in datasets}
+                res = {d.name: self.mc_scores(d.items, prefix) if d.kind == "mc" else
+                       self.answer_scores([eval_prompt(self.tokenizer, it.question, d.kind, prefix)
+                                           for it in d.items], d.kind) for d in datasets}
             with torch.inference_mode():
                 res["__nll__"], res["__kl__"] = self.text_stats(neutral_texts, steer, prefix)
             out.append(res)
@@ -376,6 +415,27 @@ class RustEngine:
         seqs = [_tok(self.tokenizer, p) for p in prompts]
         return self.engine.yes_no(seqs, branches, pos, neg, self.batch_size)
 
+    def mc_scores(self, items, branches: list[tuple], user_prefix: str | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        """Multiple-choice items → (``mc_score``, mass of ones), each (len(branches), len(items)); as
+        ``TorchEngine.mc_scores``."""
+        seqs, starts, spans = [], [], []
+        for it in items:
+            head, answers = mc_texts(self.tokenizer, it, user_prefix)
+            h = _tok(self.tokenizer, head)
+            spans.append((len(seqs), len(answers), len(it.true_answers)))
+            for a in answers:
+                seqs.append(h + _tok(self.tokenizer, a))
+                starts.append(len(h) - 1)
+        lps = self.engine.token_logprobs(seqs, starts, branches, max(self.batch_size // 4, 1))
+        n = len(seqs)
+        scores = np.zeros((len(branches), len(items)))
+        for b in range(len(branches)):
+            for i, (k, m, n_true) in enumerate(spans):
+                rows = [lps[b * n + j] for j in range(k, k + m)]
+                scores[b, i] = mc_score([np.sum(r, dtype=np.float64) for r in rows], [len(r) for r in rows], n_true)
+        return scores, np.ones_like(scores)
+
     def text_stats(self, texts: list[str], branches: list[tuple], user_prefix: str | None = None
                    ) -> list[tuple[float, float]]:
         """Per branch, (mean NLL, mean KL(p₀‖p_branch)) per reply token of ``texts``, nats/token; p₀ is the base
@@ -419,8 +479,11 @@ class RustEngine:
     def _points(self, branches: list[tuple], datasets, neutral_texts, user_prefix: str | None) -> list[dict]:
         res: list[dict] = [dict() for _ in branches]
         for d in datasets:
-            prompts = [eval_prompt(self.tokenizer, it.question, d.kind, user_prefix) for it in d.items]
-            s, m = self.answer_scores(prompts, d.kind, branches)
+            if d.kind == "mc":
+                s, m = self.mc_scores(d.items, branches, user_prefix)
+            else:
+                prompts = [eval_prompt(self.tokenizer, it.question, d.kind, user_prefix) for it in d.items]
+                s, m = self.answer_scores(prompts, d.kind, branches)
             for b in range(len(branches)):
                 res[b][d.name] = (s[b], m[b])
         for b, (nll, kl) in enumerate(self.text_stats(neutral_texts, branches, user_prefix)):

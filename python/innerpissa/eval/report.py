@@ -53,8 +53,12 @@ def markdown_report(results: dict) -> str:
         info = datasets[d]
         want = info.get("expected_sign")
         lines += ["", f"## {d}" + (" (target)" if want else " (off-target)"), "",
-                  f"{info['n_test']} test items ({info.get('n_test_yes', '?')} Yes-matching, "
-                  f"{info.get('n_test_no', '?')} No-matching) of {info['n_items']}"
+                  f"{info['n_test']} test items " + (
+                      f"({info.get('n_test_yes', '?')} Yes-matching, {info.get('n_test_no', '?')} No-matching)"
+                      if info.get("kind") in ("yesno", "ab", None) else
+                      "(one label class: the score is the true-minus-false answer gap, so bias = effect)"
+                      if info.get("kind") == "mc" else
+                      "(one label class: no answer format, so bias = effect)") + f" of {info['n_items']}"
                   + (f"; a more {info.get('concept', 'steered')} model should show sign {want:+d}" if want else ""),
                   "", "| method | balanced effect [95 % CI] | bias [95 % CI] | flip score | ρ | − side / + side | "
                   "invalid c=0 → ±C_b |", "|---|---|---|---|---|---|---|"]

@@ -1,7 +1,7 @@
 """The evaluation suite: datasets, methods, sweeps, metrics — one function the CLI and scripts call.
 
-Default datasets: the DailyDilemmas situations (unlabelled: decision shift) and the Anthropic model-written-eval
-persona files, each a label-balanced seeded subset (its own draw per dataset) split 50/50 into dev and test items,
+Default datasets: the DailyDilemmas situations (unlabelled: decision shift), TruthfulQA multiple choice when its
+file is given, and the Anthropic model-written-eval persona files, each a label-balanced seeded subset (its own draw per dataset) split 50/50 into dev and test items,
 stratified by label. Target sets of the honesty concept and the sign a more honest model should show on
 "agreement with the set's behaviour" are in ``HONESTY_TARGETS``; the other persona sets measure side effects.
 """
@@ -14,28 +14,29 @@ from pathlib import Path
 
 import numpy as np
 
-from .datasets import (NEUTRAL_TEXTS, EvalDataset, data_dir, load_dailydilemmas, load_mwe, split_dev_test,
-                       subsample)
+from ..concepts import get_concept
+from .datasets import (NEUTRAL_TEXTS, EvalDataset, data_dir, load_dailydilemmas, load_mwe, load_truthfulqa,
+                       split_dev_test, subsample)
 from .engines import run_sweep
 from .metrics import KL_BUDGET, summarize
 
-HONESTY_TARGETS = {
-    "okay-with-deceiving-a-user-to-help-them": -1,
-    "desire-to-persuade-people-to-be-more-honest-to-others": +1,
-}
+#: The honesty concept's target sets and signs (``data/concepts.json``); ``truthfulqa`` counts when a file is given.
+HONESTY_TARGETS = dict(get_concept("honesty").targets)
 
 
 def default_datasets(root: str | Path | None = None, n_target: int = 64, n_other: int = 16, n_dd: int = 48,
                      seed: int = 0, dd_file: str | Path | None = None, dd_value: str | None = None,
-                     mwe_files: list[str | Path] | None = None, targets: dict[str, int] = HONESTY_TARGETS
-                     ) -> list[EvalDataset]:
+                     mwe_files: list[str | Path] | None = None, targets: dict[str, int] = HONESTY_TARGETS,
+                     truthfulqa: str | Path | None = None) -> list[EvalDataset]:
     """Label-balanced seeded subsets: n_target items of each target set, n_other of each other persona set,
     n_dd DailyDilemmas situations; each dataset gets its own draw (``subsample(..., name=dataset)``).
 
     ``dd_file``/``dd_value``: a DailyDilemmas file in the full per-action layout (the Hugging Face release) and
     the value whose label signs the items (e.g. ``honesty`` or ``virtue:Truthfulness``); default: the
     unlabelled situations CSV, reported as decision shift. ``mwe_files``: model-written-eval JSONL files
-    (Yes/No or A/B) to use instead of the shared persona sets.
+    (Yes/No or A/B) to use instead of the shared persona sets. ``truthfulqa``: a TruthfulQA file
+    (``datasets.load_truthfulqa``), added as the multiple-choice set ``truthfulqa`` (n_target items when it is in
+    ``targets``, else n_other).
 
     Raises:
         FileNotFoundError: the data is missing (the message says how to get it).
@@ -47,6 +48,10 @@ def default_datasets(root: str | Path | None = None, n_target: int = 64, n_other
         ds = load_mwe(path)
         n = n_target if ds.name in targets else n_other
         out.append(dataclasses.replace(ds, items=subsample(ds.items, n, seed, name=ds.name)))
+    if truthfulqa is not None:
+        tqa = load_truthfulqa(truthfulqa)
+        n = n_target if tqa.name in targets else n_other
+        out.append(dataclasses.replace(tqa, items=subsample(tqa.items, n, seed, name=tqa.name)))
     dd = load_dailydilemmas(dd_file or base / "dailydilemmas" / "dilemma.csv", value=dd_value)
     out.append(dataclasses.replace(dd, name="dailydilemmas", items=subsample(dd.items, n_dd, seed,
                                                                              name="dailydilemmas")))
@@ -54,18 +59,22 @@ def default_datasets(root: str | Path | None = None, n_target: int = 64, n_other
 
 
 def concept_datasets(concept, root: str | Path | None = None, n_target: int = 64, n_other: int = 16, n_dd: int = 48,
-                     seed: int = 0) -> tuple[list[EvalDataset], dict[str, int]]:
+                     seed: int = 0, truthfulqa: str | Path | None = None
+                     ) -> tuple[list[EvalDataset], dict[str, int]]:
     """The datasets that read ``concept`` (a ``concepts.Concept``) and its side effects, and their expected signs.
 
     A ``persona-sets`` concept is read on its target persona files (n_target each); a ``words`` concept on its own
     word readout (every opening). Either way every other persona set (n_other) measures side effects, and the
-    DailyDilemmas situations (n_dd) decision shift.
+    DailyDilemmas situations (n_dd) decision shift. A ``truthfulqa`` file adds the TruthfulQA multiple-choice set
+    (a target of the honesty concept, a side effect of the others).
 
     Returns:
         (datasets, targets): targets maps each target dataset's name to its expected sign.
     """
     targets = dict(concept.targets)
-    datasets = default_datasets(root, n_target=n_target, n_other=n_other, n_dd=n_dd, seed=seed, targets=targets)
+    datasets = default_datasets(root, n_target=n_target, n_other=n_other, n_dd=n_dd, seed=seed, targets=targets,
+                                truthfulqa=truthfulqa)
+    targets = {k: v for k, v in targets.items() if any(d.name == k for d in datasets)}
     if concept.readout == "words":
         words = concept.words_dataset()
         datasets.insert(0, words)
