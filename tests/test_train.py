@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_llama, word_tokenizer
 from innerpissa import AdapterConfig, attach
 from innerpissa.pairs import make_honesty_pairs
-from innerpissa.train import TrainConfig, preference_direction, tokenize_pairs, train
+from innerpissa.train import LOSS_VERSION, TrainConfig, preference_direction, tokenize_pairs, train
 
 
 def _setup(seed: int = 0):
@@ -34,6 +34,29 @@ def test_tokenize_pairs_aligns_shared_suffix():
     assert not torch.equal(batch.input_ids[:n], batch.input_ids[n:])
 
 
+def test_suffix_mask_covers_only_the_assistant_suffix_with_the_smollm2_tokenizer(tmp_path):
+    """The constrained tokens are the unfinished assistant reply, never the persona sentence's tail
+    (" person making statements about the world.") or chat-template tokens."""
+    from innerpissa.models import load_tokenizer
+    from innerpissa.pairs import load_pairs
+
+    tok = load_tokenizer(None)
+    pairs = list(make_honesty_pairs(tok, n_pairs=400, seed=0).train[:16])
+    batch = tokenize_pairs(tok, pairs)
+    k = batch.suffix_mask.shape[1]
+    assert k == max(len(tok(p.suffix, add_special_tokens=False)["input_ids"]) for p in pairs) < 16
+    for i, p in enumerate(pairs):
+        for row in (i, i + len(pairs)):
+            covered = tok.decode(batch.input_ids[row, -k:][batch.suffix_mask[row]])
+            assert covered == p.suffix and "<|im_" not in covered and "world" not in covered
+    # explicit prompts from a file get the same suffix from the template's assistant header
+    f = tmp_path / "pairs.jsonl"
+    f.write_text("".join(json.dumps({"positive": p.positive, "negative": p.negative}) + "\n" for p in pairs))
+    loaded = load_pairs(f, tok, val_fraction=0.0).train
+    assert [p.suffix for p in loaded] == [p.suffix for p in pairs]
+    assert torch.equal(tokenize_pairs(tok, list(loaded)).suffix_mask, batch.suffix_mask)
+
+
 def test_training_moves_separation_in_both_directions(tmp_path):
     model, tok, split = _setup()
     adapter = attach(model, AdapterConfig(rank=8))
@@ -45,7 +68,7 @@ def test_training_moves_separation_in_both_directions(tmp_path):
     first = [x for x in lines if "loss" in x][0]["loss"]
     assert val["loss"] < first
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert saved["loss"] == {"name": "reprpo-svd", "version": 1}
+    assert saved["loss"] == {"name": "reprpo-svd", "version": LOSS_VERSION}
     assert len(saved["preference_direction"]["u"]) == 8
 
 

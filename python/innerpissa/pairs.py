@@ -37,6 +37,7 @@ __all__ = [
     "HONESTY_PERSONAS",
     "persona_instruction",
     "render_prompt",
+    "assistant_suffix",
     "make_honesty_pairs",
     "make_persona_pairs",
     "load_pairs",
@@ -49,10 +50,15 @@ class ContrastivePair:
 
     Both strings are already rendered with the chat template (special tokens written as text); tokenize them with
     ``add_special_tokens=False``. ``positive`` is the side that coefficient ``c = +1`` moves towards.
+
+    ``suffix`` is the unfinished assistant reply both prompts end with (``"The capital of France is"``), or ``""``
+    when the two prompts do not share one (A/B items, DPO triples). Training constrains and orders only the
+    tokens of this suffix, never the persona sentence or the chat-template tokens before it.
     """
 
     positive: str
     negative: str
+    suffix: str = ""
 
 
 @dataclass(frozen=True)
@@ -476,6 +482,23 @@ def render_prompt(tokenizer: Any, user: str, assistant_prefix: str = "", system:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+_SENTINEL = "zqxjzqxj"
+
+
+def assistant_suffix(tokenizer: Any, positive: str, negative: str) -> str:
+    """The unfinished assistant reply two rendered prompts share: the text after the last assistant header
+    (what :func:`render_prompt` writes between the user text and the reply, found by rendering a probe), when both
+    prompts have it and the text after it is the same and not empty; else ``""``."""
+    probe = render_prompt(tokenizer, _SENTINEL)
+    header = probe[probe.rindex(_SENTINEL) + len(_SENTINEL):]
+    if not header.strip():
+        return ""
+    tails = [t[t.rindex(header) + len(header):] if header in t else None for t in (positive, negative)]
+    if tails[0] is None or tails[0] != tails[1] or not tails[0].strip():
+        return ""
+    return tails[0]
+
+
 def _take_spread(suffixes: Sequence[str], n: int, n_personas: int, rng: random.Random) -> list[tuple[int, str]]:
     """Pick ``n`` distinct (persona index, suffix) combos, using every suffix once before any suffix twice."""
     order = list(suffixes)
@@ -549,6 +572,7 @@ def make_persona_pairs(
                 ContrastivePair(
                     positive=render_prompt(tokenizer, instruction(True, persona), suffix),
                     negative=render_prompt(tokenizer, instruction(False, persona), suffix),
+                    suffix=suffix.strip(),
                 )
             )
         return tuple(out)
@@ -612,7 +636,14 @@ def _parse_pair_row(row: Any, path: Path, lineno: int, tokenizer: Any) -> tuple[
     kind = kinds[0]
     values = _string_fields(row, _FORMATS[kind], path, lineno)
     if kind == "pair":
-        pair, group = ContrastivePair(values[0], values[1]), f"line:{lineno}"
+        if "suffix" in row:
+            (suffix,) = _string_fields(row, ("suffix",), path, lineno)
+            if not (values[0].endswith(suffix) and values[1].endswith(suffix)):
+                raise PairFileError(path, lineno, f"field 'suffix' ({suffix!r}) must be the text both prompts end "
+                                    "with (the shared unfinished assistant reply)")
+        else:
+            suffix = assistant_suffix(tokenizer, values[0], values[1])
+        pair, group = ContrastivePair(values[0], values[1], suffix), f"line:{lineno}"
     elif kind == "ab":
         question, matching, not_matching = values
         if matching.strip() == not_matching.strip():
@@ -664,7 +695,9 @@ def load_pairs(path: str | Path, tokenizer: Any, val_fraction: float = 0.1, seed
     The format is detected per line from its fields (extra fields are ignored):
 
     * ``{"positive": str, "negative": str}`` — full prompts used **verbatim** (no template is applied; the user
-      is responsible for rendering them, including any special tokens).
+      is responsible for rendering them, including any special tokens). An optional ``"suffix"`` names the
+      unfinished assistant reply both end with (the tokens training constrains); without it the text after the
+      tokenizer's assistant header is used when both prompts share it (:func:`assistant_suffix`).
     * Model-written-eval / CAA item ``{"question", "answer_matching_behavior", "answer_not_matching_behavior"}``
       — positive = ``render_prompt(tok, question, prefix(matching))``, negative likewise with the other answer,
       where the prefix is the stripped answer with a letter answer's closing parenthesis dropped as in CAA

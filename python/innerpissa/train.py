@@ -6,11 +6,11 @@ Per step, for a batch of N contrastive pairs (positive, negative prompt sharing 
    (last K tokens) and per-token NLL⁰ of the shared suffix;
 2. one steered pass over [pos; neg] at c = +1 and [pos; neg] at c = −1 (per-row coefficients, 4N rows).
 
-Loss (name ``reprpo-svd``, version 1), averaged over pairs:
+Loss (name ``reprpo-svd``, version 2), averaged over pairs:
 
     s_i(c)  = mean over the last K tokens of ⟨Pᵀ(h_pos(c) − h_neg(c)), u⟩      (P: d×r singular basis, u frozen)
     L_sep   = softplus(−β (s(+1) − s(0)) / σ) + softplus(−β (s(0) − s(−1)) / σ)   (= −log σ(·), bounded)
-    L_coh   = w_coh · mean_t ReLU(NLL_c(t) − NLL_0(t) − τ)²                       (per suffix token, both c)
+    L_coh   = w_coh · mean_t ReLU(NLL_c(t) − NLL_0(t) − τ)²             (per assistant-suffix token, both c)
     g(c)    = [log p_c(suffix|pos) − log p_c(suffix|neg)] − [same at c = 0]
     L_mono  = w_mono · (ReLU(m − g(+1)) + ReLU(m + g(−1)))
     L       = L_sep + L_coh + L_mono
@@ -19,6 +19,10 @@ The preference direction u is measured once before training from the unsteered m
 (mean last-token h_pos − h_neg, in the U basis of the adapted residual writer at the loss layer, unit norm) and
 frozen, so the adapter cannot win by rotating the ruler; σ is the mean unsteered separation, fixing the scale.
 The sign is fixed by construction: +c moves toward the positive persona.
+
+"Suffix" tokens are those of the unfinished assistant reply the two prompts share (``ContrastivePair.suffix``);
+version 1 also counted the shared end of the persona sentence and the chat-template tokens before the reply, so
+its coherence and ordering terms mostly rewarded log p(" person" | persona words).
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from .errors import ConfigError, OutputExistsError, ResumeMismatchError, Trainin
 from .pairs import ContrastivePair
 
 LOSS_NAME = "reprpo-svd"
-LOSS_VERSION = 1
+LOSS_VERSION = 2
 
 
 @dataclass
@@ -137,18 +141,44 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask, pos
 
 
+def suffix_token_count(tokenizer, text: str, suffix: str) -> int:
+    """How many trailing tokens of ``text`` (tokenized without special tokens) spell ``suffix``: the tokens where
+    its tokenization departs from that of ``text`` without the suffix. 0 when ``suffix`` is empty or not the end of
+    ``text``."""
+    if not suffix or not text.endswith(suffix):
+        return 0
+    full = tokenizer(text, add_special_tokens=False)["input_ids"]
+    head = tokenizer(text[:-len(suffix)], add_special_tokens=False)["input_ids"]
+    k = 0
+    while k < min(len(full), len(head)) and full[k] == head[k]:
+        k += 1
+    return len(full) - k
+
+
 def tokenize_pairs(tokenizer, pairs: list[ContrastivePair], max_suffix_tokens: int = 24) -> PairBatch:
-    """Tokenize pairs (no special tokens added: prompts are already rendered) into a left-padded PairBatch."""
+    """Tokenize pairs (no special tokens added: prompts are already rendered) into a left-padded PairBatch.
+
+    The suffix mask of a pair covers the trailing tokens both prompts share **and** that spell its assistant
+    suffix (``pair.suffix``; for pairs without one, the shared trailing tokens), at most ``max_suffix_tokens`` and
+    at least the final token. n_keep (the mask's width, and the number of positions that get logits) is the
+    longest suffix in the batch.
+    """
     pos = [tokenizer(p.positive, add_special_tokens=False)["input_ids"] for p in pairs]
     neg = [tokenizer(p.negative, add_special_tokens=False)["input_ids"] for p in pairs]
     ids, mask, posids = left_pad(pos + neg, tokenizer.pad_token_id)
-    n_keep = min(max_suffix_tokens, ids.shape[1] - 1)  # every kept token needs a predecessor
-    suffix = torch.zeros((2 * len(pairs), n_keep), dtype=torch.bool)
-    for i, (a, b) in enumerate(zip(pos, neg)):
+    cap = min(max_suffix_tokens, ids.shape[1] - 1)  # every kept token needs a predecessor
+    commons = []
+    for p, a, b in zip(pairs, pos, neg):
         common = 0
-        while common < min(len(a), len(b), n_keep) and a[-1 - common] == b[-1 - common]:
+        while common < min(len(a), len(b), cap) and a[-1 - common] == b[-1 - common]:
             common += 1
-        common = max(common, 1)  # pairs with different endings: constrain at least the final token
+        if p.suffix:
+            common = min(common, suffix_token_count(tokenizer, p.positive, p.suffix),
+                         suffix_token_count(tokenizer, p.negative, p.suffix))
+        commons.append(max(common, 1))  # pairs with different endings: constrain at least the final token
+    n_keep = max(commons)
+    suffix = torch.zeros((2 * len(pairs), n_keep), dtype=torch.bool)
+    for i, common in enumerate(commons):
         suffix[i, n_keep - common:] = True
         suffix[len(pairs) + i, n_keep - common:] = True
     return PairBatch(ids, mask, posids, suffix)
