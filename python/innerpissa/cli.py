@@ -118,15 +118,20 @@ def train_cmd(
     rank: Optional[int] = typer.Option(None, help="adapter rank r (default hidden_size // 8)"),
     lr: float = typer.Option(3e-3, help="learning rate"),
     batch_pairs: int = typer.Option(8, help="pairs per step"),
+    objective: str = typer.Option("reprpo-svd", help="training objective: reprpo-svd, antiparallel or anchored "
+                                  "(innerpissa/objectives.py)"),
+    epochs: float = typer.Option(0.0, help="passes over the training pairs (> 0 overrides --steps)"),
+    schedule: str = typer.Option("cosine", help="learning-rate schedule: cosine or one-cycle"),
     out: Path = typer.Option(Path("runs/honesty"), help="run directory (resumes an unfinished run with the same "
                              "configuration and pairs; anything else is refused without --overwrite)"),
     overwrite: bool = OverwriteOpt,
     allow_network: bool = typer.Option(False, help="allow Hugging Face hub downloads"),
     threads: Optional[int] = typer.Option(None, help="torch threads (default: all cores)"),
 ):
-    """Train an InnerPiSSA adapter with the ReprPO loss at c = +1 and c = −1."""
+    """Train an InnerPiSSA adapter at c = +1 and c = −1 with the chosen objective (default: the ReprPO loss)."""
     _train(model, pairs, n_pairs, steps, seed, rank, out, allow_network, threads, overwrite=overwrite,
-           cfg_kwargs={"lr": lr, "batch_pairs": batch_pairs}, concept=concept)
+           cfg_kwargs={"lr": lr, "batch_pairs": batch_pairs, "objective": objective, "epochs": epochs,
+                       "schedule": schedule}, concept=concept)
 
 
 def _evaluate(lm, adapter, split, methods, data_dir, n_target, n_other, n_dd, seed, out: Path, batch_size,

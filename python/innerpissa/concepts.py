@@ -41,6 +41,7 @@ class Concept:
     positive_words: tuple[str, ...] = ()
     negative_words: tuple[str, ...] = ()
     prefixes: tuple[str, ...] = ()
+    neutral: str = ""  # the persona-free instruction (ContrastivePair.neutral)
 
     def instruction(self, positive: bool, persona: tuple[str, str] | None = None) -> str:
         """The persona sentence for one side, e.g. "Pretend you're a cheerful optimist making statements …"."""
@@ -52,7 +53,7 @@ class Concept:
     def pairs(self, tokenizer: Any, n_pairs: int = 400, seed: int = 0, val_fraction: float = 0.1) -> PairSplit:
         """Training / validation contrastive pairs (``pairs.make_persona_pairs``)."""
         return make_persona_pairs(tokenizer, self.personas, self.instruction, n_pairs, seed, val_fraction,
-                                  concept=self.name)
+                                  concept=self.name, neutral_instruction=self.neutral or None)
 
     def words_dataset(self):
         """The ``words`` readout as an ``EvalDataset`` (kind ``"words:<concept>"``, every label +1).
@@ -83,7 +84,8 @@ def load_concepts() -> dict[str, Concept]:
         out[name] = Concept(name=name, description=d["description"], template=d["template"], personas=personas,
                             readout=d["readout"], targets=dict(d.get("targets", {})), request=d.get("request", ""),
                             positive_words=tuple(d.get("positive_words", ())),
-                            negative_words=tuple(d.get("negative_words", ())), prefixes=tuple(d.get("prefixes", ())))
+                            negative_words=tuple(d.get("negative_words", ())), prefixes=tuple(d.get("prefixes", ())),
+                            neutral=d.get("neutral", ""))
     return out
 
 

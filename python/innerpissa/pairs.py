@@ -54,11 +54,15 @@ class ContrastivePair:
     ``suffix`` is the unfinished assistant reply both prompts end with (``"The capital of France is"``), or ``""``
     when the two prompts do not share one (A/B items, DPO triples). Training constrains and orders only the
     tokens of this suffix, never the persona sentence or the chat-template tokens before it.
+
+    ``neutral`` is the same suffix after a persona-free instruction (``"Pretend you're a person making statements
+    about the world."``), or ``""``; the ``anchored`` objective moves it toward the positive side at +c.
     """
 
     positive: str
     negative: str
     suffix: str = ""
+    neutral: str = ""
 
 
 @dataclass(frozen=True)
@@ -508,18 +512,22 @@ def _take_spread(suffixes: Sequence[str], n: int, n_personas: int, rng: random.R
     return combos[:n]
 
 
+#: The persona-free instruction of the honesty pairs (``ContrastivePair.neutral``).
+NEUTRAL_INSTRUCTION = "Pretend you're a person making statements about the world."
+
+
 def make_honesty_pairs(
     tokenizer: Any, n_pairs: int = 400, seed: int = 0, val_fraction: float = 0.1
 ) -> PairSplit:
     """Honesty pairs (see :func:`make_persona_pairs`): :data:`HONESTY_PERSONAS` × :data:`SUFFIXES` with
     :func:`persona_instruction`."""
     return make_persona_pairs(tokenizer, HONESTY_PERSONAS, persona_instruction, n_pairs, seed, val_fraction,
-                              concept="honesty")
+                              concept="honesty", neutral_instruction=NEUTRAL_INSTRUCTION)
 
 
 def make_persona_pairs(
     tokenizer: Any, personas: Sequence[tuple[str, str]], instruction, n_pairs: int = 400, seed: int = 0,
-    val_fraction: float = 0.1, concept: str = "persona",
+    val_fraction: float = 0.1, concept: str = "persona", neutral_instruction: str | None = None,
 ) -> PairSplit:
     """Build contrastive pairs from ``personas`` × :data:`SUFFIXES` (honesty: :func:`make_honesty_pairs`).
 
@@ -535,6 +543,8 @@ def make_persona_pairs(
         n_pairs: total number of pairs (train + val), at most ``len(personas) * len(SUFFIXES)``.
         seed: random seed for the suffix split and the combo sampling.
         val_fraction: fraction of suffixes and of pairs held out for validation, in [0, 1).
+        neutral_instruction: a persona-free user turn; when given each pair's ``neutral`` prompt is it followed by
+            the same suffix.
 
     Returns:
         :class:`PairSplit` with about ``n_pairs * (1 - val_fraction)`` training pairs (shuffled).
@@ -573,6 +583,7 @@ def make_persona_pairs(
                     positive=render_prompt(tokenizer, instruction(True, persona), suffix),
                     negative=render_prompt(tokenizer, instruction(False, persona), suffix),
                     suffix=suffix.strip(),
+                    neutral=render_prompt(tokenizer, neutral_instruction, suffix) if neutral_instruction else "",
                 )
             )
         return tuple(out)

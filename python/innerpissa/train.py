@@ -1,28 +1,23 @@
-"""ReprPO training of an InnerPiSSA adapter at c = +1 and c = −1 together (DESIGN.md §3).
+"""Training an InnerPiSSA adapter at c = +1 and c = −1 together (DESIGN.md §3); the losses are in ``objectives``.
 
 Per step, for a batch of N contrastive pairs (positive, negative prompt sharing an assistant suffix):
 
-1. reference pass at c = 0 (adapter skipped, exact base model, no grad): hidden states h⁰ at the loss layer
-   (last K tokens) and per-token NLL⁰ of the shared suffix;
-2. one steered pass over [pos; neg] at c = +1 and [pos; neg] at c = −1 (per-row coefficients, 4N rows).
+1. the c = 0 pass (adapter skipped, exact base model, no grad): hidden states h⁰ at the loss block (last K
+   tokens) and the log-probs of the assistant-suffix tokens. The base model never changes, so this pass is
+   computed once per training pair before the first step and reused (``reference_cache``), except for
+   objectives that read whole next-token distributions;
+2. one steered pass over [pos; neg] at c = +1 and [pos; neg] at c = −1 (per-row coefficients, 4N rows), and for
+   ``anchored`` the persona-free prompts at 0 and ±1.
 
-Loss (name ``reprpo-svd``, version 2), averaged over pairs:
-
-    s_i(c)  = mean over the last K tokens of ⟨Pᵀ(h_pos(c) − h_neg(c)), u⟩      (P: d×r singular basis, u frozen)
-    L_sep   = softplus(−β (s(+1) − s(0)) / σ) + softplus(−β (s(0) − s(−1)) / σ)   (= −log σ(·), bounded)
-    L_coh   = w_coh · mean_t ReLU(NLL_c(t) − NLL_0(t) − τ)²             (per assistant-suffix token, both c)
-    g(c)    = [log p_c(suffix|pos) − log p_c(suffix|neg)] − [same at c = 0]
-    L_mono  = w_mono · (ReLU(m − g(+1)) + ReLU(m + g(−1)))
-    L       = L_sep + L_coh + L_mono
-
-The preference direction u is measured once before training from the unsteered model on the training pairs
-(mean last-token h_pos − h_neg, in the U basis of the adapted residual writer at the loss layer, unit norm) and
-frozen, so the adapter cannot win by rotating the ruler; σ is the mean unsteered separation, fixing the scale.
-The sign is fixed by construction: +c moves toward the positive persona.
+The ruler (basis, preference direction u, σ) is measured once from the base model and frozen, so the adapter
+cannot win by rotating it; the sign is fixed by construction: +c moves toward the positive persona. Recipe
+options (``TrainConfig``): epochs or steps, cosine or one-cycle schedule, constraint warm-up, weight decay, a
+bound on the rotation angle, the ruler's basis (the adapted writer's U, or a base-model PCA basis the adapter
+does not control) and, through ``AdapterConfig.depth_range``, adapters only below the loss block.
 
 "Suffix" tokens are those of the unfinished assistant reply the two prompts share (``ContrastivePair.suffix``);
-version 1 also counted the shared end of the persona sentence and the chat-template tokens before the reply, so
-its coherence and ordering terms mostly rewarded log p(" person" | persona words).
+``reprpo-svd`` version 1 also counted the shared end of the persona sentence and the chat-template tokens before
+the reply, so its coherence and ordering terms mostly rewarded log p(" person" | persona words).
 """
 
 from __future__ import annotations
@@ -41,12 +36,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .adapter import Adapter
+from .adapter.layer import skew
 from .adapter.model import CONFIG_NAME, WEIGHTS_NAME, atomic_write, block_names, decoder_blocks
 from .errors import ConfigError, OutputExistsError, ResumeMismatchError, TrainingDivergedError
+from .objectives import BASES, LOSSES, OBJECTIVES, Passes, Ruler, needs_full_distribution, needs_neutral
 from .pairs import ContrastivePair
 
-LOSS_NAME = "reprpo-svd"
-LOSS_VERSION = 2
+LOSS_NAME = "reprpo-svd"  # the default objective
+LOSS_VERSION = OBJECTIVES[LOSS_NAME]
 
 
 @dataclass
@@ -71,6 +68,18 @@ class TrainConfig:
     checkpoint_every: int = 25
     max_loss_factor: float = 100.0  # stop when the loss exceeds this × max(1, first loss): diverging
     seed: int = 0
+    objective: str = "reprpo-svd"  # objectives.OBJECTIVES
+    basis: str = "adapter-u"  # the ruler's basis: adapter-u (the adapted writer's U) or pca (base-model PCA)
+    basis_rank: int = 4  # k of the pca basis
+    epochs: float = 0.0  # > 0: train this many passes over the training pairs (overrides steps)
+    schedule: str = "cosine"  # cosine (10-step warm-up, cosine to 0) or one-cycle (10 % warm-up, lr/25 at end)
+    constraint_warmup: float = 0.0  # fraction of training over which the constraint terms ramp from 0 to 1
+    max_angle: float = 0.0  # radians; > 0 bounds the Cayley rotation at |c| = 1 (‖A‖₂ ≤ 2 tan(angle / 2))
+    tv_kappa: float = 0.9  # antiparallel: TV threshold κ·√(H₀ + 0.02)
+    tv_weight: float = 10.0
+    tv_tau: float = 0.0  # 0: mean over tokens; > 0: soft maximum with this temperature
+    shift_target: float = 0.5  # anchored: persona-free shift at c = ±1, in σ units
+    shift_weight: float = 1.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -82,9 +91,16 @@ class TrainConfig:
             ConfigError: naming the field and the allowed range.
         """
         positive_int = ("steps", "batch_pairs", "direction_pairs", "last_k", "max_suffix_tokens", "val_every",
-                        "checkpoint_every")
+                        "checkpoint_every", "basis_rank")
+        choices = {"objective": tuple(OBJECTIVES), "basis": BASES, "schedule": ("cosine", "one-cycle")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"TrainConfig.{name} must be one of {', '.join(allowed)}, got "
+                                  f"{getattr(self, name)!r}", field=name)
         for f in fields(self):
             v = getattr(self, f.name)
+            if f.name in choices:
+                continue
             if f.type in ("int", int) or f.name in positive_int or f.name in ("val_pairs", "seed"):
                 if isinstance(v, bool) or not isinstance(v, int):
                     raise ConfigError(f"TrainConfig.{f.name} must be an integer, got {v!r}", field=f.name)
@@ -95,13 +111,19 @@ class TrainConfig:
                 raise ConfigError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}", field=name)
         rules = {"val_pairs": (0, None), "lr": (0, None), "weight_decay": (0, None), "beta": (0, None),
                  "coherence_tau": (0, None), "coherence_weight": (0, None), "mono_weight": (0, None),
-                 "loss_layer": (0, 1), "max_loss_factor": (1, None)}
+                 "loss_layer": (0, 1), "max_loss_factor": (1, None), "epochs": (0, None),
+                 "constraint_warmup": (0, 1), "max_angle": (0, 3.0), "tv_kappa": (0, None), "tv_weight": (0, None),
+                 "tv_tau": (0, None), "shift_target": (0, None), "shift_weight": (0, None)}
         for name, (lo, hi) in rules.items():
             v = getattr(self, name)
             strict = name in ("lr", "beta", "loss_layer")
             if (v <= lo if strict else v < lo) or (hi is not None and v > hi):
                 rng = f"{'>' if strict else '>='} {lo}" + (f" and <= {hi}" if hi is not None else "")
                 raise ConfigError(f"TrainConfig.{name} must be {rng}, got {v}", field=name)
+
+    def total_steps(self, n_train: int) -> int:
+        """Optimizer steps: ``ceil(epochs · n_train / batch_pairs)`` when ``epochs`` > 0, else ``steps``."""
+        return max(1, math.ceil(self.epochs * n_train / self.batch_pairs)) if self.epochs > 0 else self.steps
 
 
 @dataclass
@@ -120,6 +142,10 @@ class PairBatch:
     @property
     def n_pairs(self) -> int:
         return self.input_ids.shape[0] // 2
+
+    @property
+    def n_rows(self) -> int:
+        return self.input_ids.shape[0]
 
     def repeat(self, k: int) -> "PairBatch":
         return PairBatch(*(t.repeat(k, 1) for t in (self.input_ids, self.attention_mask, self.position_ids,
@@ -184,8 +210,32 @@ def tokenize_pairs(tokenizer, pairs: list[ContrastivePair], max_suffix_tokens: i
     return PairBatch(ids, mask, posids, suffix)
 
 
-def forward_states(model, batch: PairBatch, block: torch.nn.Module, last_k: int):
-    """One forward pass → (hidden (B, last_k, d) at ``block``'s output, token log-probs (B, n_keep)).
+def tokenize_neutral(tokenizer, pairs: list[ContrastivePair], max_suffix_tokens: int = 24) -> PairBatch:
+    """Tokenize the pairs' persona-free prompts (``pair.neutral``) → PairBatch of N rows (suffix mask: the tokens
+    that spell ``pair.suffix``, at least the final one).
+
+    Raises:
+        ConfigError: a pair without a ``neutral`` prompt.
+    """
+    missing = [i for i, p in enumerate(pairs) if not p.neutral]
+    if missing:
+        raise ConfigError(f"{len(missing)} pairs have no persona-free prompt (ContrastivePair.neutral; pairs "
+                          f"{missing[:10]}); the anchored objective needs the built-in concept pairs or pairs "
+                          "that carry one", field="objective")
+    rows = [tokenizer(p.neutral, add_special_tokens=False)["input_ids"] for p in pairs]
+    ids, mask, posids = left_pad(rows, tokenizer.pad_token_id)
+    cap = min(max_suffix_tokens, ids.shape[1] - 1)
+    counts = [max(1, min(cap, suffix_token_count(tokenizer, p.neutral, p.suffix))) for p in pairs]
+    n_keep = max(counts)
+    suffix = torch.zeros((len(pairs), n_keep), dtype=torch.bool)
+    for i, k in enumerate(counts):
+        suffix[i, n_keep - k:] = True
+    return PairBatch(ids, mask, posids, suffix)
+
+
+def forward_states(model, batch: PairBatch, block: torch.nn.Module, last_k: int, full: bool = False):
+    """One forward pass → (hidden (B, last_k, d) at ``block``'s output, token log-probs (B, n_keep), and with
+    ``full`` the whole next-token log-distributions (B, n_keep, V), else None).
 
     Only the last n_keep + 1 positions get logits (``logits_to_keep``), which keeps big-vocabulary models cheap.
     """
@@ -204,24 +254,11 @@ def forward_states(model, batch: PairBatch, block: torch.nn.Module, last_k: int)
     logp = out.logits[:, :-1].float().log_softmax(-1)  # (B, n_keep, V)
     targets = batch.input_ids[:, -n_keep:]
     token_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, n_keep)
-    return captured["h"].float(), token_logp
+    return captured["h"].float(), token_logp, (logp if full else None)
 
 
-@dataclass
-class PreferenceDirection:
-    """Frozen ruler: unit u (r,) in the basis P (d, r) read at ``block_index``'s output; σ = mean separation."""
-
-    block_index: int
-    basis_module: str
-    u: torch.Tensor
-    sigma: float
-
-    def separation(self, h: torch.Tensor, basis: torch.Tensor, n_pairs: int) -> torch.Tensor:
-        """s_i = mean over tokens of ⟨Pᵀ(h_pos − h_neg), u⟩ for h (2N·k, K, d) stacked [pos; neg] per group."""
-        coords = h @ basis  # (rows, K, r)
-        proj = coords @ self.u  # (rows, K)
-        proj = proj.view(-1, 2, n_pairs, proj.shape[-1])  # (groups, pos/neg, N, K)
-        return (proj[:, 0] - proj[:, 1]).mean(-1)  # (groups, N)
+#: Kept for code that imported the old name: the ruler of the loss.
+PreferenceDirection = Ruler
 
 
 def _basis_for_block(adapter: Adapter, block_index: int) -> str:
@@ -235,59 +272,86 @@ def _basis_for_block(adapter: Adapter, block_index: int) -> str:
     return adapter.target_names[0]
 
 
+def loss_block_index(n_blocks: int, loss_layer: float) -> int:
+    """The decoder block read by the loss: round(loss_layer · n_blocks), at most the last block."""
+    return min(n_blocks - 1, int(round(loss_layer * n_blocks)))
+
+
 @torch.no_grad()
 def preference_direction(adapter: Adapter, tokenizer, pairs: list[ContrastivePair], cfg: TrainConfig,
-                         batch_pairs: int = 16) -> PreferenceDirection:
-    """Measure u from the unsteered model on the training pairs (DESIGN §3) and σ, the mean separation."""
+                         batch_pairs: int = 16) -> Ruler:
+    """Measure the frozen ruler (``objectives.Ruler``) from the unsteered model on the first
+    ``cfg.direction_pairs`` training pairs: last-token differences h_pos − h_neg at the loss block, the basis
+    (``cfg.basis``), u = the normalised mean difference in that basis, σ and the per-dimension spread.
+
+    Raises:
+        ValueError: positive and negative prompts give identical hidden states.
+    """
     blocks = decoder_blocks(adapter.model)
-    idx = min(len(blocks) - 1, int(round(cfg.loss_layer * len(blocks))))
-    basis_name = _basis_for_block(adapter, idx)
-    basis = adapter.layer(basis_name).U  # (d, r)
+    idx = loss_block_index(len(blocks), cfg.loss_layer)
     diffs = []
     pairs = pairs[:cfg.direction_pairs]
     for i in range(0, len(pairs), batch_pairs):
         b = tokenize_pairs(tokenizer, pairs[i:i + batch_pairs], cfg.max_suffix_tokens)
-        h, _ = forward_states(adapter.model, b, blocks[idx], 1)
+        h, _, _ = forward_states(adapter.model, b, blocks[idx], 1)
         n = b.n_pairs
         diffs.append(h[:n, -1] - h[n:, -1])  # (N, d)
-    mean_diff = torch.cat(diffs).mean(0)  # (d,)
-    coords = basis.T @ mean_diff  # (r,)
+    diffs_t = torch.cat(diffs)  # (n, d)
+    mean_diff = diffs_t.mean(0)
+    if cfg.basis == "pca":
+        rows = diffs_t / diffs_t.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        k = min(cfg.basis_rank, rows.shape[0], rows.shape[1])
+        basis = torch.linalg.svd(rows, full_matrices=False).Vh[:k].T.contiguous()  # (d, k)
+        name = "pca"
+    else:
+        name = _basis_for_block(adapter, idx)
+        basis = adapter.layer(name).U.detach().clone()  # (d, r)
+    coords = basis.T @ mean_diff
     if coords.norm() == 0:
         raise ValueError("positive and negative prompts give identical hidden states: pairs do not differ")
     u = coords / coords.norm()
-    sigma = float((torch.cat(diffs) @ basis @ u).mean())
-    return PreferenceDirection(idx, basis_name, u, abs(sigma))
+    proj = diffs_t @ basis  # (n, k)
+    spread = proj.std(0) if proj.shape[0] > 1 else proj.abs()[0]
+    spread = spread.clamp_min(max(0.1 * float(spread.median()), 1e-6))
+    sigma = abs(float((proj @ u).mean()))
+    return Ruler(idx, name, basis, u, sigma, spread)
 
 
-def reprpo_loss(adapter: Adapter, batch: PairBatch, pref: PreferenceDirection, cfg: TrainConfig,
-                block: torch.nn.Module) -> tuple[torch.Tensor, dict]:
-    """ReprPO loss (module docstring) for one batch; returns (scalar loss, metrics dict of floats)."""
+def compute_passes(adapter: Adapter, batch: PairBatch, ruler: Ruler, cfg: TrainConfig, block: torch.nn.Module,
+                   free: PairBatch | None = None, reference: tuple | None = None) -> Passes:
+    """Run the passes an objective needs: c = 0 (no grad; or ``reference`` = (h0, lp0) given), and c = +1 and
+    c = −1 together (per-row coefficients, 4N rows); persona-free rows ``free`` at 0 and ±1 when given."""
     model, n = adapter.model, batch.n_pairs
-    basis = adapter.layer(pref.basis_module).U
-    mask = batch.suffix_mask.float()
-    with torch.no_grad():
-        h0, lp0 = forward_states(model, batch, block, cfg.last_k)
-        s0 = pref.separation(h0, basis, n)[0]  # (N,)
+    full = needs_full_distribution(cfg.objective)
+    logp0 = None
+    if reference is None or full:
+        with torch.no_grad():
+            h0, lp0, logp0 = forward_states(model, batch, block, cfg.last_k, full)
+    else:
+        h0, lp0 = reference
     coeffs = torch.cat([torch.ones(2 * n), -torch.ones(2 * n)])  # rows: [pos,neg] at +1, then at −1
     with adapter.steer(coeffs):
-        h, lp = forward_states(model, batch.repeat(2), block, cfg.last_k)
-    s = pref.separation(h, basis, n)  # (2, N): c=+1, c=−1
-    sep = (F.softplus(-cfg.beta * (s[0] - s0) / pref.sigma) + F.softplus(-cfg.beta * (s0 - s[1]) / pref.sigma))
-    d_nll = (lp0.repeat(2, 1) - lp)  # NLL_c − NLL_0 per token, (4N, n_keep)
-    mask4 = mask.repeat(2, 1)
-    coh = ((F.relu(d_nll - cfg.coherence_tau) ** 2) * mask4).sum() / mask4.sum()
-    seq_lp0 = (lp0 * mask).sum(-1)  # (2N,)
-    seq_lp = (lp * mask4).sum(-1).view(2, 2, n)  # (c, pos/neg, N)
-    g0 = seq_lp0[:n] - seq_lp0[n:]
-    g = seq_lp[:, 0] - seq_lp[:, 1] - g0  # (2, N)
-    mono = F.relu(cfg.mono_margin - g[0]) + F.relu(cfg.mono_margin + g[1])
-    loss = sep.mean() + cfg.coherence_weight * coh + cfg.mono_weight * mono.mean()
-    metrics = {
-        "loss": loss.item(), "sep": sep.mean().item(), "coh": coh.item(), "mono": mono.mean().item(),
-        "ds_plus": ((s[0] - s0) / pref.sigma).mean().item(), "ds_minus": ((s0 - s[1]) / pref.sigma).mean().item(),
-        "dnll": ((d_nll * mask4).sum() / mask4.sum()).item(),
-    }
-    return loss, metrics
+        h, lp, logp = forward_states(model, batch.repeat(2), block, cfg.last_k, full)
+    p = Passes(h0=h0, lp0=lp0, h=h.view(2, 2 * n, *h.shape[1:]), lp=lp.view(2, 2 * n, -1),
+               mask=batch.suffix_mask, logp0=logp0,
+               logp=None if logp is None else logp.view(2, 2 * n, *logp.shape[1:]))
+    if free is not None:
+        with torch.no_grad():
+            f0, flp0, _ = forward_states(model, free, block, cfg.last_k)
+        m = free.n_rows
+        with adapter.steer(torch.cat([torch.ones(m), -torch.ones(m)])):
+            f, flp, _ = forward_states(model, free.repeat(2), block, cfg.last_k)
+        p.free0, p.free_lp0, p.free_mask = f0, flp0, free.suffix_mask
+        p.free, p.free_lp = f.view(2, m, *f.shape[1:]), flp.view(2, m, -1)
+    return p
+
+
+def reprpo_loss(adapter: Adapter, batch: PairBatch, pref: Ruler, cfg: TrainConfig, block: torch.nn.Module,
+                free: PairBatch | None = None, omega: float = 1.0, reference: tuple | None = None
+                ) -> tuple[torch.Tensor, dict]:
+    """The configured objective (``cfg.objective``, see ``objectives``) on one batch → (scalar loss, metrics)."""
+    passes = compute_passes(adapter, batch, pref, cfg, block, free, reference)
+    return LOSSES[cfg.objective](passes, pref, cfg, omega)
 
 
 def check_pairs_differ(tokenizer, pairs: list[ContrastivePair], what: str = "training pairs") -> None:
@@ -386,21 +450,107 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@torch.no_grad()
+def reference_cache(adapter: Adapter, tokenizer, pairs: list[ContrastivePair], cfg: TrainConfig,
+                    block: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The c = 0 pass of every training pair, computed once (the base model never changes during training):
+    per pair (h0 (2, K, d) for [pos, neg], lp0 of its suffix tokens for pos (k,) and neg (k,)). Chunks of
+    ``cfg.batch_pairs`` in pair order, so a resumed run rebuilds exactly the same cache."""
+    out = []
+    for i in range(0, len(pairs), cfg.batch_pairs):
+        b = tokenize_pairs(tokenizer, pairs[i:i + cfg.batch_pairs], cfg.max_suffix_tokens)
+        h0, lp0, _ = forward_states(adapter.model, b, block, cfg.last_k)
+        n = b.n_pairs
+        for j in range(n):
+            k = int(b.suffix_mask[j].sum())
+            out.append((torch.stack([h0[j], h0[n + j]]), lp0[j, -k:].clone(), lp0[n + j, -k:].clone()))
+    return out
+
+
+def _batch_reference(cache, idx: list[int], batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Assemble cached c = 0 outputs for the pairs ``idx`` in ``batch``'s row layout → (h0 (2N, K, d), lp0)."""
+    n, n_keep = len(idx), batch.suffix_mask.shape[1]
+    h0 = torch.stack([cache[i][0][0] for i in idx] + [cache[i][0][1] for i in idx])
+    lp0 = torch.zeros(2 * n, n_keep)
+    for r, i in enumerate(idx):
+        k = cache[i][1].shape[0]
+        if int(batch.suffix_mask[r].sum()) != k:
+            raise RuntimeError("reference cache and batch disagree on a suffix length (tokenizer changed?)")
+        lp0[r, n_keep - k:] = cache[i][1]
+        lp0[n + r, n_keep - k:] = cache[i][2]
+    return h0, lp0
+
+
+@torch.no_grad()
+def bound_rotations(adapter: Adapter, max_angle: float) -> None:
+    """Scale each layer's θ so that ‖A‖₂ ≤ 2·tan(max_angle / 2): every principal angle of the Cayley rotation at
+    |c| = 1 is then ≤ max_angle (A's eigenvalues ±iλ rotate by 2·atan(λ/2))."""
+    limit = 2.0 * math.tan(max_angle / 2)
+    for name in adapter.target_names:
+        lay = adapter.layer(name)
+        if not lay.rotate:
+            continue
+        norm = float(torch.linalg.matrix_norm(skew(lay.theta), ord=2))
+        if norm > limit:
+            lay.theta.mul_(limit / norm)
+
+
+@torch.no_grad()
+def adapter_stats(adapter: Adapter) -> dict:
+    """Training diagnostics: the largest ‖A‖₂ and rotation angle at |c| = 1 (radians), the mean ‖δ‖/‖S‖, and the
+    mean ratio ‖M_even‖_F / ‖M_odd‖_F of the parts of M(c) even and odd in c at |c| = 1 (0 for a purely odd,
+    i.e. exactly reversible-in-sign, adapter)."""
+    rot, rel, eo = 0.0, [], []
+    for name in adapter.target_names:
+        lay = adapter.layer(name)
+        if lay.rotate:
+            rot = max(rot, float(torch.linalg.matrix_norm(skew(lay.theta), ord=2)))
+        rel.append(float(lay.delta.norm() / lay.S.norm()))
+        m = lay.steer_matrix(torch.tensor([1.0, -1.0]))
+        odd, even = (m[0] - m[1]) / 2, (m[0] + m[1]) / 2
+        eo.append(float(even.norm() / odd.norm().clamp_min(1e-12)))
+    return {"rot_norm_max": rot, "rot_angle_max": 2 * math.atan(rot / 2), "delta_rel": sum(rel) / len(rel),
+            "m_even_odd": sum(eo) / len(eo)}
+
+
+def _scheduler(opt, cfg: TrainConfig, total: int):
+    if cfg.schedule == "one-cycle":  # linear lr/25 → lr over 10 % of training, cosine back to lr/25 (Smith 2018)
+        w, lo = max(1, round(0.1 * total)), 1 / 25
+
+        def one_cycle(k: int) -> float:
+            if k < w:
+                return lo + (1 - lo) * k / w
+            return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * min(1.0, (k - w) / max(1, total - w))))
+
+        return torch.optim.lr_scheduler.LambdaLR(opt, one_cycle)
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda k: min(1.0, (k + 1) / 10) * 0.5 * (1 + math.cos(math.pi * min(k, total) / total)))
+
+
+def constraint_weight(step: int, total: int, warmup: float) -> float:
+    """ω(step): the constraint terms' weight, ramping linearly from 1/W to 1 over the first W = warmup·total steps."""
+    if warmup <= 0:
+        return 1.0
+    return min(1.0, (step + 1) / max(1.0, warmup * total))
+
+
 def train(adapter: Adapter, tokenizer, train_pairs: list[ContrastivePair], val_pairs: list[ContrastivePair],
           cfg: TrainConfig, run_dir: str | Path | None = None, progress: bool = True,
           overwrite: bool = False) -> dict:
-    """Train ``adapter`` in place with the ReprPO loss; resumes from ``run_dir/checkpoint`` when present.
+    """Train ``adapter`` in place with ``cfg.objective``; resumes from ``run_dir/checkpoint`` when present.
 
     Writes to ``run_dir``: ``run_state.json`` (the run's signature: training and adapter config, a sha256 of the
-    pairs, the base fingerprint; step; finished), ``train_config.json`` (resolved), ``metrics.jsonl`` (one line
-    per step and per validation), ``checkpoint/state.pt`` (adapter + optimizer + step, loaded with
-    ``weights_only=True``, atomic, every ``checkpoint_every`` steps) and the final adapter in ``adapter/``.
-    A rerun resumes only a matching unfinished run; anything else is refused unless ``overwrite``, which
-    deletes the run's own files (never others) and starts fresh. Returns the last validation metrics.
+    pairs, the base fingerprint, the objective; step; finished), ``train_config.json`` (resolved),
+    ``metrics.jsonl`` (one line per step with the loss terms and ``adapter_stats``, and per validation),
+    ``checkpoint/state.pt`` (adapter + optimizer + scheduler + step, loaded with ``weights_only=True``, atomic,
+    every ``checkpoint_every`` steps) and the final adapter in ``adapter/``. A rerun resumes only a matching
+    unfinished run; anything else is refused unless ``overwrite``, which deletes the run's own files (never
+    others) and starts fresh. The c = 0 pass of the training pairs is computed once and reused (objectives that
+    read whole distributions recompute it per step). Returns the last validation metrics.
 
     Raises:
         ValueError: fewer training pairs than one batch.
-        ConfigError: pairs whose two prompts tokenize identically.
+        ConfigError: pairs whose two prompts tokenize identically; ``anchored`` with pairs lacking a neutral prompt.
         ResumeMismatchError: ``run_dir`` holds a run with another configuration or other pairs.
         OutputExistsError: ``run_dir`` holds a finished run, or files that are not a run.
         TrainingDivergedError: the loss became non-finite or exceeded ``max_loss_factor`` × max(1, first loss),
@@ -411,29 +561,34 @@ def train(adapter: Adapter, tokenizer, train_pairs: list[ContrastivePair], val_p
         raise ValueError(f"{len(train_pairs)} training pairs < batch_pairs={cfg.batch_pairs}")
     check_pairs_differ(tokenizer, train_pairs)
     check_pairs_differ(tokenizer, val_pairs, "validation pairs")
+    with_free = needs_neutral(cfg.objective)
+    if with_free:
+        tokenize_neutral(tokenizer, train_pairs[:1] + [p for p in train_pairs if not p.neutral][:1])
     _seed_all(cfg.seed)
     model = adapter.model
+    total = cfg.total_steps(len(train_pairs))
     run = Path(run_dir) if run_dir else None
+    loss_id = {"name": cfg.objective, "version": OBJECTIVES[cfg.objective]}
     signature = {"train_config": asdict(cfg), "adapter_config": adapter.config.to_dict(),
                  "train_pairs_sha256": pairs_sha256(train_pairs), "val_pairs_sha256": pairs_sha256(val_pairs),
-                 "base_fingerprint": adapter.base_fingerprint, "loss": {"name": LOSS_NAME, "version": LOSS_VERSION}}
+                 "base_fingerprint": adapter.base_fingerprint, "loss": loss_id}
     signature = json.loads(json.dumps(signature))  # tuples -> lists, as read back from run_state.json
     start = 0
     if run is not None:
         start = _prepare_run_dir(run, signature, overwrite)
     pref = preference_direction(adapter, tokenizer, train_pairs, cfg)
     block = decoder_blocks(model)[pref.block_index]
+    cache = None if needs_full_distribution(cfg.objective) else reference_cache(adapter, tokenizer, train_pairs,
+                                                                                cfg, block)
     adapter.meta.update({
-        "loss": {"name": LOSS_NAME, "version": LOSS_VERSION},
+        "loss": loss_id,
         "train_config": asdict(cfg),
         "coeff_range": [-1.0, 1.0],
-        "preference_direction": {"block_index": pref.block_index, "basis_module": pref.basis_module,
-                                 "sigma": pref.sigma, "u": pref.u.tolist()},
+        "preference_direction": pref.to_meta(),
     })
     params = [p for p in adapter.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda k: min(1.0, (k + 1) / 10) * 0.5 * (1 + math.cos(math.pi * min(k, cfg.steps) / cfg.steps)))
+    sched = _scheduler(opt, cfg, total)
     if run is not None:
         run.mkdir(parents=True, exist_ok=True)
         _write_run_state(run, signature, start, False)
@@ -449,12 +604,16 @@ def train(adapter: Adapter, tokenizer, train_pairs: list[ContrastivePair], val_p
         order = _next_batch(order, gen, len(train_pairs), cfg.batch_pairs)[1]
     last_val: dict = {}
     first_loss: float | None = None
-    bar = tqdm(range(start, cfg.steps), desc="train", disable=not progress, initial=start, total=cfg.steps)
+    bar = tqdm(range(start, total), desc="train", disable=not progress, initial=start, total=total)
     for step in bar:
         idx, order = _next_batch(order, gen, len(train_pairs), cfg.batch_pairs)
-        batch = tokenize_pairs(tokenizer, [train_pairs[i] for i in idx], cfg.max_suffix_tokens)
+        chosen = [train_pairs[i] for i in idx]
+        batch = tokenize_pairs(tokenizer, chosen, cfg.max_suffix_tokens)
+        free = tokenize_neutral(tokenizer, chosen, cfg.max_suffix_tokens) if with_free else None
+        omega = constraint_weight(step, total, cfg.constraint_warmup)
         t0 = time.perf_counter()
-        loss, m = reprpo_loss(adapter, batch, pref, cfg, block)
+        ref = _batch_reference(cache, idx, batch) if cache is not None else None
+        loss, m = reprpo_loss(adapter, batch, pref, cfg, block, free, omega, ref)
         first_loss = m["loss"] if first_loss is None else first_loss
         _check_divergence(m["loss"], first_loss, step + 1, cfg)
         opt.zero_grad(set_to_none=True)
@@ -462,21 +621,24 @@ def train(adapter: Adapter, tokenizer, train_pairs: list[ContrastivePair], val_p
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
+        if cfg.max_angle > 0:
+            bound_rotations(adapter, cfg.max_angle)
         if not all(torch.isfinite(p).all() for p in params):
             raise TrainingDivergedError(f"adapter parameters became non-finite at step {step + 1}; lower --lr "
                                         f"(now {cfg.lr:g}) and rerun with --overwrite", field="lr")
-        m.update(step=step + 1, seconds=time.perf_counter() - t0, lr=sched.get_last_lr()[0])
+        m.update(step=step + 1, seconds=time.perf_counter() - t0, lr=sched.get_last_lr()[0], omega=omega,
+                 **adapter_stats(adapter))
         bar.set_postfix(loss=f"{m['loss']:.3f}", sep=f"+{m['ds_plus']:.2f}/-{m['ds_minus']:.2f}",
                         dnll=f"{m['dnll']:.3f}")
         records = [m]
-        if (step + 1) % cfg.val_every == 0 or step + 1 == cfg.steps:
+        if (step + 1) % cfg.val_every == 0 or step + 1 == total:
             last_val = validate(adapter, tokenizer, val_pairs, pref, cfg, block)
             records.append({"step": step + 1, **{f"val_{k}": v for k, v in last_val.items()}})
         if run is not None:
             with open(run / "metrics.jsonl", "a") as f:
                 for r in records:
                     f.write(json.dumps(r, allow_nan=False) + "\n")
-            if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
                 (run / "checkpoint").mkdir(exist_ok=True)
                 state = {"adapter": adapter.state_dict(), "optimizer": opt.state_dict(),
                          "scheduler": sched.state_dict(), "step": step + 1}
@@ -484,7 +646,7 @@ def train(adapter: Adapter, tokenizer, train_pairs: list[ContrastivePair], val_p
                 _write_run_state(run, signature, step + 1, False)
     if run is not None:
         adapter.save(run / "adapter")
-        _write_run_state(run, signature, cfg.steps, True)
+        _write_run_state(run, signature, total, True)
         shutil.rmtree(run / "checkpoint", ignore_errors=True)  # finished: the adapter is the result
     return last_val
 
@@ -508,15 +670,16 @@ def _next_batch(order: list[int], gen: random.Random, n: int, k: int) -> tuple[l
 
 
 @torch.no_grad()
-def validate(adapter: Adapter, tokenizer, pairs: list[ContrastivePair], pref: PreferenceDirection,
+def validate(adapter: Adapter, tokenizer, pairs: list[ContrastivePair], pref: Ruler,
              cfg: TrainConfig, block: torch.nn.Module) -> dict:
-    """Mean ReprPO loss terms on the first ``cfg.val_pairs`` held-out pairs (no grad)."""
+    """Mean loss terms of ``cfg.objective`` on the first ``cfg.val_pairs`` held-out pairs (no grad, ω = 1)."""
     totals: dict[str, float] = {}
     n = 0
     pairs = pairs[:cfg.val_pairs]
     for i in range(0, len(pairs), cfg.batch_pairs):
         chunk = pairs[i:i + cfg.batch_pairs]
-        _, m = reprpo_loss(adapter, tokenize_pairs(tokenizer, chunk, cfg.max_suffix_tokens), pref, cfg, block)
+        free = tokenize_neutral(tokenizer, chunk, cfg.max_suffix_tokens) if needs_neutral(cfg.objective) else None
+        _, m = reprpo_loss(adapter, tokenize_pairs(tokenizer, chunk, cfg.max_suffix_tokens), pref, cfg, block, free)
         for k, v in m.items():
             totals[k] = totals.get(k, 0.0) + v * len(chunk)
         n += len(chunk)

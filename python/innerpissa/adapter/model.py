@@ -491,12 +491,13 @@ def _read_adapter_config(d: Path) -> dict:
                                path=cfg_path, field="base_fingerprint")
     loss = cfg.get("loss")
     if loss is not None:
-        from ..train import LOSS_NAME, LOSS_VERSION
+        from ..objectives import OBJECTIVES
 
-        if (not isinstance(loss, dict) or loss.get("name") != LOSS_NAME or isinstance(loss.get("version"), bool)
-                or not isinstance(loss.get("version"), int) or not 1 <= loss["version"] <= LOSS_VERSION):
-            raise AdapterFileError(f"field 'loss' is {loss!r}; this innerpissa knows {LOSS_NAME} versions 1.."
-                                   f"{LOSS_VERSION} (upgrade innerpissa)", path=cfg_path, field="loss")
+        if (not isinstance(loss, dict) or loss.get("name") not in OBJECTIVES or isinstance(loss.get("version"), bool)
+                or not isinstance(loss.get("version"), int) or not 1 <= loss["version"] <= OBJECTIVES[loss["name"]]):
+            known = ", ".join(f"{k} versions 1..{v}" for k, v in OBJECTIVES.items())
+            raise AdapterFileError(f"field 'loss' is {loss!r}; this innerpissa knows {known} (upgrade innerpissa)",
+                                   path=cfg_path, field="loss")
     if version >= 2 and not isinstance(cfg.get("tensor_sha256"), str):
         raise AdapterFileError("missing field 'tensor_sha256' (format version 2 stores a checksum of the tensors)",
                                path=cfg_path, field="tensor_sha256")

@@ -1,0 +1,136 @@
+"""The three training objectives on a tiny random Llama: each one's sign (+1 raises and −1 lowers the pair
+separation along the frozen direction; ``anchored`` also moves persona-free prompts toward the positive side),
+the bounded rotation, the cached c = 0 pass, the schedule and warm-up, and saved adapters of every objective."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import tiny_llama, word_tokenizer
+from innerpissa import AdapterConfig, attach, load_adapter
+from innerpissa.adapter.layer import skew
+from innerpissa.adapter.model import decoder_blocks
+from innerpissa.objectives import OBJECTIVES
+from innerpissa.pairs import make_honesty_pairs
+from innerpissa.train import (TrainConfig, _batch_reference, constraint_weight, forward_states,
+                              preference_direction, reference_cache, reprpo_loss, tokenize_neutral, tokenize_pairs,
+                              train)
+
+
+def _setup(seed: int = 0):
+    probe = word_tokenizer([])
+    split = make_honesty_pairs(probe, n_pairs=48, seed=seed, val_fraction=0.2)
+    texts = [t for p in split.train + split.val for t in (p.positive, p.negative, p.neutral)]
+    tok = word_tokenizer(texts)
+    split = make_honesty_pairs(tok, n_pairs=48, seed=seed, val_fraction=0.2)
+    return tiny_llama(vocab_size=len(tok)), tok, split
+
+
+@torch.no_grad()
+def _readings(adapter, tok, pairs, ruler, cfg):
+    """Mean pair separation s(c) and persona-free projection a(c) along u at c = −1, 0, +1."""
+    block = decoder_blocks(adapter.model)[ruler.block_index]
+    batch = tokenize_pairs(tok, pairs, cfg.max_suffix_tokens)
+    free = tokenize_neutral(tok, pairs, cfg.max_suffix_tokens)
+    s, a = [], []
+    for c in (-1.0, 0.0, 1.0):
+        with adapter.steer(c):
+            h, _, _ = forward_states(adapter.model, batch, block, cfg.last_k)
+            hf, _, _ = forward_states(adapter.model, free, block, cfg.last_k)
+        s.append(float(ruler.separation(h, batch.n_pairs).mean()) / ruler.sigma)
+        a.append(float((hf @ ruler.basis @ ruler.u).mean()) / ruler.sigma)
+    return s, a
+
+
+@pytest.mark.parametrize("objective,extra", [
+    ("reprpo-svd", {}),
+    ("antiparallel", {"basis": "pca", "basis_rank": 4}),
+    ("anchored", {}),
+])
+def test_each_objective_orders_the_separation(tmp_path, objective, extra):
+    model, tok, split = _setup()
+    adapter = attach(model, AdapterConfig(rank=8))
+    cfg = TrainConfig(steps=30, batch_pairs=4, lr=2e-2, val_every=30, checkpoint_every=100, objective=objective,
+                      **extra)
+    train(adapter, tok, list(split.train), list(split.val), cfg, run_dir=tmp_path, progress=False)
+    ruler = preference_direction(adapter, tok, list(split.train), cfg)  # c = 0 is the base model: same ruler
+    s, a = _readings(adapter, tok, list(split.val), ruler, cfg)
+    assert s[2] > s[1] + 0.05 and s[1] > s[0] + 0.05, s
+    if objective == "anchored":  # persona-free prompts move toward the positive side at +1, away at −1
+        assert a[2] > a[1] + 0.05 and a[1] > a[0] + 0.05, a
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["loss"] == {"name": objective, "version": OBJECTIVES[objective]}
+    load_adapter(tiny_llama(vocab_size=len(tok)), tmp_path / "adapter")  # every objective's adapter loads
+
+
+def test_rotation_bound_holds_under_a_large_learning_rate():
+    model, tok, split = _setup()
+    adapter = attach(model, AdapterConfig(rank=8))
+    angle = 0.1
+    cfg = TrainConfig(steps=12, batch_pairs=4, lr=0.3, val_every=100, checkpoint_every=100, max_angle=angle)
+    train(adapter, tok, list(split.train), list(split.val), cfg, progress=False)
+    limit = 2 * math.tan(angle / 2)
+    norms = [float(torch.linalg.matrix_norm(skew(adapter.layer(n).theta.detach()), ord=2)) for n in adapter.target_names]
+    assert max(norms) <= limit * (1 + 1e-5) and max(norms) > 0.5 * limit  # bound reached, not exceeded
+    with torch.no_grad():
+        r = adapter.layer(adapter.target_names[0]).rotation(torch.tensor(1.0))
+    angles = torch.angle(torch.linalg.eigvals(r)).abs()
+    assert float(angles.max()) <= angle + 1e-5
+
+
+def test_cached_reference_gives_the_same_loss():
+    model, tok, split = _setup()
+    adapter = attach(model, AdapterConfig(rank=8))
+    with torch.no_grad():
+        for n in adapter.target_names:
+            adapter.layer(n).delta.normal_(0, 0.05)
+    cfg = TrainConfig(batch_pairs=4)
+    pairs = list(split.train)
+    ruler = preference_direction(adapter, tok, pairs, cfg)
+    block = decoder_blocks(model)[ruler.block_index]
+    cache = reference_cache(adapter, tok, pairs, cfg, block)
+    idx = [5, 0, 11, 3]  # another composition and padding than the cache's chunks
+    batch = tokenize_pairs(tok, [pairs[i] for i in idx], cfg.max_suffix_tokens)
+    with torch.no_grad():
+        fresh, m1 = reprpo_loss(adapter, batch, ruler, cfg, block)
+        cached, m2 = reprpo_loss(adapter, batch, ruler, cfg, block, reference=_batch_reference(cache, idx, batch))
+    assert float(cached) == pytest.approx(float(fresh), abs=1e-4)
+    assert m2["ds_plus"] == pytest.approx(m1["ds_plus"], abs=1e-4)
+
+
+def test_epochs_schedule_and_constraint_warmup():
+    cfg = TrainConfig(epochs=2.0, batch_pairs=8)
+    assert cfg.total_steps(100) == 25 and TrainConfig(steps=7).total_steps(100) == 7
+    assert constraint_weight(0, 100, 0.0) == 1.0
+    assert constraint_weight(4, 100, 0.1) == pytest.approx(0.5) and constraint_weight(50, 100, 0.1) == 1.0
+    model, tok, split = _setup()
+    adapter = attach(model, AdapterConfig(rank=8))
+    run = TrainConfig(epochs=1.0, batch_pairs=4, lr=1e-2, schedule="one-cycle", constraint_warmup=0.5,
+                      val_every=100, checkpoint_every=100)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        train(adapter, tok, list(split.train), list(split.val), run, run_dir=d, progress=False)
+        rows = [json.loads(x) for x in open(f"{d}/metrics.jsonl") if '"lr"' in x]
+    assert len(rows) == run.total_steps(len(split.train))
+    peak = max(r["lr"] for r in rows)
+    assert peak == pytest.approx(1e-2, rel=0.05) and rows[-1]["lr"] == pytest.approx(1e-2 / 25, rel=0.05)
+    assert rows[0]["omega"] < 1.0 and rows[-1]["omega"] == 1.0
+    assert {"rot_norm_max", "delta_rel", "m_even_odd"} <= set(rows[-1])
+
+
+def test_bad_objective_and_missing_neutral_prompts_are_refused():
+    from innerpissa.errors import ConfigError
+    from innerpissa.pairs import ContrastivePair
+
+    with pytest.raises(ConfigError, match="objective"):
+        TrainConfig(objective="dpo")
+    model, tok, split = _setup()
+    bare = [ContrastivePair(p.positive, p.negative, p.suffix) for p in split.train]
+    with pytest.raises(ConfigError, match="neutral"):
+        train(attach(model, AdapterConfig(rank=8)), tok, bare, [], TrainConfig(objective="anchored", batch_pairs=4),
+              progress=False)
