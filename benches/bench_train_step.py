@@ -1,17 +1,25 @@
-"""Training-step benchmark: one ReprPO step of the InnerPiSSA adapter ÷ a plain forward+backward on the same batch.
+"""Training-step benchmark: one InnerPiSSA training step ÷ a plain forward+backward on the same batch.
 
     python benches/bench_train_step.py [--model embedded:smollm2] [--batch-pairs 8] [--repeats 5]
 
 Baseline (measured in the same run, same batch of 2N prompts): forward + backward of the base model with the
 suffix NLL as loss and gradients only for one trainable residual vector added at the first adapted layer, i.e.
-the cheapest backward that still reaches the same depth. The ReprPO step does a no-grad reference pass on the
-2N rows and a steered forward+backward on 4N rows (c = +1 and c = −1 stacked), plus the Cayley solves; the ideal
-ratio is therefore ≈ (1 forward + 2 × fwd/bwd) / (1 × fwd/bwd) ≈ 2.3–2.5. Prints medians over repeats.
+the cheapest backward that still reaches the same depth. Three versions of the reprpo-svd step, each with AdamW:
+
+- ``full rows, c=0 pass per step``: the trainer's passes before 2026-12-02 (a no-grad c = 0 pass over the 2N
+  rows, then c = ±1 stacked over 4N full rows), with today's assistant-suffix mask (fewer logit positions than
+  the 24 the old mask kept);
+- ``cached c=0``: the c = 0 pass read from the per-pair cache the trainer now builds once;
+- ``cached c=0 + shared prefix``: also runs the prompt prefix every row shares once per coefficient
+  (``train.steered_forward``), the trainer's default.
+
+Prints medians over repeats and each as a ratio to the baseline.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import time
@@ -32,7 +40,8 @@ def main() -> None:
     from innerpissa.adapter import decoder_blocks
     from innerpissa.models import load_model
     from innerpissa.pairs import make_honesty_pairs
-    from innerpissa.train import TrainConfig, forward_states, preference_direction, reprpo_loss, tokenize_pairs
+    from innerpissa.train import (TrainConfig, _batch_reference, forward_states, preference_direction,
+                                  reference_cache, reprpo_loss, shared_prefix_len, tokenize_pairs)
 
     lm = load_model(args.model)
     model, tok = lm.model, lm.tokenizer
@@ -51,18 +60,24 @@ def main() -> None:
     def plain_step():
         h = hook_block.register_forward_hook(lambda m, a, o: (o[0] + vec,) + o[1:] if isinstance(o, tuple) else o + vec)
         try:
-            _, lp = forward_states(model, batch, block, cfg.last_k)
+            _, lp, _ = forward_states(model, batch, block, cfg.last_k)
             loss = -(lp * batch.suffix_mask).sum() / batch.suffix_mask.sum()
             loss.backward()
         finally:
             h.remove()
         vec.grad = None
 
-    def adapter_step():
-        loss, _ = reprpo_loss(adapter, batch, pref, cfg, block)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    cache = reference_cache(adapter, tok, pairs[:args.batch_pairs], cfg, block)
+    ref = _batch_reference(cache, list(range(args.batch_pairs)), batch)
+
+    def step(share: bool, cached: bool):
+        def run():
+            c = dataclasses.replace(cfg, share_prefix=share)
+            loss, _ = reprpo_loss(adapter, batch, pref, c, block, reference=ref if cached else None)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return run
 
     def timeit(fn):
         fn()  # warm-up
@@ -74,14 +89,17 @@ def main() -> None:
         return statistics.median(out)
 
     t_plain = timeit(plain_step)
-    t_adapter = timeit(adapter_step)
+    steps = {"full rows, c=0 pass per step": timeit(step(False, False)),
+             "cached c=0": timeit(step(False, True)),
+             "cached c=0 + shared prefix": timeit(step(True, True))}
     n_tok = int(batch.attention_mask.sum())
     print(f"model={lm.spec} batch={args.batch_pairs} pairs ({2 * args.batch_pairs} rows, {n_tok} tokens, "
-          f"T={batch.input_ids.shape[1]}) threads={args.threads} rank={adapter.config.rank} "
+          f"T={batch.input_ids.shape[1]}, shared prefix {shared_prefix_len(batch, 5)} tokens, suffix tokens kept "
+          f"{batch.suffix_mask.shape[1]}) threads={args.threads} rank={adapter.config.rank} "
           f"targets={len(adapter.target_names)}")
-    print(f"plain forward+backward : {t_plain * 1000:8.1f} ms/step")
-    print(f"InnerPiSSA ReprPO step : {t_adapter * 1000:8.1f} ms/step")
-    print(f"ratio (adapter / plain): {t_adapter / t_plain:8.2f}")
+    print(f"{'plain forward+backward':32s}: {t_plain * 1000:8.1f} ms/step  (1.00)")
+    for name, t in steps.items():
+        print(f"{name:32s}: {t * 1000:8.1f} ms/step  ({t / t_plain:.2f} x plain)")
 
 
 if __name__ == "__main__":

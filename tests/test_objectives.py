@@ -134,3 +134,53 @@ def test_bad_objective_and_missing_neutral_prompts_are_refused():
     with pytest.raises(ConfigError, match="neutral"):
         train(attach(model, AdapterConfig(rank=8)), tok, bare, [], TrainConfig(objective="anchored", batch_pairs=4),
               progress=False)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_shared_prefix_pass_equals_full_rows_in_value_and_gradient(arch):
+    """The steered pass that runs the common prompt prefix once per coefficient gives the hidden states, token
+    log-probs and adapter gradients of the plain pass over full rows."""
+    from conftest import tiny_gemma3
+    from innerpissa.train import shared_prefix_len, steered_forward
+
+    _, tok, split = _setup()
+    model = (tiny_llama if arch == "llama" else tiny_gemma3)(vocab_size=len(tok))
+    if arch == "gemma3":
+        model.config.sliding_window = 64  # longer than the rows, as Gemma 3's 512 is for real pairs
+    adapter = attach(model, AdapterConfig(rank=8))
+    with torch.no_grad():
+        for n in adapter.target_names:
+            adapter.layer(n).delta.normal_(0, 0.05)
+            adapter.layer(n).theta.normal_(0, 0.05)
+    batch = tokenize_pairs(tok, list(split.train[:4]))
+    assert shared_prefix_len(batch, 5) >= 4  # the template and the persona instruction's start are shared
+    block = decoder_blocks(model)[3]
+    outs = []
+    for min_prefix in (4, 1 << 30):  # shared prefix, then full rows
+        h, lp, logp = steered_forward(adapter, batch, [1.0, -1.0], block, 3, True, min_prefix)
+        loss = h.square().mean() + lp.mean() + logp.exp()[..., :7].sum()
+        grads = torch.autograd.grad(loss, [adapter.layer(n).theta for n in adapter.target_names])
+        outs.append((h.detach(), lp.detach(), logp.detach(), grads))
+    (h1, lp1, lg1, g1), (h2, lp2, lg2, g2) = outs
+    torch.testing.assert_close(h1, h2, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lp1, lp2, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lg1, lg2, atol=1e-4, rtol=1e-4)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-3)
+    assert max(float(g.abs().max()) for g in g1) > 1e-6  # gradients reach the adapter
+
+
+def test_short_sliding_window_falls_back_to_full_rows():
+    from conftest import tiny_gemma3
+    from innerpissa.train import steered_forward
+
+    _, tok, split = _setup()
+    model = tiny_gemma3(vocab_size=len(tok))  # sliding window 16 < row length
+    adapter = attach(model, AdapterConfig(rank=8))
+    batch = tokenize_pairs(tok, list(split.train[:4]))
+    assert batch.input_ids.shape[1] > model.config.sliding_window
+    block = decoder_blocks(model)[3]
+    with torch.no_grad():
+        a = steered_forward(adapter, batch, [1.0, -1.0], block, 3, False, 4)
+        b = steered_forward(adapter, batch, [1.0, -1.0], block, 3, False, 1 << 30)
+    torch.testing.assert_close(a[0], b[0]) and torch.testing.assert_close(a[1], b[1])
