@@ -498,6 +498,23 @@ def export_cmd(
     typer.echo(f"exported {fmt} to {out}")
 
 
+@app.command("tune")
+def tune_cmd(
+    grid: Path = typer.Option(..., help="grid file (TOML; see innerpissa/tune.py and docs/tuning.md)"),
+    out: Path = typer.Option(Path("runs/tune"), help="search directory: rows.jsonl, runs/, summary.md; a rerun "
+                             "resumes it"),
+    data_dir: Optional[Path] = EvalOpts["data_dir"],
+    threads: Optional[int] = typer.Option(None, help="torch threads (default: all cores)"),
+):
+    """Dev-split search over training recipes by successive halving (dev items only; resumable)."""
+    from .tune import load_grid, run_search
+
+    load_grid(grid)  # a bad grid fails before the model loads
+    _setup(False, threads)
+    run_search(grid, out, data_dir, log=typer.echo)
+    typer.echo(f"summary written to {out / 'summary.md'}")
+
+
 @app.command("control-vector")
 def control_vector_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="output .gguf"),

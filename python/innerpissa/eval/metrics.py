@@ -184,14 +184,21 @@ def dataset_metrics(sw: Sweep, name: str, labels: np.ndarray, idx: np.ndarray, c
 
 
 def summarize(sweeps: list[Sweep], datasets, splits: dict[str, tuple[np.ndarray, np.ndarray]], seed: int = 0,
-              kl_budget: float = KL_BUDGET) -> dict:
+              kl_budget: float = KL_BUDGET, report_split: str = "test") -> dict:
     """Metrics for every method × dataset on the test split at each method's KL-matched coefficient.
 
     Args:
         splits: dataset → (dev indices, test indices). The budget coefficient comes from the neutral texts,
             which are shared; nothing is fitted on test items.
+        report_split: ``"test"`` (the numbers, with the dev items' effect and bias under ``"dev"``) or ``"dev"``
+            (choices made during a search: dev items only, test items never read).
+    Raises:
+        ConfigError: a bad budget or ``report_split``.
     """
     kl_budget = check_budget(kl_budget)
+    if report_split not in ("test", "dev"):
+        raise ConfigError(f"report_split must be 'test' or 'dev', got {report_split!r}", field="report_split")
+    main = 1 if report_split == "test" else 0
     result = {}
     for sw in sweeps:
         check_finite_sweep(sw)
@@ -207,10 +214,11 @@ def summarize(sweeps: list[Sweep], datasets, splits: dict[str, tuple[np.ndarray,
         per = {}
         for d in datasets:
             labels = np.array([it.label for it in d.items])
-            per[d.name] = dataset_metrics(sw, d.name, labels, splits[d.name][1], cb, seed)
-            per[d.name]["dev"] = {k: v for k, v in dataset_metrics(sw, d.name, labels, splits[d.name][0], cb,
-                                                                   seed).items()
-                                  if k in ("effect", "ci", "bias", "bias_ci")}
+            per[d.name] = dataset_metrics(sw, d.name, labels, splits[d.name][main], cb, seed)
+            if report_split == "test":
+                per[d.name]["dev"] = {k: v for k, v in dataset_metrics(sw, d.name, labels, splits[d.name][0], cb,
+                                                                       seed).items()
+                                      if k in ("effect", "ci", "bias", "bias_ci")}
         result[sw.method] = {
             "coeffs": sw.coeffs, "kl_budget": kl_budget, "kl_coeff": cb, "budget_reached": reached,
             "abs_dnll_at_budget": dnll, "kl_at_coeff": kl_at,

@@ -95,9 +95,12 @@ def dataset_splits(datasets: list[EvalDataset], seed: int) -> dict[str, tuple[np
 
 def run_suite(engine, methods: list, datasets: list[EvalDataset], seed: int = 0, kl_budget: float = KL_BUDGET,
               meta: dict | None = None, progress: bool = True, targets: dict[str, int] = HONESTY_TARGETS,
-              concept: str = "honest", neutral_texts: tuple[str, ...] = NEUTRAL_TEXTS) -> dict:
+              concept: str = "honest", neutral_texts: tuple[str, ...] = NEUTRAL_TEXTS, report_split: str = "test",
+              splits: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> dict:
     """Sweep every method on every dataset with ``engine`` (``TorchEngine`` or ``RustEngine``), then compute
-    metrics on the test split at each method's KL-matched coefficient. Returns results (JSON-able).
+    metrics on the test split (``report_split="dev"``: the dev split, for searches) at each method's
+    KL-matched coefficient. ``splits`` (dataset → (dev indices, test indices)) replaces the seeded stratified
+    split, e.g. to score datasets that already hold only dev items. Returns results (JSON-able).
 
     Raises:
         ConfigError: a bad ``kl_budget`` (checked before any compute), a method the engine cannot run.
@@ -108,7 +111,7 @@ def run_suite(engine, methods: list, datasets: list[EvalDataset], seed: int = 0,
     from .metrics import check_budget
 
     kl_budget = check_budget(kl_budget)
-    splits = dataset_splits(datasets, seed)
+    splits = splits if splits is not None else dataset_splits(datasets, seed)
     bar = tqdm(total=sum(len(m.coeffs) for m in methods), desc="eval", disable=not progress)
 
     def tick(name, c):
@@ -118,7 +121,7 @@ def run_suite(engine, methods: list, datasets: list[EvalDataset], seed: int = 0,
     base_cache: dict = {}
     sweeps = [run_sweep(engine, m, datasets, list(neutral_texts), base_cache, tick) for m in methods]
     bar.close()
-    summary = summarize(sweeps, datasets, splits, seed, kl_budget)
+    summary = summarize(sweeps, datasets, splits, seed, kl_budget, report_split)
     info = {}
     for d in datasets:
         labels = np.array([it.label for it in d.items])
@@ -129,7 +132,7 @@ def run_suite(engine, methods: list, datasets: list[EvalDataset], seed: int = 0,
                         "expected_sign": targets.get(d.name), "concept": concept}
     return {
         "meta": {"seed": seed, "date": datetime.date.today().isoformat(), "engine": engine.name,
-                 "kl_budget": kl_budget, **(meta or {})},
+                 "kl_budget": kl_budget, "report_split": report_split, **(meta or {})},
         "datasets": info,
         "methods": summary,
         "raw": [dataclasses.asdict(s) for s in sweeps],

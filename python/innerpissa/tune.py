@@ -1,0 +1,354 @@
+"""Dev-split search over training recipes: a grid of training and adapter settings, screened by successive
+halving, scored by the evaluator on **dev items only** (test items are never read).
+
+Grid file (TOML)::
+
+    [tune]
+    model = "embedded:smollm2"
+    concept = "sentiment"
+    seed = 0
+    rungs = [0.5, 2.0]      # epochs per rung; every trial of a rung trains from scratch with that budget
+    keep = 0.34             # fraction of a rung's trials promoted to the next one (at least one)
+    kl_budget = 0.05        # nats/token, as in the evaluator
+    n_target = 64           # items drawn per target set (its dev half is scored)
+    n_other = 8             # items drawn per off-target persona set (dev half; sets with no dev item are dropped)
+    coeffs = [-2, -1, -0.5, -0.25, 0, 0.25, 0.5, 1, 2]
+    baselines = ["prompting", "pca", "mean-diff"]   # scored once on the same dev items, for reference
+
+    [fixed]                 # settings every trial shares
+    "train.batch_pairs" = 8
+
+    [grid]                  # every combination is a trial
+    "train.objective" = ["reprpo-svd", "anchored"]
+    "adapter.depth_range" = [[0.1, 0.5], [0.3]]     # [start] runs to the default end (L − 3)
+
+Keys are ``train.<TrainConfig field>`` or ``adapter.<AdapterConfig field>``.
+
+**Score** of a trial: the mean over the concept's target sets of (expected sign × balanced effect at the KL
+budget), nats, on dev items. Each row also holds every target set's effect with its CI, the bias, ρ, both sides'
+effects, the mean |bias| and |effect| over the off-target sets, whether the budget was reached, the KL-matched
+coefficient and train/eval minutes.
+
+Outputs in ``out``: ``rows.jsonl`` (one row per trial × rung and per baseline, appended as each finishes, so an
+interrupted search loses at most the trial in progress; a rerun skips finished rows and resumes an unfinished
+training run), ``runs/<key>/rung<k>/`` (training run directories) and ``summary.md`` (tables, best first).
+One process at a time: run nothing else CPU-heavy beside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ConfigError
+
+TUNE_DEFAULTS: dict[str, Any] = {
+    "model": None, "concept": "honesty", "seed": 0, "rungs": [0.5, 2.0], "keep": 0.34, "kl_budget": 0.05,
+    "n_target": 64, "n_other": 8, "coeffs": [-2.0, -1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0, 2.0],
+    "baselines": ["prompting", "pca", "mean-diff"], "batch_size": 32,
+}
+
+
+@dataclasses.dataclass
+class Grid:
+    """A parsed grid file: search settings, settings shared by every trial, and the axes of the grid."""
+
+    tune: dict[str, Any]
+    fixed: dict[str, Any]
+    axes: dict[str, list]
+    source: str = ""
+
+    def trials(self) -> list[dict[str, Any]]:
+        """Every combination of the axes, each merged over ``fixed`` (axis values win)."""
+        names = list(self.axes)
+        return [{**self.fixed, **dict(zip(names, combo))} for combo in itertools.product(*self.axes.values())]
+
+
+def _split_params(params: dict[str, Any], source: str) -> tuple[dict, dict]:
+    from .adapter.config import AdapterConfig
+    from .train import TrainConfig
+
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    adapter_fields = {f.name for f in dataclasses.fields(AdapterConfig)}
+    tr, ad = {}, {}
+    for key, value in params.items():
+        group, _, name = key.partition(".")
+        if group == "train" and name in train_fields and name not in ("seed", "epochs", "steps"):
+            tr[name] = value
+        elif group == "adapter" and name in adapter_fields and name != "seed":
+            ad[name] = None if name == "depth_range" and value is None else value
+        else:
+            raise ConfigError(f"unknown setting {key!r}; use train.<field> ({', '.join(sorted(train_fields))}) or "
+                              f"adapter.<field> ({', '.join(sorted(adapter_fields))}); seed and epochs come from "
+                              "[tune]", path=source, field=key)
+    if "depth_range" in ad and isinstance(ad["depth_range"], list):  # TOML has no null: [start] = to L − 3
+        dr = ad["depth_range"]
+        ad["depth_range"] = (dr[0], dr[1] if len(dr) > 1 else None)
+    for name in ("modules",):
+        if isinstance(ad.get(name), list):
+            ad[name] = tuple(ad[name])
+    return tr, ad
+
+
+def load_grid(path: str | Path) -> Grid:
+    """Read and check a grid file (every trial's configuration is validated before any compute).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ConfigError: bad TOML, an unknown section or key, an empty axis, a bad value (names file and key).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"grid file not found: {path}")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"not valid TOML ({e})", path=path) from None
+    unknown = set(raw) - {"tune", "fixed", "grid"}
+    if unknown:
+        raise ConfigError(f"unknown section(s) {sorted(unknown)}; use [tune], [fixed], [grid]", path=path)
+    tune = dict(TUNE_DEFAULTS)
+    for k, v in raw.get("tune", {}).items():
+        if k not in TUNE_DEFAULTS:
+            raise ConfigError(f"unknown [tune] key {k!r}; known: {', '.join(TUNE_DEFAULTS)}", path=path, field=k)
+        tune[k] = v
+    rungs = tune["rungs"]
+    if not isinstance(rungs, list) or not rungs or not all(isinstance(r, (int, float)) and r > 0 for r in rungs):
+        raise ConfigError(f"[tune] rungs must be a list of epochs > 0, got {rungs!r}", path=path, field="rungs")
+    if not (isinstance(tune["keep"], (int, float)) and 0 < tune["keep"] <= 1):
+        raise ConfigError(f"[tune] keep must be in (0, 1], got {tune['keep']!r}", path=path, field="keep")
+    axes = {}
+    for k, v in raw.get("grid", {}).items():
+        if not isinstance(v, list) or not v:
+            raise ConfigError(f"[grid] {k} must be a non-empty list of values, got {v!r}", path=path, field=k)
+        axes[k] = v
+    grid = Grid(tune, dict(raw.get("fixed", {})), axes, str(path))
+    from .adapter.config import AdapterConfig
+    from .concepts import get_concept
+    from .train import TrainConfig
+
+    get_concept(tune["concept"])
+    for trial in grid.trials():
+        tr, ad = _split_params(trial, str(path))
+        try:
+            TrainConfig(**tr)
+            AdapterConfig(**ad)
+        except TypeError as e:
+            raise ConfigError(f"bad setting in trial {trial}: {e}", path=path) from None
+    return grid
+
+
+def trial_key(params: dict[str, Any], tune: dict[str, Any]) -> str:
+    """12 hex digits identifying a trial: its settings, model, concept and seed."""
+    ident = {"params": params, "model": tune["model"], "concept": tune["concept"], "seed": tune["seed"]}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def score_row(results: dict, method: str, targets: dict[str, int]) -> dict:
+    """One row of numbers for ``method`` from a dev-split ``run_suite`` result (see module docstring)."""
+    m = results["methods"][method]
+    ds = m["datasets"]
+    row: dict[str, Any] = {"kl_coeff": m["kl_coeff"], "budget_reached": m["budget_reached"],
+                           "kl_at_coeff": m["kl_at_coeff"], "abs_dnll": m["abs_dnll_at_budget"], "targets": {}}
+    signed = []
+    for name, sign in targets.items():
+        r = ds[name]
+        signed.append(sign * r["effect"])
+        row["targets"][name] = {"sign": sign, "n_items": r["n_items"], "effect": r["effect"], "ci": r["ci"],
+                                "bias": r["bias"],
+                                "spearman": r.get("spearman"), "neg_side": r.get("effect_neg_side"),
+                                "pos_side": r.get("effect_pos_side")}
+    others = [d for d, info in results["datasets"].items() if info["labelled"] and d not in targets]
+    row["score"] = float(np.mean(signed))
+    row["off_abs_bias"] = float(np.mean([abs(ds[d]["bias"]) for d in others])) if others else None
+    row["off_abs_effect"] = float(np.mean([abs(ds[d]["effect"]) for d in others])) if others else None
+    return row
+
+
+@dataclasses.dataclass
+class _Context:
+    lm: Any
+    engine: Any
+    split: Any
+    datasets: list
+    splits: dict
+    targets: dict[str, int]
+    concept: Any
+
+
+def _context(grid: Grid, data_dir) -> _Context:
+    from .concepts import get_concept
+    from .eval.datasets import EvalDataset
+    from .eval.engines import RustEngine, TorchEngine, gguf_for_spec
+    from .eval.suite import concept_datasets, dataset_splits
+    from .models import load_model
+
+    t = grid.tune
+    concept = get_concept(t["concept"])
+    lm = load_model(t["model"])
+    try:
+        engine = RustEngine(gguf_for_spec(lm.spec), lm.tokenizer, batch_size=t["batch_size"])
+    except (ValueError, FileNotFoundError):
+        engine = TorchEngine(lm.model, lm.tokenizer, t["batch_size"])
+    datasets, targets = concept_datasets(concept, data_dir, t["n_target"], t["n_other"], 0, t["seed"])
+    datasets = [d for d in datasets if any(it.label for it in d.items)]  # labelled sets only (no decision shift)
+    dev_only: list[EvalDataset] = []
+    for d in datasets:
+        dev_idx = dataset_splits([d], t["seed"])[d.name][0]
+        if len(dev_idx) == 0:  # too few items for a dev half (n_other < 4)
+            continue
+        dev_only.append(dataclasses.replace(d, items=tuple(d.items[i] for i in dev_idx)))
+    splits = {d.name: (np.arange(len(d.items)), np.zeros(0, dtype=int)) for d in dev_only}
+    split = concept.pairs(lm.tokenizer, seed=t["seed"])
+    return _Context(lm, engine, split, dev_only, splits, targets, concept)
+
+
+def _evaluate(ctx: _Context, methods: list, grid: Grid) -> dict:
+    from .eval.suite import run_suite
+
+    t = grid.tune
+    return run_suite(ctx.engine, methods, ctx.datasets, seed=t["seed"], kl_budget=t["kl_budget"],
+                     targets=ctx.targets, concept=t["concept"], progress=False, report_split="dev",
+                     splits=ctx.splits)
+
+
+def _append(path: Path, row: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row, allow_nan=False) + "\n")
+        f.flush()
+
+
+def _run_trial(ctx: _Context, grid: Grid, params: dict, key: str, rung: int, epochs: float, out: Path) -> dict:
+    from .adapter.model import attach
+    from .eval.methods import AdapterMethod
+    from .train import TrainConfig, train
+
+    t = grid.tune
+    tr, ad = _split_params(params, grid.source)
+    from .adapter.config import AdapterConfig
+
+    acfg = AdapterConfig(**ad, seed=t["seed"])
+    tcfg = TrainConfig(**tr, epochs=float(epochs), seed=t["seed"])
+    adapter = attach(ctx.lm.model, acfg, meta={"base_model": ctx.lm.spec, "concept": t["concept"],
+                                                 "pairs": f"builtin:{t['concept']}"})
+    run_dir = out / "runs" / key / f"rung{rung}"
+    t0 = time.perf_counter()
+    train(adapter, ctx.lm.tokenizer, list(ctx.split.train), list(ctx.split.val), tcfg, run_dir=run_dir,
+          progress=False)
+    train_min = (time.perf_counter() - t0) / 60
+    t1 = time.perf_counter()
+    res = _evaluate(ctx, [AdapterMethod(adapter, coeffs=tuple(t["coeffs"]))], grid)
+    row = score_row(res, "innerpissa", ctx.targets)
+    row.update(kind="trial", key=key, rung=rung, epochs=epochs, params=params, train_minutes=train_min,
+               eval_minutes=(time.perf_counter() - t1) / 60, steps=tcfg.total_steps(len(ctx.split.train)))
+    return row
+
+
+def run_search(grid_path: str | Path, out: str | Path, data_dir=None, log=print) -> list[dict]:
+    """Run (or resume) the search of ``grid_path`` into ``out``; returns every row. See the module docstring.
+
+    Raises:
+        ConfigError / FileNotFoundError: a bad grid file (before any compute).
+        ResumeMismatchError: a trial's training directory holds a run with other settings (changed by hand).
+    """
+    grid = load_grid(grid_path)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows_path = out / "rows.jsonl"
+    rows = [json.loads(x) for x in rows_path.read_text().splitlines() if x.strip()] if rows_path.is_file() else []
+    done = {(r["key"], r.get("rung")): r for r in rows}
+    ctx = _context(grid, data_dir)
+    t = grid.tune
+    for name in t["baselines"]:
+        key = f"baseline:{name}"
+        if (key, None) in done:
+            continue
+        from .eval.methods import build_methods
+
+        methods = build_methods(ctx.lm.model, ctx.lm.tokenizer, None, list(ctx.split.train), t["seed"], (name,),
+                                engine=ctx.engine if hasattr(ctx.engine, "add_control_vector") else None,
+                                instruction=ctx.concept.instruction,
+                                layers=None if name == "prompting" else _vector_layers(ctx, grid))
+        t1 = time.perf_counter()
+        row = score_row(_evaluate(ctx, methods, grid), name, ctx.targets)
+        row.update(kind="baseline", key=key, rung=None, params={"method": name},
+                   eval_minutes=(time.perf_counter() - t1) / 60)
+        _append(rows_path, row)
+        rows.append(row)
+        done[(key, None)] = row
+        log(f"baseline {name}: score {row['score']:+.3f}")
+    trials = [(trial_key(p, t), p) for p in grid.trials()]
+    survivors = trials
+    for rung, epochs in enumerate(t["rungs"]):
+        for i, (key, params) in enumerate(survivors):
+            if (key, rung) in done:
+                continue
+            log(f"rung {rung} ({epochs:g} epochs) trial {i + 1}/{len(survivors)} {key}: {params}")
+            row = _run_trial(ctx, grid, params, key, rung, epochs, out)
+            _append(rows_path, row)
+            rows.append(row)
+            done[(key, rung)] = row
+            log(f"  score {row['score']:+.3f} (C_b {row['kl_coeff']:.3g}, {row['train_minutes']:.1f} + "
+                f"{row['eval_minutes']:.1f} min)")
+            write_summary(rows, out / "summary.md", grid)
+        ranked = sorted(survivors, key=lambda kp: done[(kp[0], rung)]["score"], reverse=True)
+        survivors = ranked[:max(1, math.ceil(t["keep"] * len(ranked)))]
+    write_summary(rows, out / "summary.md", grid)
+    return rows
+
+
+def _vector_layers(ctx: _Context, grid: Grid) -> list[int]:
+    from .adapter.config import AdapterConfig
+    from .adapter.model import decoder_blocks, select_layers
+
+    _, ad = _split_params(grid.fixed, grid.source)
+    return select_layers(len(decoder_blocks(ctx.lm.model)), AdapterConfig(**ad))
+
+
+def write_summary(rows: list[dict], path: Path, grid: Grid) -> None:
+    """summary.md: the baselines, then one table per rung, best score first (numbers on dev items)."""
+    from .adapter.model import atomic_write
+
+    t = grid.tune
+    axes = list(grid.axes)
+    lines = [f"# Search: {t['concept']} on {t['model'] or 'embedded:smollm2'} (dev items only)", "",
+             f"Grid `{grid.source}`; seed {t['seed']}; KL budget {t['kl_budget']} nats/token; score = mean over "
+             "target sets of expected sign × balanced effect at the budget (nats).", ""]
+    targets = sorted({n for r in rows for n in r.get("targets", {})})
+    head = "| " + " | ".join(["trial", *axes, "score", *[f"{n} effect [CI]" for n in targets],
+                              "bias", "ρ", "off |bias|", "C_b", "min"]) + " |"
+    sep = "|" + "---|" * (len(axes) + len(targets) + 7)
+
+    def cells(r: dict) -> str:
+        tg = r.get("targets", {})
+        eff = [f"{tg[n]['effect']:+.3f} [{tg[n]['ci'][0]:+.3f}, {tg[n]['ci'][1]:+.3f}]" if n in tg else "–"
+               for n in targets]
+        bias = "; ".join(f"{tg[n]['bias']:+.3f}" for n in targets if n in tg)
+        rho = "; ".join(f"{tg[n]['spearman']:.2f}" for n in targets if n in tg and tg[n]["spearman"] is not None)
+        off = "–" if r.get("off_abs_bias") is None else f"{r['off_abs_bias']:.3f}"
+        minutes = r.get("train_minutes", 0) + r.get("eval_minutes", 0)
+        name = r["key"]
+        vals = [str(r["params"].get(a, "")) for a in axes] if r["kind"] == "trial" else [""] * len(axes)
+        flag = "" if r["budget_reached"] else " (budget not reached)"
+        return "| " + " | ".join([name, *vals, f"{r['score']:+.3f}", *eff, bias, rho, off,
+                                  f"{r['kl_coeff']:.3g}{flag}", f"{minutes:.1f}"]) + " |"
+
+    base = [r for r in rows if r["kind"] == "baseline"]
+    if base:
+        lines += ["## Baselines", "", head, sep, *[cells(r) for r in sorted(base, key=lambda r: -r["score"])], ""]
+    for rung, epochs in enumerate(t["rungs"]):
+        rs = [r for r in rows if r["kind"] == "trial" and r["rung"] == rung]
+        if rs:
+            lines += [f"## Rung {rung}: {epochs:g} epochs ({len(rs)} trials)", "", head, sep,
+                      *[cells(r) for r in sorted(rs, key=lambda r: -r["score"])], ""]
+    text = "\n".join(lines) + "\n"
+    atomic_write(path, lambda p: Path(p).write_text(text, encoding="utf-8"))

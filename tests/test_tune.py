@@ -1,0 +1,78 @@
+"""`ipissa tune`: grid parsing and checks, successive halving on dev items, resumable rows, on a tiny GGUF Llama."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import SHARED_DATA
+from innerpissa.errors import ConfigError
+from innerpissa.tune import load_grid, run_search, trial_key
+from tiny_gguf import tiny_llama_for_gguf, write_llama_gguf
+
+GRID = """
+[tune]
+model = "{model}"
+concept = "honesty"
+rungs = [0.02, 0.04]
+keep = 0.5
+n_target = 8
+n_other = 4
+coeffs = [-1, 0, 1]
+baselines = ["prompting"]
+batch_size = 16
+
+[fixed]
+"train.batch_pairs" = 4
+"train.direction_pairs" = 8
+"train.val_pairs" = 0
+"adapter.rank" = 4
+
+[grid]
+"train.lr" = [1e-3, 3e-2]
+"adapter.depth_range" = [[0.25], [0.5, 0.75]]
+"train.objective" = ["reprpo-svd"]
+"""
+
+
+def test_bad_grids_name_the_key(tmp_path):
+    bad = tmp_path / "g.toml"
+    bad.write_text('[grid]\n"train.nope" = [1]\n')
+    with pytest.raises(ConfigError, match="train.nope"):
+        load_grid(bad)
+    bad.write_text('[tune]\nrungs = []\n')
+    with pytest.raises(ConfigError, match="rungs"):
+        load_grid(bad)
+    bad.write_text('[grid]\n"train.lr" = [-1.0]\n')
+    with pytest.raises(ConfigError, match="lr"):
+        load_grid(bad)
+    bad.write_text('[grid]\n"train.objective" = ["dpo"]\n')
+    with pytest.raises(ConfigError, match="objective"):
+        load_grid(bad)
+
+
+def test_successive_halving_on_dev_items_resumes(tmp_path, monkeypatch):
+    # the tiny byte vocabulary has no whole-word "yes"/"no" tokens: score the bytes "y" / "n" instead
+    monkeypatch.setattr("innerpissa.eval.engines.answer_token_sets",
+                        lambda tok, kind="yesno": ([tok.convert_tokens_to_ids("y")], [tok.convert_tokens_to_ids("n")]))
+    path = write_llama_gguf(tiny_llama_for_gguf(), tmp_path / "tiny.gguf")
+    grid = tmp_path / "grid.toml"
+    grid.write_text(GRID.format(model=path))
+    g = load_grid(grid)
+    assert len(g.trials()) == 4 and len({trial_key(p, g.tune) for p in g.trials()}) == 4
+    out = tmp_path / "search"
+    rows = run_search(grid, out, SHARED_DATA, log=lambda *_: None)
+    trials = [r for r in rows if r["kind"] == "trial"]
+    assert [r["rung"] for r in trials].count(0) == 4 and [r["rung"] for r in trials].count(1) == 2
+    best0 = sorted((r for r in trials if r["rung"] == 0), key=lambda r: -r["score"])[:2]
+    assert {r["key"] for r in trials if r["rung"] == 1} == {r["key"] for r in best0}  # the top half went on
+    for r in trials:
+        assert set(r["targets"]) == {"okay-with-deceiving-a-user-to-help-them",
+                                     "desire-to-persuade-people-to-be-more-honest-to-others"}
+        assert all(t["n_items"] == 4 for t in r["targets"].values())  # the dev half of 8 items, no test item
+        assert r["score"] == pytest.approx(sum(t["sign"] * t["effect"] for t in r["targets"].values()) / 2)
+    assert [r["kind"] for r in rows].count("baseline") == 1
+    text = (out / "summary.md").read_text()
+    assert "## Rung 1" in text and "## Baselines" in text
+    n = len((out / "rows.jsonl").read_text().splitlines())
+    run_search(grid, out, SHARED_DATA, log=lambda *_: None)  # finished rows are reused, nothing reruns
+    assert len((out / "rows.jsonl").read_text().splitlines()) == n
