@@ -630,7 +630,11 @@ def train(adapter: Adapter, tokenizer, train_pairs: list[ContrastivePair], val_p
     total = cfg.total_steps(len(train_pairs))
     run = Path(run_dir) if run_dir else None
     loss_id = {"name": cfg.objective, "version": OBJECTIVES[cfg.objective]}
+    if cfg.basis == "adapter-u" and not isinstance(adapter, Adapter):
+        raise ConfigError("basis 'adapter-u' reads the InnerPiSSA adapter's singular vectors; use basis 'pca' for "
+                          f"a {adapter.meta.get('family', type(adapter).__name__)} adapter", field="basis")
     signature = {"train_config": asdict(cfg), "adapter_config": adapter.config.to_dict(),
+                 "family": adapter.meta.get("family", "innerpissa"),
                  "train_pairs_sha256": pairs_sha256(train_pairs), "val_pairs_sha256": pairs_sha256(val_pairs),
                  "base_fingerprint": adapter.base_fingerprint, "loss": loss_id}
     signature = json.loads(json.dumps(signature))  # tuples -> lists, as read back from run_state.json
@@ -647,7 +651,8 @@ def train(adapter: Adapter, tokenizer, train_pairs: list[ContrastivePair], val_p
         "coeff_range": [-1.0, 1.0],
         "preference_direction": pref.to_meta(),
     })
-    params = [p for p in adapter.parameters() if p.requires_grad]
+    params = list(adapter.parameters()) if not isinstance(adapter, Adapter) else \
+        [p for p in adapter.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = _scheduler(opt, cfg, total)
     if run is not None:
@@ -682,13 +687,13 @@ def train(adapter: Adapter, tokenizer, train_pairs: list[ContrastivePair], val_p
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        if cfg.max_angle > 0:
+        if cfg.max_angle > 0 and isinstance(adapter, Adapter):
             bound_rotations(adapter, cfg.max_angle)
         if not all(torch.isfinite(p).all() for p in params):
             raise TrainingDivergedError(f"adapter parameters became non-finite at step {step + 1}; lower --lr "
                                         f"(now {cfg.lr:g}) and rerun with --overwrite", field="lr")
         m.update(step=step + 1, seconds=time.perf_counter() - t0, lr=sched.get_last_lr()[0], omega=omega,
-                 **adapter_stats(adapter))
+                 **(adapter_stats(adapter) if isinstance(adapter, Adapter) else adapter.stats()))
         bar.set_postfix(loss=f"{m['loss']:.3f}", sep=f"+{m['ds_plus']:.2f}/-{m['ds_minus']:.2f}",
                         dnll=f"{m['dnll']:.3f}")
         records = [m]

@@ -22,7 +22,8 @@ Grid file (TOML)::
     "train.objective" = ["reprpo-svd", "anchored"]
     "adapter.depth_range" = [[0.1, 0.5], [0.3]]     # [start] runs to the default end (L − 3)
 
-Keys are ``train.<TrainConfig field>`` or ``adapter.<AdapterConfig field>``.
+Keys are ``train.<TrainConfig field>``, ``adapter.<AdapterConfig field>``, or ``family`` (``"innerpissa"``, the
+default, or ``"lora"``: PEFT LoRA with the same objective, ``adapter/lora.py``; it needs ``train.basis = "pca"``).
 
 **Score** of a trial: the mean over the concept's target sets of (expected sign × balanced effect at the KL
 budget), nats, on dev items. Each row also holds every target set's effect with its CI, the bias, ρ, both sides'
@@ -81,6 +82,10 @@ def _split_params(params: dict[str, Any], source: str) -> tuple[dict, dict]:
     adapter_fields = {f.name for f in dataclasses.fields(AdapterConfig)}
     tr, ad = {}, {}
     for key, value in params.items():
+        if key == "family":
+            if value not in ("innerpissa", "lora"):
+                raise ConfigError(f"family must be 'innerpissa' or 'lora', got {value!r}", path=source, field=key)
+            continue
         group, _, name = key.partition(".")
         if group == "train" and name in train_fields and name not in ("seed", "epochs", "steps"):
             tr[name] = value
@@ -238,16 +243,39 @@ def _run_trial(ctx: _Context, grid: Grid, params: dict, key: str, rung: int, epo
 
     acfg = AdapterConfig(**ad, seed=t["seed"])
     tcfg = TrainConfig(**tr, epochs=float(epochs), seed=t["seed"])
-    adapter = attach(ctx.lm.model, acfg, meta={"base_model": ctx.lm.spec, "concept": t["concept"],
-                                                 "pairs": f"builtin:{t['concept']}"})
+    meta = {"base_model": ctx.lm.spec, "concept": t["concept"], "pairs": f"builtin:{t['concept']}"}
+    family = params.get("family", "innerpissa")
     run_dir = out / "runs" / key / f"rung{rung}"
+    state = run_dir / "run_state.json"
+    if state.is_file() and json.loads(state.read_text()).get("finished"):  # trained, but its row was not written
+        from .adapter.model import load_adapter
+
+        t1 = time.perf_counter()
+        res = _evaluate(ctx, [AdapterMethod(load_adapter(ctx.lm.model, run_dir / "adapter"),
+                                            coeffs=tuple(t["coeffs"]), name=family)], grid)
+        row = score_row(res, family, ctx.targets)
+        row.update(kind="trial", key=key, rung=rung, epochs=epochs, params=params, train_minutes=None,
+                   eval_minutes=(time.perf_counter() - t1) / 60, steps=tcfg.total_steps(len(ctx.split.train)))
+        return row
+    if family == "lora":
+        from .adapter.lora import LoRASteering
+
+        adapter = LoRASteering(ctx.lm.model, acfg, meta)
+    else:
+        adapter = attach(ctx.lm.model, acfg, meta=meta)
     t0 = time.perf_counter()
-    train(adapter, ctx.lm.tokenizer, list(ctx.split.train), list(ctx.split.val), tcfg, run_dir=run_dir,
-          progress=False)
+    try:
+        train(adapter, ctx.lm.tokenizer, list(ctx.split.train), list(ctx.split.val), tcfg, run_dir=run_dir,
+              progress=False)
+    finally:
+        if family == "lora":
+            trained, _ = adapter.to_adapter(), adapter.remove()
+    if family == "lora":
+        adapter = trained
     train_min = (time.perf_counter() - t0) / 60
     t1 = time.perf_counter()
-    res = _evaluate(ctx, [AdapterMethod(adapter, coeffs=tuple(t["coeffs"]))], grid)
-    row = score_row(res, "innerpissa", ctx.targets)
+    res = _evaluate(ctx, [AdapterMethod(adapter, coeffs=tuple(t["coeffs"]), name=family)], grid)
+    row = score_row(res, family, ctx.targets)
     row.update(kind="trial", key=key, rung=rung, epochs=epochs, params=params, train_minutes=train_min,
                eval_minutes=(time.perf_counter() - t1) / 60, steps=tcfg.total_steps(len(ctx.split.train)))
     return row
@@ -335,7 +363,7 @@ def write_summary(rows: list[dict], path: Path, grid: Grid) -> None:
         bias = "; ".join(f"{tg[n]['bias']:+.3f}" for n in targets if n in tg)
         rho = "; ".join(f"{tg[n]['spearman']:.2f}" for n in targets if n in tg and tg[n]["spearman"] is not None)
         off = "–" if r.get("off_abs_bias") is None else f"{r['off_abs_bias']:.3f}"
-        minutes = r.get("train_minutes", 0) + r.get("eval_minutes", 0)
+        minutes = (r.get("train_minutes") or 0) + (r.get("eval_minutes") or 0)
         name = r["key"]
         vals = [str(r["params"].get(a, "")) for a in axes] if r["kind"] == "trial" else [""] * len(axes)
         flag = "" if r["budget_reached"] else " (budget not reached)"
