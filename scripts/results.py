@@ -55,7 +55,8 @@ def run_one(spec: str, concept_name: str, args) -> dict:
             if (run / "summary.json").is_file() else None
     else:
         adapter = attach(lm.model, AdapterConfig(seed=args.seed),
-                         meta={"base_model": lm.spec, "concept": concept_name, "pairs": f"builtin:{concept_name}"})
+                         meta={"base_model": lm.spec, "concept": concept_name, "pairs": f"builtin:{concept_name}"},
+                         pairs=list(split.train), tokenizer=lm.tokenizer)
         train(adapter, lm.tokenizer, list(split.train), list(split.val),
               TrainConfig(steps=args.steps, seed=args.seed), run_dir=run)
         train_minutes = (time.perf_counter() - t0) / 60

@@ -184,3 +184,35 @@ def test_short_sliding_window_falls_back_to_full_rows():
         a = steered_forward(adapter, batch, [1.0, -1.0], block, 3, False, 4)
         b = steered_forward(adapter, batch, [1.0, -1.0], block, 3, False, 1 << 30)
     torch.testing.assert_close(a[0], b[0]) and torch.testing.assert_close(a[1], b[1])
+
+
+def test_data_aware_selection_picks_components_the_pairs_use(tmp_path):
+    from innerpissa.errors import ConfigError
+    from innerpissa.eval.methods import last_token_states
+    from innerpissa.svd import top_r_svd
+
+    model, tok, split = _setup()
+    pairs = list(split.train)
+    with pytest.raises(ConfigError, match="pairs"):
+        attach(model, AdapterConfig(rank=4, select="data"))
+    adapter = attach(model, AdapterConfig(rank=4, select="data"), pairs=pairs, tokenizer=tok)
+    x = torch.randint(0, len(tok), (2, 6))
+    with torch.no_grad():
+        base = model(x).logits
+        with adapter.steer(0.0):
+            assert torch.equal(model(x).logits, base)
+    name = adapter.target_names[-1]
+    lay, lin = adapter.layer(name), dict(model.named_modules())[name]
+    u, s, v = top_r_svd([lin.weight.detach().float()], 16)[0]
+    assert torch.all(lay.S[:-1] >= lay.S[1:])  # singular-value order kept
+    picked = [int(torch.argmin((s - sv).abs())) for sv in lay.S]
+    torch.testing.assert_close(lay.U, u[:, picked], atol=1e-5, rtol=1e-4)
+    ell = int(name.split(".layers.")[1].split(".")[0])
+    hp = last_token_states(model, tok, [p.positive for p in pairs[:128]], [ell])[ell]
+    hn = last_token_states(model, tok, [p.negative for p in pairs[:128]], [ell])[ell]
+    diff_score = s * ((hp - hn).mean(0) @ u).abs()
+    assert int(torch.argmax(diff_score)) in picked  # the component the pair difference uses most is adapted
+    adapter.save(tmp_path / "ad")
+    from innerpissa import load_adapter
+
+    assert load_adapter(model, tmp_path / "ad").config.select == "data"

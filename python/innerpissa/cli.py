@@ -95,7 +95,8 @@ def _train(model_spec, pairs_path, n_pairs, steps, seed, rank, out: Path, allow_
     split = _pairs(lm.tokenizer, pairs_path, n_pairs, seed, concept)
     torch.manual_seed(seed)
     adapter = attach(lm.model, acfg, meta={"base_model": lm.spec, "concept": concept,
-                                           "pairs": str(pairs_path) if pairs_path else f"builtin:{concept}"})
+                                           "pairs": str(pairs_path) if pairs_path else f"builtin:{concept}"},
+                     pairs=list(split.train), tokenizer=lm.tokenizer)
     t0 = time.perf_counter()
     val = train(adapter, lm.tokenizer, list(split.train), list(split.val), tcfg, run_dir=out, progress=not quiet,
                 overwrite=overwrite)

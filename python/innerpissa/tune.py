@@ -262,7 +262,7 @@ def _run_trial(ctx: _Context, grid: Grid, params: dict, key: str, rung: int, epo
 
         adapter = LoRASteering(ctx.lm.model, acfg, meta)
     else:
-        adapter = attach(ctx.lm.model, acfg, meta=meta)
+        adapter = attach(ctx.lm.model, acfg, meta=meta, pairs=list(ctx.split.train), tokenizer=ctx.lm.tokenizer)
     t0 = time.perf_counter()
     try:
         train(adapter, ctx.lm.tokenizer, list(ctx.split.train), list(ctx.split.val), tcfg, run_dir=run_dir,

@@ -26,6 +26,9 @@ class AdapterConfig:
         init_std: standard deviation of the initial skew generator A and offset δ (small and non-zero, so the
             c = +1 and c = −1 gradients do not cancel at the first step).
         seed: seed of that initialisation.
+        select: which singular components each layer adapts: ``"top"`` (the top r, default) or ``"data"`` (r of
+            the top 4r chosen by how much the training pairs' residual states use them; ``attach(..., pairs=,
+            tokenizer=)``, see ``adapter.model.data_aware_components``; the idea of AntiPaSTO, arXiv 2601.07473).
     """
 
     rank: int | None = None
@@ -36,6 +39,7 @@ class AdapterConfig:
     rotate: bool = True
     init_std: float = 1e-3
     seed: int = 0
+    select: str = "top"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -79,6 +83,8 @@ class AdapterConfig:
             raise bad("init_std", "a finite number >= 0", self.init_std)
         if not is_int(self.seed):
             raise bad("seed", "an integer", self.seed)
+        if self.select not in ("top", "data"):
+            raise bad("select", "'top' or 'data'", self.select)
         self.depth_range = tuple(dr)
         self.modules = tuple(mods)
 

@@ -430,13 +430,18 @@ def atomic_dir(out: Path, fill, overwrite: bool = False) -> Path:
     return out
 
 
-def attach(model: nn.Module, config: AdapterConfig | None = None, meta: dict | None = None) -> Adapter:
+def attach(model: nn.Module, config: AdapterConfig | None = None, meta: dict | None = None, pairs=None,
+           tokenizer=None) -> Adapter:
     """Create an InnerPiSSA adapter for ``model``: top-r SVD of each targeted weight (Rust/faer), small init.
 
-    The model is not modified. Shapes: for a target W (d_out, d_in): U (d_out, r), S (r,), V (d_in, r).
+    The model is not modified. Shapes: for a target W (d_out, d_in): U (d_out, r), S (r,), V (d_in, r). With
+    ``config.select == "data"`` the r components come from the top 4r, chosen with ``pairs`` (contrastive
+    pairs) and ``tokenizer`` by ``data_aware_components``.
+
     Raises:
         UnsupportedArchitectureError: decoder blocks / residual writers not found.
         ValueError: rank larger than a targeted weight allows.
+        ConfigError: ``select="data"`` without pairs and tokenizer.
     """
     from ..svd import top_r_svd
 
@@ -449,7 +454,13 @@ def attach(model: nn.Module, config: AdapterConfig | None = None, meta: dict | N
             raise ConfigError(f"rank {rank} exceeds min{tuple(lin.weight.shape)} of {name}", field="rank")
     config = dataclasses.replace(config, rank=rank)  # the caller's config is not changed
     weights = {n: lin.weight for n, lin in targets.items()}
-    bases = top_r_svd([w.detach().float() for w in weights.values()], rank)
+    if config.select == "data":
+        if pairs is None or tokenizer is None:
+            raise ConfigError("select='data' chooses singular components from the training pairs: pass "
+                              "attach(..., pairs=..., tokenizer=...)", field="select")
+        bases = data_aware_components(model, targets, rank, pairs, tokenizer)
+    else:
+        bases = top_r_svd([w.detach().float() for w in weights.values()], rank)
     gen = torch.Generator().manual_seed(config.seed)
     layers = {
         name: InnerPiSSALayer(u, s, v, scale=config.scale, rotate=config.rotate, init_std=config.init_std,
@@ -459,6 +470,51 @@ def attach(model: nn.Module, config: AdapterConfig | None = None, meta: dict | N
     device = next(model.parameters()).device
     adapter = Adapter(model, config, layers, fingerprint(weights), meta)
     return adapter.to(device)
+
+
+@torch.no_grad()
+def data_aware_components(model: nn.Module, targets: dict[str, nn.Linear], rank: int, pairs, tokenizer,
+                          n_pairs: int = 128) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per target, r singular components chosen among the top min(4r, rank(W)) by the training pairs.
+
+    For a residual writer W = U diag(S) Vᵀ in block ℓ, with H₊, H₋ (n, d) the last-token outputs of block ℓ on the
+    positive / negative prompts of the first ``n_pairs`` pairs, three scores per component j:
+    S_j·mean|H₊ U_j|, S_j·mean|H₋ U_j| (how much either side's residual uses it) and S_j·|mean(H₊ − H₋) U_j| (how
+    much the pair difference does). The top ⌈r/3⌉ of each score are kept, then the rest is filled by the largest
+    of the three scores each divided by its maximum. Chosen components keep singular-value order. After
+    AntiPaSTO's data-aware selection (arXiv 2601.07473), our formulation.
+
+    Returns: one (U (d_out, r), S (r,), V (d_in, r)) per target, in order.
+    """
+    from ..eval.methods import last_token_states
+    from ..svd import top_r_svd
+
+    names = block_names(model)
+    block_of = {n: next(i for i, b in enumerate(names) if n.startswith(b + ".")) for n in targets}
+    layers = sorted(set(block_of.values()))
+    use = list(pairs)[:n_pairs]
+    hp = last_token_states(model, tokenizer, [p.positive for p in use], layers)
+    hn = last_token_states(model, tokenizer, [p.negative for p in use], layers)
+    out = []
+    for (name, lin), (u, s, v) in zip(targets.items(), top_r_svd(
+            [lin.weight.detach().float() for lin in targets.values()],
+            min(4 * rank, *[min(lin.weight.shape) for lin in targets.values()]))):
+        ell = block_of[name]
+        scores = torch.stack([s * (hp[ell] @ u).abs().mean(0), s * (hn[ell] @ u).abs().mean(0),
+                              s * ((hp[ell] - hn[ell]).mean(0) @ u).abs()])  # (3, R)
+        k = math.ceil(rank / 3)
+        chosen: list[int] = []
+        for row in scores:  # the union of each score's top k
+            chosen += [j for j in torch.argsort(row, descending=True)[:k].tolist() if j not in chosen]
+        fill = (scores / scores.amax(1, keepdim=True).clamp_min(1e-12)).amax(0)
+        for j in torch.argsort(fill, descending=True).tolist():
+            if len(chosen) >= rank:
+                break
+            if j not in chosen:
+                chosen.append(j)
+        idx = torch.tensor(sorted(chosen[:rank]))
+        out.append((u[:, idx].contiguous(), s[idx].contiguous(), v[:, idx].contiguous()))
+    return out
 
 
 def _read_adapter_config(d: Path) -> dict:
