@@ -72,6 +72,7 @@ def run_one(spec: str, concept_name: str, args) -> dict:
     eval_minutes = (time.perf_counter() - t1) / 60
     write_report(results, run / "eval")
     summary = {"model": spec, "concept": concept_name, "train_minutes": train_minutes,
+               "loss": adapter.meta.get("loss"), "steps": args.steps, "seed": args.seed,
                "eval_minutes": eval_minutes, "date": datetime.date.today().isoformat(),
                "methods": {m: {k: v for k, v in r.items() if k != "datasets"} | {"datasets": {
                    d: {k: x for k, x in dr.items() if k not in ("curve", "item_effects", "item_labels")}
@@ -94,8 +95,11 @@ def tables(s: dict) -> list[str]:
     others = [d for d, info in ds.items() if info["labelled"] and not info.get("expected_sign")]
     unl = [d for d, info in ds.items() if not info["labelled"]]
     tm = f"{s['train_minutes']:.1f} min" if s.get("train_minutes") else "reused"
+    loss = s.get("loss") or {}
     out = [f"### {s['model']} — {s['concept']}", "",
-           f"Training {tm}; evaluation {s['eval_minutes']:.1f} min (Rust engine, 2 threads).", "",
+           f"Adapter: objective {loss.get('name', '?')} v{loss.get('version', '?')}, {s.get('steps', '?')} steps, "
+           f"seed {s.get('seed', '?')}. Training {tm}; evaluation {s['eval_minutes']:.1f} min (Rust engine, "
+           "2 threads).", "",
            "| method | C_b | KL at ±C_b | "
            + " | ".join(f"{d} ({'+' if ds[d]['expected_sign'] > 0 else '−'}): effect [CI] / bias" for d in targets)
            + " | off-target mean \\|bias\\| | off-target mean \\|effect\\| | DailyDilemmas net shift |",
@@ -120,6 +124,40 @@ def tables(s: dict) -> list[str]:
     return out + [""]
 
 
+def readme_table(summaries: list[dict]) -> list[str]:
+    """The README's compact table: per model × concept, each method's balanced effect on the target sets at the
+    KL budget (signed so that + is the concept's direction), test items."""
+    methods = list(dict.fromkeys(m for s in summaries for m in s["methods"]))
+    out = ["| model | concept | target set | " + " | ".join(methods) + " |", "|---|---|---|" + "---|" * len(methods)]
+    for s in summaries:
+        for d, info in s["datasets"].items():
+            if not info.get("expected_sign"):
+                continue
+            cells = []
+            for m in methods:
+                r = s["methods"].get(m, {}).get("datasets", {}).get(d)
+                if r is None or r.get("effect") is None:
+                    cells.append("–")
+                    continue
+                sign = info["expected_sign"]
+                lo, hi = sorted((sign * r["ci"][0], sign * r["ci"][1]))
+                cells.append(f"{sign * r['effect']:+.2f} [{lo:+.2f}, {hi:+.2f}]")
+            out.append(f"| {s['model']} | {s['concept']} | {d} | " + " | ".join(cells) + " |")
+    return out
+
+
+def write_readme_table(summaries: list[dict], readme: Path = Path("README.md")) -> None:
+    """Replace the README's table between ``<!-- results-table -->`` markers (if present) with ``readme_table``."""
+    if not readme.is_file():
+        return
+    text = readme.read_text()
+    m = re.search(r"<!-- results-table -->.*?<!-- /results-table -->", text, re.S)
+    if not m:
+        return
+    body = "\n".join(["<!-- results-table -->", *readme_table(summaries), "<!-- /results-table -->"])
+    readme.write_text(text[:m.start()] + body + text[m.end():])
+
+
 def write_doc(args, summaries: list[dict], minutes: float) -> None:
     old = args.doc.read_text() if args.doc.is_file() else ""
     m = re.search(r"<!-- reading -->.*?<!-- /reading -->", old, re.S)
@@ -131,8 +169,9 @@ def write_doc(args, summaries: list[dict], minutes: float) -> None:
     except OSError:
         pass
     lines = ["# Results", "",
-             f"Command: `python scripts/results.py {' '.join(sys.argv[1:])}` (last run {datetime.date.today()}, "
-             f"{minutes:.0f} min this call; {cpu}; 2 threads; seed {args.seed}).", "",
+             f"Command: `python scripts/results.py {' '.join(sys.argv[1:])}` (doc written {datetime.date.today()}; "
+             f"the runs below took {sum((s.get('train_minutes') or 0) + s['eval_minutes'] for s in summaries):.0f} "
+             f"min in all, {minutes:.0f} of them in this call; {cpu}; 2 threads; seed {args.seed}).", "",
              "Protocol (the `innerpissa.eval.metrics` module docstring): label-balanced items, a separate seeded draw per "
              "dataset, dev/test split stratified by label, **test items only** below. Every method is read at its "
              f"own KL-matched coefficient C_b, where the mean per-token KL(p₀ ‖ p_c) on neutral text (worse of ±c) "
@@ -144,6 +183,7 @@ def write_doc(args, summaries: list[dict], minutes: float) -> None:
     for s in summaries:
         lines += tables(s)
     args.doc.write_text("\n".join(lines) + "\n")
+    write_readme_table(summaries)
 
 
 def main() -> None:
@@ -168,8 +208,18 @@ def main() -> None:
     t0 = time.perf_counter()
 
     def finished() -> list[dict]:
-        return [json.loads(p.read_text()) for spec in args.models for c in args.concepts
-                if (p := args.out / slug(spec) / c / "summary.json").is_file()]
+        out = []
+        for spec in args.models:
+            for c in args.concepts:
+                if (p := args.out / slug(spec) / c / "summary.json").is_file():
+                    s = json.loads(p.read_text())
+                    cfg = args.out / slug(spec) / c / "adapter" / "adapter_config.json"
+                    if "loss" not in s and cfg.is_file():  # summaries written before the field existed
+                        saved = json.loads(cfg.read_text())
+                        s.update(loss=saved.get("loss"), steps=saved.get("train_config", {}).get("steps"),
+                                 seed=saved.get("train_config", {}).get("seed"))
+                    out.append(s)
+        return out
 
     for spec in args.models:
         for concept in args.concepts:
