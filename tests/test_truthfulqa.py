@@ -162,3 +162,18 @@ def test_rust_and_torch_engines_give_the_same_mc_scores(tmp_path):
     r, g = np.array(ref.scores["truthfulqa"]), np.array(got.scores["truthfulqa"])
     np.testing.assert_allclose(g, r, atol=1e-3)
     assert np.abs(r[0] - r[1]).mean() > 1e-3  # the adapter changes the scores: the comparison is not only c = 0
+
+
+def test_best_answer_is_kept_whole_and_numpy_reprs_are_refused(tmp_path):
+    p = _write_csv(tmp_path / "t.csv", [["t", "c", "Q?", "Yes; it is", "Yes; it is", "No", "s"]])
+    (it,) = load_truthfulqa(p).items
+    assert it.true_answers == ("Yes; it is", "Yes", "it is")
+    bad = _write_csv(tmp_path / "np.csv", [["Q?", "A", "['A' 'B']", "['C' 'D']"]],
+                     ["question", "best_answer", "correct_answers", "incorrect_answers"])
+    with pytest.raises(EvalDataError, match="numpy"):
+        load_truthfulqa(bad)
+    js = tmp_path / "n.jsonl"
+    js.write_text(json.dumps({"question": "Q?", "best_answer": "A", "correct_answers": ["A", None],
+                              "incorrect_answers": ["B", None]}) + "\n")
+    (it,) = load_truthfulqa(js).items
+    assert it.true_answers == ("A",) and it.false_answers == ("B",)

@@ -76,3 +76,20 @@ def test_successive_halving_on_dev_items_resumes(tmp_path, monkeypatch):
     n = len((out / "rows.jsonl").read_text().splitlines())
     run_search(grid, out, SHARED_DATA, log=lambda *_: None)  # finished rows are reused, nothing reruns
     assert len((out / "rows.jsonl").read_text().splitlines()) == n
+
+
+def test_lora_trials_need_the_pca_ruler(tmp_path):
+    g = tmp_path / "g.toml"
+    g.write_text('[grid]\nfamily = ["innerpissa", "lora"]\n')
+    with pytest.raises(ConfigError, match="pca"):
+        load_grid(g)
+    g.write_text('[fixed]\n"train.basis" = "pca"\n[grid]\nfamily = ["innerpissa", "lora"]\n')
+    assert len(load_grid(g).trials()) == 2
+
+
+def test_row_keys_change_with_the_scoring_settings():
+    from innerpissa.tune import TUNE_DEFAULTS
+
+    base = dict(TUNE_DEFAULTS)
+    assert trial_key({"train.lr": 1e-3}, base) != trial_key({"train.lr": 1e-3}, {**base, "kl_budget": 0.1})
+    assert trial_key({"train.lr": 1e-3}, base) == trial_key({"train.lr": 1e-3}, {**base, "batch_size": 8})

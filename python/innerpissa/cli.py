@@ -101,7 +101,7 @@ def _train(model_spec, pairs_path, n_pairs, steps, seed, rank, out: Path, allow_
     val = train(adapter, lm.tokenizer, list(split.train), list(split.val), tcfg, run_dir=out, progress=not quiet,
                 overwrite=overwrite)
     minutes = (time.perf_counter() - t0) / 60
-    typer.echo(f"trained {steps} steps in {minutes:.1f} min; validation: "
+    typer.echo(f"trained {tcfg.total_steps(len(split.train))} steps in {minutes:.1f} min; validation: "
                + (", ".join(f"{k}={v:.3f}" for k, v in val.items()) or "none (no validation pairs)"))
     typer.echo(f"adapter saved to {out / 'adapter'}")
     return lm, adapter, split

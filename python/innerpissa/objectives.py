@@ -48,7 +48,8 @@ the pair's suffix after a neutral instruction): with a_i(c) = mean over the last
   This is the one objective that says where a prompt *without* the persona should go (the evaluation prompts
   have none); σ/2 is about the distance from a neutral prompt to either persona along u.
 
-ω(step) ramps the constraint terms from 0 to 1 over ``constraint_warmup`` of training (1 throughout when 0).
+ω(step) ramps the constraint terms linearly from 1/W to 1 over the first W = ``constraint_warmup`` · steps (1
+throughout when 0).
 """
 
 from __future__ import annotations
@@ -96,8 +97,12 @@ class Ruler:
         return self.pair_difference(h, n_pairs) @ self.u
 
     def to_meta(self) -> dict:
-        return {"block_index": self.block_index, "basis": self.basis_name, "sigma": self.sigma,
-                "u": self.u.tolist()}
+        """The ruler as saved in adapter metadata (the PCA basis included: it is not stored anywhere else)."""
+        meta = {"block_index": self.block_index, "basis": self.basis_name, "sigma": self.sigma,
+                "u": self.u.tolist(), "spread": self.spread.tolist()}
+        if self.basis_name == "pca":
+            meta["basis_vectors"] = self.basis.T.tolist()  # (k, d)
+        return meta
 
 
 @dataclass
@@ -174,7 +179,7 @@ def tv_barrier(logp0: torch.Tensor, logp: torch.Tensor, mask: torch.Tensor, kapp
         (penalty, mean TV over masked tokens).
     """
     p0 = logp0.exp()
-    ent = -(p0 * logp0).sum(-1)  # (R, n)
+    ent = -torch.special.xlogy(p0, p0).sum(-1)  # (R, n); 0·log 0 = 0 where a base logit is −inf
     theta = kappa * torch.sqrt(ent + 0.02)
     tv = 0.5 * (logp.exp() - p0.unsqueeze(0)).abs().sum(-1)  # (G, R, n)
     pen = F.relu(tv - theta.unsqueeze(0)) ** 2

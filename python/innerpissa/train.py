@@ -633,7 +633,9 @@ def train(adapter: Adapter, tokenizer, train_pairs: list[ContrastivePair], val_p
     if cfg.basis == "adapter-u" and not isinstance(adapter, Adapter):
         raise ConfigError("basis 'adapter-u' reads the InnerPiSSA adapter's singular vectors; use basis 'pca' for "
                           f"a {adapter.meta.get('family', type(adapter).__name__)} adapter", field="basis")
-    signature = {"train_config": asdict(cfg), "adapter_config": adapter.config.to_dict(),
+    same_result = ("share_prefix",)  # settings that change speed, not the trained adapter
+    signature = {"train_config": {k: v for k, v in asdict(cfg).items() if k not in same_result},
+                 "adapter_config": adapter.config.to_dict(),
                  "family": adapter.meta.get("family", "innerpissa"),
                  "train_pairs_sha256": pairs_sha256(train_pairs), "val_pairs_sha256": pairs_sha256(val_pairs),
                  "base_fingerprint": adapter.base_fingerprint, "loss": loss_id}

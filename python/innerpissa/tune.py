@@ -11,7 +11,11 @@ Grid file (TOML)::
     keep = 0.34             # fraction of a rung's trials promoted to the next one (at least one)
     kl_budget = 0.05        # nats/token, as in the evaluator
     n_target = 64           # items drawn per target set (its dev half is scored)
-    n_other = 8             # items drawn per off-target persona set (dev half; sets with no dev item are dropped)
+    n_other = 16            # items drawn per off-target persona set (dev half; sets with no dev item are dropped)
+
+With ``seed``, ``n_target`` and ``n_other`` equal to the evaluation's (``ipissa eval``/``scripts/results.py``:
+64 and 16, seed 0) the dev items here are exactly the evaluation's dev items, so no reported test item is ever
+seen by the search; other values draw other subsets, and the tables' test items may then overlap them.
     coeffs = [-2, -1, -0.5, -0.25, 0, 0.25, 0.5, 1, 2]
     baselines = ["prompting", "pca", "mean-diff"]   # scored once on the same dev items, for reference
 
@@ -54,7 +58,7 @@ from .errors import ConfigError
 
 TUNE_DEFAULTS: dict[str, Any] = {
     "model": None, "concept": "honesty", "seed": 0, "rungs": [0.5, 2.0], "keep": 0.34, "kl_budget": 0.05,
-    "n_target": 64, "n_other": 8, "coeffs": [-2.0, -1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0, 2.0],
+    "n_target": 64, "n_other": 16, "coeffs": [-2.0, -1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0, 2.0],
     "baselines": ["prompting", "pca", "mean-diff"], "batch_size": 32,
 }
 
@@ -145,16 +149,23 @@ def load_grid(path: str | Path) -> Grid:
     for trial in grid.trials():
         tr, ad = _split_params(trial, str(path))
         try:
-            TrainConfig(**tr)
+            tcfg = TrainConfig(**tr)
             AdapterConfig(**ad)
         except TypeError as e:
             raise ConfigError(f"bad setting in trial {trial}: {e}", path=path) from None
+        if trial.get("family") == "lora" and tcfg.basis != "pca":
+            raise ConfigError(f"trial {trial}: family lora needs train.basis = \"pca\" (there are no singular "
+                              "vectors to read the loss in)", path=path, field="train.basis")
     return grid
 
 
+#: [tune] settings that change a score: part of every row's key, so a rerun with other values recomputes.
+SCORING_KEYS = ("model", "concept", "seed", "kl_budget", "coeffs", "n_target", "n_other")
+
+
 def trial_key(params: dict[str, Any], tune: dict[str, Any]) -> str:
-    """12 hex digits identifying a trial: its settings, model, concept and seed."""
-    ident = {"params": params, "model": tune["model"], "concept": tune["concept"], "seed": tune["seed"]}
+    """12 hex digits identifying a trial: its settings and the [tune] settings that change its score."""
+    ident = {"params": params, **{k: tune[k] for k in SCORING_KEYS}}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -293,12 +304,12 @@ def run_search(grid_path: str | Path, out: str | Path, data_dir=None, log=print)
     out.mkdir(parents=True, exist_ok=True)
     rows_path = out / "rows.jsonl"
     rows = [json.loads(x) for x in rows_path.read_text().splitlines() if x.strip()] if rows_path.is_file() else []
-    done = {(r["key"], r.get("rung")): r for r in rows}
+    done = {(r["key"], r.get("rung"), r.get("epochs")): r for r in rows}
     ctx = _context(grid, data_dir)
     t = grid.tune
     for name in t["baselines"]:
-        key = f"baseline:{name}"
-        if (key, None) in done:
+        key = f"baseline:{name}:{trial_key({}, t)}"
+        if (key, None, None) in done:
             continue
         from .eval.methods import build_methods
 
@@ -312,23 +323,23 @@ def run_search(grid_path: str | Path, out: str | Path, data_dir=None, log=print)
                    eval_minutes=(time.perf_counter() - t1) / 60)
         _append(rows_path, row)
         rows.append(row)
-        done[(key, None)] = row
+        done[(key, None, None)] = row
         log(f"baseline {name}: score {row['score']:+.3f}")
     trials = [(trial_key(p, t), p) for p in grid.trials()]
     survivors = trials
     for rung, epochs in enumerate(t["rungs"]):
         for i, (key, params) in enumerate(survivors):
-            if (key, rung) in done:
+            if (key, rung, epochs) in done:
                 continue
             log(f"rung {rung} ({epochs:g} epochs) trial {i + 1}/{len(survivors)} {key}: {params}")
             row = _run_trial(ctx, grid, params, key, rung, epochs, out)
             _append(rows_path, row)
             rows.append(row)
-            done[(key, rung)] = row
-            log(f"  score {row['score']:+.3f} (C_b {row['kl_coeff']:.3g}, {row['train_minutes']:.1f} + "
+            done[(key, rung, epochs)] = row
+            log(f"  score {row['score']:+.3f} (C_b {row['kl_coeff']:.3g}, {(row['train_minutes'] or 0):.1f} + "
                 f"{row['eval_minutes']:.1f} min)")
             write_summary(rows, out / "summary.md", grid)
-        ranked = sorted(survivors, key=lambda kp: done[(kp[0], rung)]["score"], reverse=True)
+        ranked = sorted(survivors, key=lambda kp: done[(kp[0], rung, epochs)]["score"], reverse=True)
         survivors = ranked[:max(1, math.ceil(t["keep"] * len(ranked)))]
     write_summary(rows, out / "summary.md", grid)
     return rows

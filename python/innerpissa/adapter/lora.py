@@ -47,7 +47,7 @@ class LoRASteering:
         config = config or AdapterConfig()
         targets = find_targets(model, config)
         rank = config.rank or model.config.hidden_size // 8
-        self.config = dataclasses.replace(config, rank=rank, rotate=False)
+        self.config = dataclasses.replace(config, rank=rank, rotate=False, scale="additive", select="top")
         self.target_names = list(targets)
         self.base_fingerprint = fingerprint({n: lin.weight for n, lin in targets.items()})
         self.meta = dict(meta or {}, family="lora")
@@ -120,7 +120,7 @@ class LoRASteering:
         for n in self.target_names:
             u, s, vh = torch.linalg.svd(self.delta_weight(n), full_matrices=False)
             r = self.config.rank
-            lay = InnerPiSSALayer(u[:, :r], s[:r], vh[:r].T, rotate=False)
+            lay = InnerPiSSALayer(u[:, :r], s[:r], vh[:r].T, scale="additive", rotate=False)
             lay.delta.copy_(s[:r])
             layers[n] = lay
         return Adapter(self.model, self.config, layers, self.base_fingerprint, self.meta)

@@ -467,16 +467,23 @@ def load_dailydilemmas(
 # TruthfulQA (multiple choice)
 # ---------------------------------------------------------------------------------------------------------------
 
-_TQA_COLUMNS = {"question": "question", "best answer": "best_answer", "correct answers": "correct_answers",
-                "incorrect answers": "incorrect_answers"}
-
-
 def _answers(cell: Any) -> list[str]:
-    """A TruthfulQA answers cell: ``"a; b; c"`` (the original CSV), a JSON/python list string, or a list."""
+    """A TruthfulQA answers cell: ``"a; b; c"`` (the original CSV), a JSON/python list string, or a list (null
+    entries skipped).
+
+    Raises:
+        ValueError: a numpy array's repr (``"['a' 'b']"``, what pandas writes for list columns), which cannot be
+            split safely.
+    """
     if isinstance(cell, list):
-        return [str(a).strip() for a in cell if str(a).strip()]
+        return [str(a).strip() for a in cell if a is not None and str(a).strip()]
+    if cell is None:
+        return []
     text = str(cell).strip()
     if text.startswith("["):
+        if "," not in text and "' '" in text or "\" \"" in text:
+            raise ValueError("this looks like a numpy array's repr (no commas between answers); save the answer "
+                             "lists as JSON lists or ';'-separated text")
         return [a for a in (x.strip() if x else "" for x in _parse_list(text)) if a]
     return [a.strip() for a in text.split(";") if a.strip()]
 
@@ -524,7 +531,8 @@ def load_truthfulqa(path: str | Path, name: str = "truthfulqa") -> EvalDataset:
         if not isinstance(question, str) or not question.strip():
             raise EvalDataError(path, lineno, "empty Question")
         try:
-            true = _answers(row.get(cols["best answer"], "")) if "best answer" in cols else []
+            best = row.get(cols["best answer"]) if "best answer" in cols else None
+            true = [str(best).strip()] if best is not None and str(best).strip() else []  # one answer, kept whole
             if "correct answers" in cols:
                 true += _answers(row.get(cols["correct answers"]) or "")
             false = _answers(row.get(cols["incorrect answers"]) or "")
