@@ -159,3 +159,21 @@ def test_a_constant_yes_logit_method_is_all_bias_no_effect():
     assert res["methods"]["yes-bias"]["budget_reached"]
     assert r["effect"] == pytest.approx(0.0, abs=1e-4) and r["ci"][0] <= 1e-4 and r["ci"][1] >= -1e-4
     assert r["bias"] == pytest.approx(2.0 * cb, rel=1e-3) and r["bias"] > 10 * abs(r["effect"])
+
+
+def test_vector_baselines_share_the_mean_difference_scale():
+    """PCA and random directions are scaled to the mean-difference vector's norm per layer, so c means the same
+    push for all three on any model, and all three sweep the same grid."""
+    from test_objectives import _setup
+
+    from innerpissa.eval.methods import build_methods
+
+    model, tok, split = _setup()
+    ms = {m.name: m for m in build_methods(model, tok, None, list(split.train[:12]), 0, ("pca", "mean-diff", "random"),
+                                           layers=[2, 3])}
+    for ell in (2, 3):
+        md = float(ms["mean-diff"].directions[ell].norm())
+        assert md > 0
+        assert float(ms["pca"].directions[ell].norm()) == pytest.approx(md, rel=1e-4)
+        assert float(ms["random"].directions[ell].norm()) == pytest.approx(md, rel=1e-4)
+    assert ms["pca"].coeffs == ms["mean-diff"].coeffs == ms["random"].coeffs and max(ms["pca"].coeffs) == 2.0

@@ -154,7 +154,11 @@ def build_methods(model, tokenizer, adapter: Adapter | str | None, pairs: list[C
                   instruction: Callable[[bool], str] | None = None) -> list:
     """The steering methods to compare, all from the same ``pairs``.
 
-    Vectors (PCA, mean-difference, random) act on ``layers`` (default: the adapter's layers, or 30 %..L−3).
+    Vectors (PCA, mean-difference, random) act on ``layers`` (default: the adapter's layers, or 30 %..L−3). The
+    PCA direction (unit length from repeng's recipe) is scaled at each layer to the norm of the mean-difference
+    vector there, and the random one has the PCA vector's norm, so c means the same size of push for all three
+    and on every model (unit directions were far too small for Gemma 3's residual stream: c = 8 spent 6e-5 nats of
+    KL); all three sweep c in ±{0.25, 0.5, 1, 2} unless ``vector_coeffs`` is given.
     With ``engine`` (a ``RustEngine``) their hidden states come from the Rust engine and ``model`` may be None.
     ``instruction(positive) -> str`` is the prompting baseline's persona sentence (default: honesty's).
 
@@ -176,26 +180,23 @@ def build_methods(model, tokenizer, adapter: Adapter | str | None, pairs: list[C
             cfg = adapter.config if isinstance(adapter, Adapter) else AdapterConfig()
             n_blocks = engine.config["n_layer"] if engine is not None else len(decoder_blocks(model))
             layers = select_layers(n_blocks, cfg)
-        kw = {} if vector_coeffs is None else {"coeffs": tuple(vector_coeffs)}
-        pca = None
-        if "pca" in include or "random" in include:
-            if engine is not None:
-                from .engines import pca_control_vector as rust_pca
+        grid = (-2.0, -1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0, 2.0)
+        kw = {"coeffs": tuple(vector_coeffs) if vector_coeffs is not None else grid}
+        if engine is not None:
+            from .engines import mean_difference_control_vector as rust_md
+            from .engines import pca_control_vector as rust_pca
 
-                pca = rust_pca(engine, pairs, layers)
-            else:
-                pca = pca_control_vector(model, tokenizer, pairs, layers)
+            md = rust_md(engine, pairs, layers)
+            pca = rust_pca(engine, pairs, layers) if {"pca", "random"} & set(include) else None
+        else:
+            md = mean_difference_control_vector(model, tokenizer, pairs, layers)
+            pca = pca_control_vector(model, tokenizer, pairs, layers) if {"pca", "random"} & set(include) else None
+        if pca is not None:  # c in the units of the pairs' own difference, on every model (not |v| = 1)
+            pca = {ell: v * md[ell].norm() for ell, v in pca.items()}
         if "pca" in include:
             methods.append(VectorMethod(model, pca, name="pca", **kw))
         if "mean-diff" in include:
-            if engine is not None:
-                from .engines import mean_difference_control_vector as rust_md
-
-                md = rust_md(engine, pairs, layers)
-            else:
-                md = mean_difference_control_vector(model, tokenizer, pairs, layers)
-            methods.append(VectorMethod(model, md, name="mean-diff",
-                                        **(kw or {"coeffs": (-2.0, -1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0, 2.0)})))
+            methods.append(VectorMethod(model, md, name="mean-diff", **kw))
         if "random" in include:
             methods.append(VectorMethod(model, random_control_vector(pca, seed), name="random", **kw))
     return methods
