@@ -28,7 +28,8 @@ def test_signed_lora_is_exact_at_zero_and_converts_exactly(tmp_path):
     assert (outs[1.0] - base).abs().max() > 1e-3
     with lora.steer(torch.tensor([1.0, 0.0, -1.0])):
         rows = model(x).logits
-    torch.testing.assert_close(rows[0], outs[1.0][0]) and torch.testing.assert_close(rows[2], outs[-1.0][2])
+    torch.testing.assert_close(rows[0], outs[1.0][0])
+    torch.testing.assert_close(rows[2], outs[-1.0][2])
     assert torch.equal(rows[1], base[1])
     adapter = lora.to_adapter()
     for name in lora.target_names:  # ΔW(c) = c (α/r) B A exactly in the InnerPiSSA form

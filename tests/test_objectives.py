@@ -183,7 +183,8 @@ def test_short_sliding_window_falls_back_to_full_rows():
     with torch.no_grad():
         a = steered_forward(adapter, batch, [1.0, -1.0], block, 3, False, 4)
         b = steered_forward(adapter, batch, [1.0, -1.0], block, 3, False, 1 << 30)
-    torch.testing.assert_close(a[0], b[0]) and torch.testing.assert_close(a[1], b[1])
+    torch.testing.assert_close(a[0], b[0])
+    torch.testing.assert_close(a[1], b[1])
 
 
 def test_data_aware_selection_picks_components_the_pairs_use(tmp_path):

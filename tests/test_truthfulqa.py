@@ -113,7 +113,7 @@ def test_mc_score_equals_the_length_normalised_gap():
 def test_a_method_favouring_true_answer_tokens_has_a_positive_effect():
     """Boosting the logit of a word that occurs only in true answers must read as a positive effect on the MC
     set (the sign convention: + means truer)."""
-    import contextlib
+    from conftest import yes_bias  # a logit bias on any token set
 
     ds = _toy()
     empty = word_tokenizer([])
@@ -122,19 +122,7 @@ def test_a_method_favouring_true_answer_tokens_has_a_positive_effect():
     model = tiny_llama(vocab_size=len(tok))
     and_id = tok("and", add_special_tokens=False)["input_ids"]
 
-    @contextlib.contextmanager
-    def make(c):
-        def hook(_m, _a, out):
-            out = out.clone()
-            out[..., and_id] += 3.0 * c
-            return out
-        h = model.lm_head.register_forward_hook(hook)
-        try:
-            yield
-        finally:
-            h.remove()
-
-    method = HookMethod(make, coeffs=(-1.0, -0.5, 0.0, 0.5, 1.0), name="truth")
+    method = HookMethod(yes_bias(model, and_id, 3.0), coeffs=(-1.0, -0.5, 0.0, 0.5, 1.0), name="truth")
     res = run_suite(TorchEngine(model, tok), [method], [ds], kl_budget=10.0, progress=False, neutral_texts=TEXTS,
                     targets={"truthfulqa": 1})
     r = res["methods"]["truth"]["datasets"]["truthfulqa"]
