@@ -50,6 +50,26 @@ def test_bad_grids_name_the_key(tmp_path):
         load_grid(bad)
 
 
+def test_joint_axes_set_their_keys_together(tmp_path):
+    g = tmp_path / "g.toml"
+    g.write_text('[grid]\n"train.objective" = ["reprpo-svd", "anchored"]\n'
+                 '"train.loss_layer,adapter.depth_range" = [[0.5, [0.1, 0.5]], [0.7, [0.3]]]\n')
+    trials = load_grid(g).trials()
+    assert len(trials) == 4 and load_grid(g).columns() == ["train.objective", "train.loss_layer",
+                                                            "adapter.depth_range"]
+    assert {(t["train.loss_layer"], tuple(t["adapter.depth_range"])) for t in trials} == {(0.5, (0.1, 0.5)),
+                                                                                           (0.7, (0.3,))}
+    # the same settings give the same trial key as a plain grid's (finished rows are shared)
+    plain = tmp_path / "p.toml"
+    plain.write_text('[grid]\n"train.objective" = ["reprpo-svd", "anchored"]\n"train.loss_layer" = [0.5]\n'
+                     '"adapter.depth_range" = [[0.1, 0.5]]\n')
+    tune = load_grid(plain).tune
+    assert {trial_key(t, tune) for t in load_grid(plain).trials()} < {trial_key(t, tune) for t in trials}
+    g.write_text('[grid]\n"train.loss_layer,adapter.depth_range" = [[0.5]]\n')
+    with pytest.raises(ConfigError, match="joint axis"):
+        load_grid(g)
+
+
 def test_successive_halving_on_dev_items_resumes(tmp_path, monkeypatch):
     # the tiny byte vocabulary has no whole-word "yes"/"no" tokens: score the bytes "y" / "n" instead
     monkeypatch.setattr("innerpissa.eval.engines.answer_token_sets",

@@ -25,6 +25,7 @@ seen by the search; other values draw other subsets, and the tables' test items 
     [grid]                  # every combination is a trial
     "train.objective" = ["reprpo-svd", "anchored"]
     "adapter.depth_range" = [[0.1, 0.5], [0.3]]     # [start] runs to the default end (L − 3)
+    "train.loss_layer,train.lr" = [[0.5, 3e-3], [0.7, 1e-2]]   # a joint axis: these keys change together
 
 Keys are ``train.<TrainConfig field>``, ``adapter.<AdapterConfig field>``, or ``family`` (``"innerpissa"``, the
 default, or ``"lora"``: PEFT LoRA with the same objective, ``adapter/lora.py``; it needs ``train.basis = "pca"``).
@@ -73,9 +74,20 @@ class Grid:
     source: str = ""
 
     def trials(self) -> list[dict[str, Any]]:
-        """Every combination of the axes, each merged over ``fixed`` (axis values win)."""
-        names = list(self.axes)
-        return [{**self.fixed, **dict(zip(names, combo))} for combo in itertools.product(*self.axes.values())]
+        """Every combination of the axes, each merged over ``fixed`` (axis values win). A joint axis
+        (``"a,b" = [[a1, b1], [a2, b2]]``) sets its keys together."""
+        out = []
+        for combo in itertools.product(*self.axes.values()):
+            params = dict(self.fixed)
+            for name, value in zip(self.axes, combo):
+                keys = name.split(",")
+                params.update(zip(keys, value) if len(keys) > 1 else [(name, value)])
+            out.append(params)
+        return out
+
+    def columns(self) -> list[str]:
+        """The settings the axes vary, one per key (a joint axis gives several)."""
+        return [k for name in self.axes for k in name.split(",")]
 
 
 def _split_params(params: dict[str, Any], source: str) -> tuple[dict, dict]:
@@ -139,6 +151,10 @@ def load_grid(path: str | Path) -> Grid:
     for k, v in raw.get("grid", {}).items():
         if not isinstance(v, list) or not v:
             raise ConfigError(f"[grid] {k} must be a non-empty list of values, got {v!r}", path=path, field=k)
+        n_keys = len(k.split(","))
+        if n_keys > 1 and not all(isinstance(x, list) and len(x) == n_keys for x in v):
+            raise ConfigError(f"[grid] joint axis {k} needs a list of {n_keys}-element lists (one value per key), "
+                              f"got {v!r}", path=path, field=k)
         axes[k] = v
     grid = Grid(tune, dict(raw.get("fixed", {})), axes, str(path))
     from .adapter.config import AdapterConfig
@@ -358,7 +374,7 @@ def write_summary(rows: list[dict], path: Path, grid: Grid) -> None:
     from .adapter.model import atomic_write
 
     t = grid.tune
-    axes = list(grid.axes)
+    axes = grid.columns()
     lines = [f"# Search: {t['concept']} on {t['model'] or 'embedded:smollm2'} (dev items only)", "",
              f"Grid `{grid.source}`; seed {t['seed']}; KL budget {t['kl_budget']} nats/token; score = mean over "
              "target sets of expected sign × balanced effect at the budget (nats).", ""]
