@@ -1,21 +1,34 @@
-"""Regenerate docs/results.md: the default adapter vs prompting, PCA, mean-difference and random vectors, per
-model and concept, every method at the common KL budget, balanced effect and bias side by side.
+"""Regenerate docs/results.md: the trained adapter (≥ 3 training seeds) and LoRA trained with the same objective vs
+prompting, PCA, mean-difference and random vectors, per model and concept, every method at the common KL budget,
+balanced effect and bias side by side.
 
     python scripts/results.py --models embedded:smollm2 embedded:gemma3-270m --concepts honesty sentiment
 
-For each model × concept: train the default adapter on the concept's built-in pairs (``OUT/<model>/<concept>/``;
-an unfinished run resumes, a finished one is reused), build the baselines on the same pairs, and sweep everything
-with the Rust engine (both embedded models are GGUF files) on label-balanced seeded items (seed 0), dev/test split
-stratified by label; tables report **test** items. Each evaluation writes ``report.md``, ``results.json`` and
-figures into its run directory and ``summary.json`` there; the doc is rebuilt from every finished summary, so an
-interrupted command loses at most the evaluation in progress. The hand-written reading between the
-``<!-- reading -->`` markers of the existing doc is kept.
+The recipe is ``TrainConfig`` / ``AdapterConfig``'s defaults (``--steps``/``--epochs``/``--objective`` override
+them). Pairs, evaluation items and the dev/test split are fixed by ``--seed``; each of ``--seeds`` trains its own
+InnerPiSSA adapter and its own LoRA (adapter init, batch order). For each model × concept, under
+``OUT/<model>/<concept>/<recipe>/`` (``<recipe>`` names the objective, its version and a hash of the whole
+configuration, so results of another recipe are never reused):
+
+- ``<family>-seed<k>/``: the training run (an unfinished one resumes, a finished one is reused) and its
+  evaluation ``summary.json``;
+- ``baselines/summary.json``: prompting, PCA, mean-difference and random vectors from the same training pairs
+  (deterministic given the pairs; random uses ``--seed``).
+
+Everything is swept with the Rust engine (both embedded models are GGUF files) on label-balanced seeded items,
+dev/test split stratified by label; tables report **test** items. A trained method's numbers are pooled over seeds
+(``metrics.pool_seeds``: each item's effect averaged over seeds, each seed at its own KL-matched coefficient, then
+the bootstrap over items), with every seed's effect listed. Every unit writes its ``summary.json`` when it
+finishes, and the doc is rebuilt from every finished summary, so an interrupted command loses at most the unit in
+progress. The hand-written reading between the ``<!-- reading -->`` markers of the existing doc is kept.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -26,81 +39,191 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+TRAINED = ("innerpissa", "lora")
+BASELINES = ("prompting", "pca", "mean-diff", "random")
+
 
 def slug(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", spec)
 
 
-def run_one(spec: str, concept_name: str, args) -> dict:
-    """Train (or reuse) and evaluate one model × concept; returns the summary written to summary.json."""
+def recipe(args):
+    """(TrainConfig kwargs, AdapterConfig, tag) of this command's recipe (seed excluded from the tag)."""
+    from innerpissa import AdapterConfig
+    from innerpissa.objectives import OBJECTIVES
+    from innerpissa.train import TrainConfig
+
+    kw = {k: v for k, v in (("steps", args.steps), ("epochs", args.epochs), ("objective", args.objective))
+          if v is not None}
+    tcfg = TrainConfig(**kw)
+    acfg = AdapterConfig()
+    ident = {"train": {k: v for k, v in dataclasses.asdict(tcfg).items() if k not in ("seed", "share_prefix")},
+             "adapter": {k: v for k, v in dataclasses.asdict(acfg).items() if k != "seed"}}
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True, default=list).encode()).hexdigest()[:8]
+    return kw, acfg, f"{tcfg.objective}-v{OBJECTIVES[tcfg.objective]}-{digest}"
+
+
+def _strip(method_result: dict) -> dict:
+    """A method's results without the curves (item effects are kept: they are what seeds pool over)."""
+    return {k: v for k, v in method_result.items() if k != "datasets"} | {"datasets": {
+        d: {k: x for k, x in dr.items() if k != "curve"} for d, dr in method_result["datasets"].items()}}
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, allow_nan=False))
+    tmp.replace(path)
+
+
+def run_unit(lm, split, concept, spec: str, unit: str, seed: int, run: Path, args, recipe_kw, acfg, eng,
+             datasets, targets) -> dict:
+    """Train (or reuse) one trained method at one seed, or build the baselines (``unit="baselines"``), evaluate on
+    the shared items, and write ``run/summary.json``; returns it."""
     import torch
 
-    from innerpissa import AdapterConfig, attach, load_adapter
-    from innerpissa.concepts import get_concept
+    from innerpissa import attach, load_adapter
+    from innerpissa.adapter.model import select_layers
     from innerpissa.eval import build_methods, run_suite, write_report
-    from innerpissa.eval.engines import RustEngine, gguf_for_spec
-    from innerpissa.eval.suite import concept_datasets
-    from innerpissa.models import load_model
+    from innerpissa.eval.methods import AdapterMethod
     from innerpissa.train import TrainConfig, train
 
     torch.set_num_threads(args.threads)
-    run = args.out / slug(spec) / concept_name
-    concept = get_concept(concept_name)
-    lm = load_model(spec)
-    split = concept.pairs(lm.tokenizer, seed=args.seed)
+    meta = {"base_model": spec, "concept": concept.name, "pairs": f"builtin:{concept.name}"}
+    train_minutes = None
     t0 = time.perf_counter()
-    if (run / "adapter" / "adapter_config.json").is_file() and not (run / "checkpoint").exists():
-        adapter = load_adapter(lm.model, run / "adapter")
-        train_minutes = json.loads((run / "summary.json").read_text())["train_minutes"] \
-            if (run / "summary.json").is_file() else None
+    if unit == "baselines":
+        layers = select_layers(eng.config["n_layer"], acfg)
+        methods = build_methods(lm.model, lm.tokenizer, None, list(split.train), args.seed,
+                                tuple(m for m in args.methods if m in BASELINES), layers=layers, engine=eng,
+                                instruction=concept.instruction)
+        loss = None
     else:
-        adapter = attach(lm.model, AdapterConfig(seed=args.seed),
-                         meta={"base_model": lm.spec, "concept": concept_name, "pairs": f"builtin:{concept_name}"},
-                         pairs=list(split.train), tokenizer=lm.tokenizer)
-        train(adapter, lm.tokenizer, list(split.train), list(split.val),
-              TrainConfig(steps=args.steps, seed=args.seed), run_dir=run)
-        train_minutes = (time.perf_counter() - t0) / 60
-    eng = RustEngine(gguf_for_spec(lm.spec), lm.tokenizer, batch_size=args.batch_size)
-    datasets, targets = concept_datasets(concept, args.data_dir, args.n_target, args.n_other, args.n_dd, args.seed,
-                                         truthfulqa=args.truthfulqa)
-    methods = build_methods(lm.model, lm.tokenizer, adapter, list(split.train), args.seed, engine=eng,
-                            instruction=concept.instruction)
+        cfg = dataclasses.replace(acfg, seed=seed)
+        if (run / "adapter" / "adapter_config.json").is_file() and not (run / "checkpoint").exists():
+            adapter = load_adapter(lm.model, run / "adapter")
+        else:
+            if unit == "lora":
+                from innerpissa.adapter.lora import LoRASteering
+
+                steer = LoRASteering(lm.model, cfg, meta)
+            else:
+                steer = attach(lm.model, cfg, meta=meta, pairs=list(split.train), tokenizer=lm.tokenizer)
+            tcfg = TrainConfig(**recipe_kw, seed=seed)
+            if unit == "lora" and tcfg.basis != "pca":  # LoRA has no singular vectors to read the loss in
+                tcfg = dataclasses.replace(tcfg, basis="pca")
+            try:
+                train(steer, lm.tokenizer, list(split.train), list(split.val), tcfg, run_dir=run)
+            finally:
+                if unit == "lora":
+                    trained, _ = steer.to_adapter(), steer.remove()
+            adapter = trained if unit == "lora" else steer
+            train_minutes = (time.perf_counter() - t0) / 60
+        loss = adapter.meta.get("loss")
+        methods = [AdapterMethod(adapter, name=unit)]
     t1 = time.perf_counter()
     cmd = "python scripts/results.py " + " ".join(sys.argv[1:])
     results = run_suite(eng, methods, datasets, seed=args.seed, kl_budget=args.kl_budget, targets=targets,
-                        concept=concept_name, meta={"model": spec, "concept": concept_name, "command": cmd})
-    eval_minutes = (time.perf_counter() - t1) / 60
+                        concept=concept.name, meta={"model": spec, "concept": concept.name, "command": cmd})
     write_report(results, run / "eval")
-    summary = {"model": spec, "concept": concept_name, "train_minutes": train_minutes,
-               "loss": adapter.meta.get("loss"), "steps": args.steps, "seed": args.seed,
-               "eval_minutes": eval_minutes, "date": datetime.date.today().isoformat(),
-               "methods": {m: {k: v for k, v in r.items() if k != "datasets"} | {"datasets": {
-                   d: {k: x for k, x in dr.items() if k not in ("curve", "item_effects", "item_labels")}
-                   for d, dr in r["datasets"].items()}} for m, r in results["methods"].items()},
-               "datasets": results["datasets"]}
-    tmp = run / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1, allow_nan=False))
-    tmp.replace(run / "summary.json")
+    summary = {"model": spec, "concept": concept.name, "unit": unit, "seed": seed, "data_seed": args.seed,
+               "train_minutes": train_minutes, "eval_minutes": (time.perf_counter() - t1) / 60, "loss": loss,
+               "date": datetime.date.today().isoformat(),
+               "methods": {m: _strip(r) for m, r in results["methods"].items()}, "datasets": results["datasets"]}
+    _write_json(run / "summary.json", summary)
     return summary
+
+
+def run_one(spec: str, concept_name: str, args) -> None:
+    """Every unfinished unit of one model × concept (training seeds of each trained method, then the baselines)."""
+    import torch
+
+    from innerpissa.concepts import get_concept
+    from innerpissa.eval.engines import RustEngine, gguf_for_spec
+    from innerpissa.eval.suite import concept_datasets
+    from innerpissa.models import load_model
+
+    torch.set_num_threads(args.threads)
+    kw, acfg, tag = recipe(args)
+    base = args.out / slug(spec) / concept_name / tag
+    units = [(u, s) for u in TRAINED if u in args.methods for s in args.seeds]
+    units += [("baselines", args.seed)] if set(args.methods) & set(BASELINES) else []
+    todo = [(u, s) for u, s in units if not (base / _unit_dir(u, s) / "summary.json").is_file()]
+    if not todo:
+        return
+    concept = get_concept(concept_name)
+    lm = load_model(spec)
+    split = concept.pairs(lm.tokenizer, seed=args.seed)
+    eng = RustEngine(gguf_for_spec(lm.spec), lm.tokenizer, batch_size=args.batch_size)
+    datasets, targets = concept_datasets(concept, args.data_dir, args.n_target, args.n_other, args.n_dd, args.seed,
+                                         truthfulqa=args.truthfulqa)
+    base.mkdir(parents=True, exist_ok=True)
+    _write_json(base / "recipe.json", {"train": kw, "adapter": dataclasses.asdict(acfg), "tag": tag})
+    for unit, seed in todo:
+        print(f"== {spec} / {concept_name} / {tag}: {unit} seed {seed}", flush=True)
+        run_unit(lm, split, concept, spec, unit, seed, base / _unit_dir(unit, seed), args, kw, acfg, eng,
+                 datasets, targets)
+        write_doc(args, finished(args), (time.perf_counter() - args.t0) / 60)  # the doc grows unit by unit
+
+
+def _unit_dir(unit: str, seed: int) -> str:
+    return "baselines" if unit == "baselines" else f"{unit}-seed{seed}"
+
+
+def finished(args) -> list[dict]:
+    """One pooled summary per model × concept with any finished unit: methods → pooled numbers per dataset."""
+    from innerpissa.eval.metrics import pool_seeds
+
+    _, _, tag = recipe(args)
+    out = []
+    for spec in args.models:
+        for c in args.concepts:
+            base = args.out / slug(spec) / c / tag
+            units = [json.loads(p.read_text()) for p in sorted(base.glob("*/summary.json"))]
+            if not units:
+                continue
+            methods, minutes, loss = {}, 0.0, None
+            for name in args.methods:
+                per = [u for u in units if name in u["methods"] and u["unit"] != "baselines"] if name in TRAINED \
+                    else [u for u in units if u["unit"] == "baselines" and name in u["methods"]]
+                if not per:
+                    continue
+                ms = [u["methods"][name] for u in per]
+                pooled = {d: pool_seeds([m["datasets"][d] for m in ms]) for d in ms[0]["datasets"]}
+                methods[name] = {"kl_coeff": [m["kl_coeff"] for m in ms], "kl_at_coeff": [m["kl_at_coeff"] for m in ms],
+                                 "budget_reached": all(m["budget_reached"] for m in ms),
+                                 "seeds": [u["seed"] for u in per] if name in TRAINED else [], "datasets": pooled}
+            for u in units:
+                minutes += (u.get("train_minutes") or 0) + u["eval_minutes"]
+                loss = loss or u.get("loss")
+            out.append({"model": spec, "concept": c, "recipe": tag, "loss": loss, "minutes": minutes,
+                        "datasets": units[0]["datasets"], "methods": methods,
+                        "recipe_kw": json.loads((base / "recipe.json").read_text())["train"]
+                        if (base / "recipe.json").is_file() else {}})
+    return out
 
 
 def _f(x, nd=2):
     return "–" if x is None else f"{x:+.{nd}f}"
 
 
+def _seeds(xs) -> str:
+    return " / ".join(f"{x:+.2f}" for x in xs)
+
+
 def tables(s: dict) -> list[str]:
-    """Markdown for one model × concept summary."""
+    """Markdown for one model × concept pooled summary."""
     ms, ds = s["methods"], s["datasets"]
     targets = [d for d, info in ds.items() if info.get("expected_sign")]
     others = [d for d, info in ds.items() if info["labelled"] and not info.get("expected_sign")]
     unl = [d for d, info in ds.items() if not info["labelled"]]
-    tm = f"{s['train_minutes']:.1f} min" if s.get("train_minutes") else "reused"
     loss = s.get("loss") or {}
+    kw = ", ".join(f"{k} {v}" for k, v in s.get("recipe_kw", {}).items()) or "defaults"
     out = [f"### {s['model']} — {s['concept']}", "",
-           f"Adapter: objective {loss.get('name', '?')} v{loss.get('version', '?')}, {s.get('steps', '?')} steps, "
-           f"seed {s.get('seed', '?')}. Training {tm}; evaluation {s['eval_minutes']:.1f} min (Rust engine, "
-           "2 threads).", "",
-           "| method | C_b | KL at ±C_b | "
+           f"Recipe `{s['recipe']}`: objective {loss.get('name', '?')} v{loss.get('version', '?')} ({kw}; the rest "
+           f"TrainConfig/AdapterConfig defaults). Trained methods pooled over seeds "
+           f"{', '.join(str(x) for x in next((m['seeds'] for m in ms.values() if m['seeds']), []))}; {s['minutes']:.0f} "
+           "min of training and evaluation in all (Rust engine, 2 threads).", "",
+           "| method | C_b (per seed) | KL at ±C_b | "
            + " | ".join(f"{d} ({'+' if ds[d]['expected_sign'] > 0 else '−'}): effect [CI] / bias" for d in targets)
            + " | off-target mean \\|bias\\| | off-target mean \\|effect\\| | DailyDilemmas net shift |",
            "|---|---|---|" + "---|" * len(targets) + "---|---|---|"]
@@ -112,13 +235,16 @@ def tables(s: dict) -> list[str]:
         ob = sum(abs(m["datasets"][d]["bias"]) for d in others) / max(len(others), 1)
         oe = sum(abs(m["datasets"][d].get("effect") or 0) for d in others) / max(len(others), 1)
         dd = "; ".join(f"{m['datasets'][d]['decision_shift_net']:.2f}" for d in unl) or "–"
-        out.append(f"| {name} | {m['kl_coeff']:.3g} | {m['kl_at_coeff']:.3f} | " + " | ".join(cells)
+        cb = " / ".join(f"{c:.3g}" for c in m["kl_coeff"]) + ("" if m["budget_reached"] else " (not reached)")
+        out.append(f"| {name} | {cb} | {max(m['kl_at_coeff']):.3f} | " + " | ".join(cells)
                    + f" | {ob:.2f} | {oe:.2f} | {dd} |")
-    out += ["", "| method | target set | flip score | ρ | − side / + side | invalid c=0 → ±C_b |", "|---|---|---|---|---|---|"]
+    out += ["", "| method | target set | effect per seed | bias per seed | flip score | ρ (worst seed) | "
+            "− side / + side | invalid c=0 → ±C_b |", "|---|---|---|---|---|---|---|---|"]
     for name, m in ms.items():
         for d in targets:
             r = m["datasets"][d]
-            out.append(f"| {name} | {d} | {_f(r.get('flip_score'))} | {_f(r.get('spearman'))} | "
+            out.append(f"| {name} | {d} | {_seeds(r.get('effect_seeds', []))} | {_seeds(r['bias_seeds'])} | "
+                       f"{_f(r.get('flip_score'))} | {_f(r.get('spearman_min'))} | "
                        f"{_f(r.get('effect_neg_side'))} / {_f(r.get('effect_pos_side'))} | "
                        f"{r['invalid_rate_c0']:.2f} → {r['invalid_rate_cb']:.2f} |")
     return out + [""]
@@ -126,7 +252,7 @@ def tables(s: dict) -> list[str]:
 
 def readme_table(summaries: list[dict]) -> list[str]:
     """The README's compact table: per model × concept, each method's balanced effect on the target sets at the
-    KL budget (signed so that + is the concept's direction), test items."""
+    KL budget (signed so that + is the concept's direction; trained methods pooled over seeds), test items."""
     methods = list(dict.fromkeys(m for s in summaries for m in s["methods"]))
     out = ["| model | concept | target set | " + " | ".join(methods) + " |", "|---|---|---|" + "---|" * len(methods)]
     for s in summaries:
@@ -170,15 +296,19 @@ def write_doc(args, summaries: list[dict], minutes: float) -> None:
         pass
     lines = ["# Results", "",
              f"Command: `python scripts/results.py {' '.join(sys.argv[1:])}` (doc written {datetime.date.today()}; "
-             f"the runs below took {sum((s.get('train_minutes') or 0) + s['eval_minutes'] for s in summaries):.0f} "
-             f"min in all, {minutes:.0f} of them in this call; {cpu}; 2 threads; seed {args.seed}).", "",
+             f"the runs below took {sum(s['minutes'] for s in summaries):.0f} min in all, {minutes:.0f} of them in "
+             f"this call; {cpu}; 2 threads; data seed {args.seed}, training seeds {' '.join(map(str, args.seeds))}).",
+             "",
              "Protocol (the `innerpissa.eval.metrics` module docstring): label-balanced items, a separate seeded draw per "
              "dataset, dev/test split stratified by label, **test items only** below. Every method is read at its "
              f"own KL-matched coefficient C_b, where the mean per-token KL(p₀ ‖ p_c) on neutral text (worse of ±c) "
              f"reaches **{args.kl_budget} nats/token** (prompting: its one dose, c = ±1, KL shown). Balanced effect "
              "= label-aligned (a(+C_b) − a(−C_b))/2 with equal weight per label class (a uniform Yes/No shift gives "
              "0); bias = the same for the raw first-option log-odds; both in nats with 95 % bootstrap CIs over items. "
-             "Expected signs in the headers: + means a more positive-persona model should agree more.", "",
+             "The trained methods (InnerPiSSA, and LoRA trained with the same objective) are pooled over training "
+             "seeds: each item's effect is averaged over seeds (each seed at its own C_b), then bootstrapped over "
+             "items; each seed's effect is listed. Expected signs in the headers: + means a more positive-persona "
+             "model should agree more.", "",
              reading, "", "## Tables", ""]
     for s in summaries:
         lines += tables(s)
@@ -190,8 +320,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["embedded:smollm2", "embedded:gemma3-270m"])
     ap.add_argument("--concepts", nargs="+", default=["honesty", "sentiment"])
-    ap.add_argument("--steps", type=int, default=80)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--methods", default=",".join(TRAINED + BASELINES),
+                    help="comma-separated: innerpissa, lora, prompting, pca, mean-diff, random")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds of the trained methods")
+    ap.add_argument("--steps", type=int, default=None, help="override TrainConfig.steps")
+    ap.add_argument("--epochs", type=float, default=None, help="override TrainConfig.epochs")
+    ap.add_argument("--objective", default=None, help="override TrainConfig.objective")
+    ap.add_argument("--seed", type=int, default=0, help="pairs, evaluation items, dev/test split, random vector")
     ap.add_argument("--kl-budget", type=float, default=0.05)
     ap.add_argument("--n-target", type=int, default=64)
     ap.add_argument("--n-other", type=int, default=16)
@@ -204,29 +339,17 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/results"))
     ap.add_argument("--doc", type=Path, default=Path("docs/results.md"))
     args = ap.parse_args()
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = set(args.methods) - set(TRAINED + BASELINES)
+    if unknown:
+        ap.error(f"--methods: unknown {sorted(unknown)}; known: {', '.join(TRAINED + BASELINES)}")
     os.environ.setdefault("RAYON_NUM_THREADS", str(args.threads))
-    t0 = time.perf_counter()
-
-    def finished() -> list[dict]:
-        out = []
-        for spec in args.models:
-            for c in args.concepts:
-                if (p := args.out / slug(spec) / c / "summary.json").is_file():
-                    s = json.loads(p.read_text())
-                    cfg = args.out / slug(spec) / c / "adapter" / "adapter_config.json"
-                    if "loss" not in s and cfg.is_file():  # summaries written before the field existed
-                        saved = json.loads(cfg.read_text())
-                        s.update(loss=saved.get("loss"), steps=saved.get("train_config", {}).get("steps"),
-                                 seed=saved.get("train_config", {}).get("seed"))
-                    out.append(s)
-        return out
-
+    args.t0 = time.perf_counter()
+    recipe(args)  # a bad override fails before any model loads
     for spec in args.models:
         for concept in args.concepts:
-            if not (args.out / slug(spec) / concept / "summary.json").is_file():
-                run_one(spec, concept, args)
-                write_doc(args, finished(), (time.perf_counter() - t0) / 60)  # the doc grows run by run
-    write_doc(args, finished(), (time.perf_counter() - t0) / 60)
+            run_one(spec, concept, args)
+    write_doc(args, finished(args), (time.perf_counter() - args.t0) / 60)
     print(args.doc.read_text())
 
 

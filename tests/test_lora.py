@@ -38,7 +38,7 @@ def test_signed_lora_is_exact_at_zero_and_converts_exactly(tmp_path):
     lora.remove()
     assert all(type(m).__name__ == "Linear" and not hasattr(m, "lora_A") for m in model.modules()
                if isinstance(m, torch.nn.Linear))
-    assert torch.equal(model(x).logits, base)
+    assert torch.equal(model(x).logits, base) and not hasattr(model, "peft_config")
     adapter.save(tmp_path / "ad")
     loaded = load_adapter(tiny_llama(vocab_size=64), tmp_path / "ad")
     with loaded.steer(1.0):

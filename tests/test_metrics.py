@@ -12,7 +12,7 @@ from innerpissa.eval import HookMethod, PromptMethod, TorchEngine, VectorMethod,
 from innerpissa.eval.datasets import EvalDataset, EvalItem
 from innerpissa.eval.engines import Sweep, answer_scores, answer_token_sets, eval_prompt, neutral_head
 from innerpissa.eval.metrics import (balanced_ci, bootstrap_ci, dataset_metrics, item_slopes, kl_matched_coeff,
-                                     pooled_effect, summarize)
+                                     pool_seeds, pooled_effect, summarize)
 
 
 def test_item_slopes_exact():
@@ -80,6 +80,21 @@ def test_summarize_reads_each_method_at_its_budget():
 def test_pooled_effect_over_seeds():
     eff, lo, hi, per = pooled_effect([[1.0, 1.0, 1.0, 1.0], [3.0, 3.0, 3.0, 3.0]], [1, 1, -1, -1])
     assert eff == pytest.approx(2.0) and per == [1.0, 3.0] and lo == pytest.approx(2.0)
+
+
+def test_pool_seeds_averages_items_and_keeps_the_worst_rho():
+    sw1 = _sweep(lambda c, i: 0.5 * c * LABELS[i] + 0.1 * c, kl_fn=lambda c: 0.05 * abs(c))
+    sw2 = _sweep(lambda c, i: 1.5 * c * LABELS[i] - 0.3 * c, kl_fn=lambda c: 0.05 * abs(c))
+    ds = [EvalDataset("d", "yesno", tuple(EvalItem(str(i), "q", int(LABELS[i])) for i in range(6)), "mem")]
+    per = [summarize([sw], ds, {"d": (np.arange(6), np.arange(6))}, kl_budget=0.05)["m"]["datasets"]["d"]
+           for sw in (sw1, sw2)]
+    pooled = pool_seeds(per)
+    assert pooled["effect"] == pytest.approx(1.0) and pooled["effect_seeds"] == pytest.approx([0.5, 1.5])
+    assert pooled["bias"] == pytest.approx((0.1 - 0.3) / 2) and pooled["bias_seeds"] == pytest.approx([0.1, -0.3])
+    assert pooled["ci"][0] <= 1.0 <= pooled["ci"][1] and pooled["n_seeds"] == 2
+    assert pooled["spearman_min"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="different items"):
+        pool_seeds([per[0], {**per[1], "item_labels": per[1]["item_labels"][::-1]}])
 
 
 @torch.no_grad()

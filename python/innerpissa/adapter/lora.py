@@ -139,3 +139,5 @@ class LoRASteering:
             parent_name, _, child = n.rpartition(".")
             setattr(mods[parent_name], child, lay.base_layer)
         self._layers = {}
+        if hasattr(self.model, "peft_config"):  # set by inject_adapter_in_model; a later injection would warn
+            del self.model.peft_config

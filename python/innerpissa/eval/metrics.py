@@ -242,3 +242,37 @@ def pooled_effect(per_seed_items: list[list[float]], labels: list[int] | None = 
     y = np.ones(s.shape[1]) if labels is None else np.asarray(labels)
     lo, hi = balanced_ci(s.mean(0), y, seed)
     return balanced_mean(s.mean(0), y), lo, hi, [balanced_mean(row, y) for row in s]
+
+
+def pool_seeds(per_seed: list[dict], seed: int = 0) -> dict:
+    """One method's numbers on one dataset pooled over training seeds.
+
+    Args:
+        per_seed: ``dataset_metrics`` outputs of the same items (same order), one per training seed; each is read
+            at its own seed's KL-matched coefficient.
+    Returns: ``effect`` and ``ci`` from ``pooled_effect`` (items averaged over seeds, then the class-stratified
+        bootstrap over items; nats), ``effect_seeds`` (each seed's balanced effect), ``bias`` (mean over seeds,
+        nats) with ``bias_seeds``, ``spearman_min`` (the worst seed's ρ), the mean ``effect_neg_side`` /
+        ``effect_pos_side``, ``decision_shift_net``, invalid rates and ``flip_score`` over seeds, and ``n_seeds``. A dataset without labels gets the bias fields only.
+    Raises:
+        ValueError: no seeds, or seeds scored on different items.
+    """
+    if not per_seed:
+        raise ValueError("pool_seeds needs at least one seed's metrics")
+    out: dict = {"n_seeds": len(per_seed), "n_items": per_seed[0]["n_items"],
+                 "bias_seeds": [float(m["bias"]) for m in per_seed]}
+    out["bias"] = float(np.mean(out["bias_seeds"]))
+    for k in ("decision_shift_net", "invalid_rate_c0", "invalid_rate_cb", "flip_score"):
+        if all(k in m for m in per_seed):
+            out[k] = float(np.mean([m[k] for m in per_seed]))
+    if "item_effects" not in per_seed[0]:
+        return out
+    labels = per_seed[0]["item_labels"]
+    if any(m["item_labels"] != labels for m in per_seed):
+        raise ValueError("pool_seeds: the seeds were scored on different items (item_labels differ)")
+    eff, lo, hi, per = pooled_effect([m["item_effects"] for m in per_seed], labels, seed)
+    rhos = [m["spearman"] for m in per_seed if m.get("spearman") is not None and np.isfinite(m["spearman"])]
+    out.update(effect=eff, ci=[lo, hi], effect_seeds=per, spearman_min=min(rhos) if rhos else None,
+               effect_neg_side=float(np.mean([m["effect_neg_side"] for m in per_seed])),
+               effect_pos_side=float(np.mean([m["effect_pos_side"] for m in per_seed])))
+    return out
