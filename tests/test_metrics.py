@@ -34,9 +34,16 @@ def test_kl_matched_coeff_interpolates_the_worse_side():
     coeffs = [-2, -1, 0, 1, 2]
     kl = [0.2, 0.04, 0.0, 0.02, 0.08]
     c, ok = kl_matched_coeff(coeffs, kl, 0.05)
-    assert ok and c == pytest.approx(1 + (0.05 - 0.04) / (0.2 - 0.04))
-    assert kl_matched_coeff(coeffs, kl, 0.02) == (pytest.approx(0.5), True)  # from (0, 0) to (1, 0.04)
+    assert ok and c == pytest.approx(1 + (0.05 ** 0.5 - 0.2) / (0.2 ** 0.5 - 0.2))  # √KL: 0.2 at 1, √0.2 at 2
+    assert kl_matched_coeff(coeffs, kl, 0.01) == (pytest.approx(0.5), True)  # √KL from (0, 0) to (1, 0.2)
     assert kl_matched_coeff(coeffs, kl, 0.5) == (2.0, False)
+
+
+def test_kl_matched_coeff_is_exact_for_a_quadratic_kl_below_the_grid():
+    coeffs = [-2, -1, -0.5, 0, 0.5, 1, 2]
+    kl = [0.8 * c * c for c in coeffs]  # KL = 0.8 c²: the budget 0.05 is reached at c = 0.25, below the grid
+    c, ok = kl_matched_coeff(coeffs, kl, 0.05)
+    assert ok and c == pytest.approx(0.25)
 
 
 LABELS = np.array([1, 1, 1, -1, -1, -1])

@@ -2,7 +2,7 @@
 
 Per method, the **KL-matched coefficient** C_b is the |c| at which the two-sided coherence cost
 max(KL(+c), KL(−c)) — mean per-token KL(p₀ ‖ p_c) of next-token distributions on the neutral texts, nats/token —
-reaches the budget (default ``KL_BUDGET`` = 0.05), by linear interpolation over the swept |c| from KL(0) = 0.
+reaches the budget (default ``KL_BUDGET`` = 0.05), by linear interpolation of √KL over the swept |c| from KL(0) = 0 (KL is quadratic in a small c).
 Every method is read at its own C_b, so all methods spend the same coherence. Item scores at ±C_b are linearly
 interpolated between swept coefficients. A method whose sweep never reaches the budget is read at its largest
 swept |c| and flagged (``budget_reached`` false). Prompting has one dose (the persona sentence or not) and is
@@ -48,7 +48,13 @@ def check_budget(budget: float) -> float:
 
 
 def kl_matched_coeff(coeffs, kl, budget: float = KL_BUDGET) -> tuple[float, bool]:
-    """|c| where the two-sided cost max(KL(+c), KL(−c)) reaches ``budget``; linear interpolation from (0, 0).
+    """|c| where the two-sided cost max(KL(+c), KL(−c)) reaches ``budget``, interpolated linearly in √KL from
+    (0, 0).
+
+    KL(p₀ ‖ p_c) is quadratic in a small steering coefficient (its second-order term is the Fisher form of the
+    logit change, which is linear in c), so √KL is close to linear in |c| and a linear interpolation of √KL finds
+    the budget between grid points, including below the smallest swept |c|, without the bias a linear
+    interpolation of KL itself has there (it would put C_b at budget/KL(c₁)·c₁ instead of √(budget/KL(c₁))·c₁).
 
     Args:
         coeffs: swept coefficients (symmetric, with 0).  kl: mean per-token KL at each, nats/token.
@@ -59,11 +65,12 @@ def kl_matched_coeff(coeffs, kl, budget: float = KL_BUDGET) -> tuple[float, bool
     mags = sorted({abs(c) for c in coeffs if c != 0})
     xs, ys = [0.0], [0.0]
     for m in mags:
-        ys.append(max(float(kl[coeffs.index(m)]), float(kl[coeffs.index(-m)])))
+        ys.append(max(float(kl[coeffs.index(m)]), float(kl[coeffs.index(-m)]), 0.0) ** 0.5)
         xs.append(m)
+    target = budget ** 0.5
     for i in range(1, len(xs)):
-        if ys[i] >= budget:
-            frac = (budget - ys[i - 1]) / (ys[i] - ys[i - 1]) if ys[i] > ys[i - 1] else 1.0
+        if ys[i] >= target:
+            frac = (target - ys[i - 1]) / (ys[i] - ys[i - 1]) if ys[i] > ys[i - 1] else 1.0
             return xs[i - 1] + frac * (xs[i] - xs[i - 1]), True
     return xs[-1], False
 
