@@ -2,7 +2,8 @@
 
 Per method, the **KL-matched coefficient** C_b is the |c| at which the two-sided coherence cost
 max(KL(+c), KL(−c)) — mean per-token KL(p₀ ‖ p_c) of next-token distributions on the neutral texts, nats/token —
-reaches the budget (default ``KL_BUDGET`` = 0.05), by linear interpolation of √KL over the swept |c| from KL(0) = 0 (KL is quadratic in a small c).
+reaches the budget (default ``KL_BUDGET`` = 0.05), by linear interpolation of √KL over the swept |c| from
+KL(0) = 0 (KL is quadratic in a small c).
 Every method is read at its own C_b, so all methods spend the same coherence. Item scores at ±C_b are linearly
 interpolated between swept coefficients. A method whose sweep never reaches the budget is read at its largest
 swept |c| and flagged (``budget_reached`` false). Prompting has one dose (the persona sentence or not) and is
