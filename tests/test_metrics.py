@@ -199,3 +199,46 @@ def test_vector_baselines_share_the_mean_difference_scale():
         assert float(ms["pca"].directions[ell].norm()) == pytest.approx(md, rel=1e-4)
         assert float(ms["random"].directions[ell].norm()) == pytest.approx(md, rel=1e-4)
     assert ms["pca"].coeffs == ms["mean-diff"].coeffs == ms["random"].coeffs and max(ms["pca"].coeffs) == 2.0
+
+
+class _QuadraticEngine:
+    """KL = k c² on the neutral texts; item i scores c·(0.7·y_i + 0.2): effect 0.7·c, bias 0.2·c."""
+
+    name = "quadratic"
+
+    def __init__(self, k: float):
+        self.k, self.calls = k, []
+
+    def evaluate(self, method, coeffs, datasets, neutral_texts):
+        self.calls.append(([float(c) for c in coeffs], [d.name for d in datasets]))
+        return [{**{d.name: (np.array([c * (0.7 * it.label + 0.2) for it in d.items]), np.ones(len(d.items)))
+                    for d in datasets}, "__nll__": 3.0 + c * c, "__kl__": self.k * c * c} for c in coeffs]
+
+
+def test_budget_first_sweep_scores_items_only_at_the_budget():
+    from types import SimpleNamespace
+
+    from innerpissa.eval.suite import run_suite
+
+    ds = EvalDataset("d", "yesno", tuple(EvalItem(str(i), "q", int(LABELS[i])) for i in range(6)), "mem")
+    grid = (-2.0, -1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0, 2.0)
+    method = SimpleNamespace(name="m", kind="vector", coeffs=grid)
+    eng = _QuadraticEngine(2.0)
+    res = run_suite(eng, [method], [ds], kl_budget=0.05, progress=False, neutral_texts=["x"],
+                    splits={"d": (np.arange(6), np.arange(6))})
+    m = res["methods"]["m"]
+    cb = (0.05 / 2.0) ** 0.5  # 0.158: below the grid's smallest |c|
+    assert m["kl_coeff"] == pytest.approx(cb) and m["budget_reached"]
+    item_calls = [cs for cs, names in eng.calls if names]
+    assert len(item_calls) == 1 and sorted(item_calls[0]) == pytest.approx([-cb, -cb / 2, 0, cb / 2, cb])
+    assert all(not names for _, names in eng.calls[:-1])  # the calibration scored no item
+    assert m["kl_at_coeff"] == pytest.approx(0.05) and m["calibration"]["c"][0] == -2.0
+    assert m["datasets"]["d"]["effect"] == pytest.approx(0.7 * cb) and m["datasets"]["d"]["bias"] == pytest.approx(0.2 * cb)
+    eng = _QuadraticEngine(2.0)
+    res = run_suite(eng, [method], [ds], kl_budget=0.05, progress=False, neutral_texts=["x"],
+                    splits={"d": (np.arange(6), np.arange(6))}, budget_first=False)
+    assert eng.calls == [(list(grid), ["d"])] and res["methods"]["m"]["calibration"] is None
+    eng = _QuadraticEngine(1e-4)  # never reaches the budget: read at the largest |c|, flagged
+    m = run_suite(eng, [method], [ds], kl_budget=0.05, progress=False, neutral_texts=["x"],
+                  splits={"d": (np.arange(6), np.arange(6))})["methods"]["m"]
+    assert m["kl_coeff"] == 2.0 and not m["budget_reached"]

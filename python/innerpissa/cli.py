@@ -320,7 +320,7 @@ def sweep_cmd(
     datasets = default_datasets(data_dir, n_target=n_target, n_other=n_other, n_dd=n_dd, seed=seed, mwe_files=mwe,
                                 truthfulqa=truthfulqa)
     t0 = time.perf_counter()
-    results = run_suite(eng, ms, datasets, seed=seed, kl_budget=kl_budget,
+    results = run_suite(eng, ms, datasets, seed=seed, kl_budget=kl_budget, budget_first=False,  # the --coeffs grid
                         meta={"model": spec, "command": "ipissa " + shlex.join(sys.argv[1:])})
     results["meta"]["eval_seconds"] = round(time.perf_counter() - t0, 1)
     write_report(results, out)

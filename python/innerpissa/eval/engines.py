@@ -58,6 +58,13 @@ class Sweep:
     neutral_nll: list[float]  # per coefficient, nats/token
     neutral_kl: list[float]  # per coefficient, mean KL(p0 || pc), nats/token
     kind: str = ""  # the method's kind ("prompt" has one dose, |c| = 1)
+    kl_coeff: float | None = None  # budget-first sweeps: C_b, found on the neutral texts before any item is scored
+    budget_reached: bool | None = None
+    calibration: dict | None = None  # budget-first sweeps: {"c": [...], "kl": [...]}, the neutral-text KL points
+
+
+#: A budget-first sweep scores items at these multiples of C_b (both signs, and 0).
+BUDGET_POINTS = (0.5, 1.0)
 
 
 def check_sweep_coeffs(coeffs, name: str = "coeffs") -> tuple[float, ...]:
@@ -163,15 +170,50 @@ def _tok(tokenizer, text: str, special: bool = False) -> list[int]:
     return tokenizer(text, add_special_tokens=special)["input_ids"]
 
 
+def find_budget_coeff(engine, method, neutral_texts: list[str], kl_budget: float, refine: int = 1
+                      ) -> tuple[float, bool, dict]:
+    """C_b of ``method`` from the neutral texts alone: KL(p₀ ‖ p_c) at the method's swept coefficients, C_b by
+    ``metrics.kl_matched_coeff`` (√KL interpolation), then ``refine`` rounds that measure KL at ±C_b and
+    interpolate again among all points. No dataset item is scored.
+
+    Returns: (C_b, reached, {"c": coefficients, "kl": KL at each, nats/token}); not reached: (largest |c|,
+    False, …).
+    """
+    from .metrics import kl_matched_coeff
+
+    points = {0.0: 0.0}
+    todo = [float(c) for c in method.coeffs if c != 0]
+    for _ in range(refine + 1):
+        for c, res in zip(todo, engine.evaluate(method, todo, [], neutral_texts)):
+            points[c] = float(res["__kl__"])
+        cs = sorted(points)
+        cb, reached = kl_matched_coeff(cs, [points[c] for c in cs], kl_budget)
+        todo = [c for c in (cb, -cb) if c not in points]
+        if not reached or not todo:
+            break
+    cs = sorted(points)
+    return cb, reached, {"c": cs, "kl": [points[c] for c in cs]}
+
+
 def run_sweep(engine, method, datasets: list[EvalDataset], neutral_texts: list[str], base_cache: dict | None = None,
-              progress=None) -> Sweep:
-    """Evaluate ``method`` at each of its coefficients on every dataset and on the neutral texts.
+              progress=None, kl_budget: float | None = None) -> Sweep:
+    """Evaluate ``method`` on every dataset and on the neutral texts over a sweep of coefficients.
+
+    Without ``kl_budget`` (or for prompting, which has one dose) the sweep is ``method.coeffs``. With it the sweep
+    is **budget-first**: C_b is found on the neutral texts (``find_budget_coeff``), then items are scored only at
+    c ∈ {0, ±C_b/2, ±C_b} (``BUDGET_POINTS``), so every method is read exactly at its budget (no interpolation
+    between grid points) and the costly item passes drop from len(coeffs) − 1 to four per method.
 
     c = 0 is the unsteered model with the plain prompt for every method, so ``base_cache`` (a dict shared across
     methods) computes it once. Returns a ``Sweep``.
     """
     cache = base_cache if base_cache is not None else {}
-    coeffs = [float(c) for c in method.coeffs]
+    cb = reached = calib = None
+    if kl_budget is not None and method.kind != "prompt":
+        cb, reached, calib = find_budget_coeff(engine, method, neutral_texts, kl_budget)
+        coeffs = sorted({0.0} | {s * t * cb for t in BUDGET_POINTS for s in (1.0, -1.0)})
+    else:
+        coeffs = [float(c) for c in method.coeffs]
     todo = [k for k, c in enumerate(coeffs) if not (c == 0 and "base" in cache)]
     points: list[dict | None] = [cache["base"] if c == 0 and "base" in cache else None for c in coeffs]
     for k, res in zip(todo, engine.evaluate(method, [coeffs[k] for k in todo], datasets, neutral_texts)):
@@ -184,7 +226,8 @@ def run_sweep(engine, method, datasets: list[EvalDataset], neutral_texts: list[s
     return Sweep(method.name, coeffs,
                  {d.name: [np.asarray(p[d.name][0]).tolist() for p in points] for d in datasets},
                  {d.name: [np.asarray(p[d.name][1]).tolist() for p in points] for d in datasets},
-                 [float(p["__nll__"]) for p in points], [float(p["__kl__"]) for p in points], method.kind)
+                 [float(p["__nll__"]) for p in points], [float(p["__kl__"]) for p in points], method.kind,
+                 cb, reached, calib)
 
 
 # --- torch -----------------------------------------------------------------------------------------------------

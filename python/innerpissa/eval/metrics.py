@@ -213,6 +213,8 @@ def summarize(sweeps: list[Sweep], datasets, splits: dict[str, tuple[np.ndarray,
         if sw.kind == "prompt":  # one dose (persona or not): read at |c| = 1, its KL reported as spent
             cb = max(abs(c) for c in sw.coeffs)
             reached = max(sw.neutral_kl) <= kl_budget
+        elif sw.kl_coeff is not None:  # a budget-first sweep found C_b before scoring items
+            cb, reached = sw.kl_coeff, bool(sw.budget_reached)
         else:
             cb, reached = kl_matched_coeff(sw.coeffs, sw.neutral_kl, kl_budget)
         i0 = sw.coeffs.index(0.0)
@@ -230,7 +232,7 @@ def summarize(sweeps: list[Sweep], datasets, splits: dict[str, tuple[np.ndarray,
         result[sw.method] = {
             "coeffs": sw.coeffs, "kl_budget": kl_budget, "kl_coeff": cb, "budget_reached": reached,
             "abs_dnll_at_budget": dnll, "kl_at_coeff": kl_at,
-            "neutral_dnll": nll.tolist(), "neutral_kl": list(sw.neutral_kl),
+            "neutral_dnll": nll.tolist(), "neutral_kl": list(sw.neutral_kl), "calibration": sw.calibration,
             "datasets": per,
         }
     return result

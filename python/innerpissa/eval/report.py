@@ -38,15 +38,20 @@ def markdown_report(results: dict) -> str:
         "(a uniform Yes/No shift gives exactly 0), the **bias** is the same half-difference of the raw first-option "
         "log-odds s. 95 % CIs: bootstrap over items within label classes. Units: nats of log-odds per unit t = c/C_b. "
         "Flip score: items crossing to the matching answer between 0 and +C_b minus those crossing away, net of "
-        "the median shift.", "",
+        "the median shift. Budget-first sweeps (methods with a coefficient grid): the grid below is swept on the "
+        "neutral texts only to find C_b (√KL interpolated, then measured at ±C_b); items are scored at 0, ±C_b/2 "
+        "and ±C_b, so every method is read exactly at its budget.", "",
         "## Methods at the common budget", "",
         "| method | swept c | C_b | KL at ±C_b | \\|ΔNLL\\| at ±C_b | KL at largest swept \\|c\\| |",
         "|---|---|---|---|---|---|"]
     for name, m in methods.items():
         flag = "" if m["budget_reached"] else (" (over budget)" if m["kl_at_coeff"] > m["kl_budget"] else
                                                 " (budget not reached in the sweep)")
-        lines.append(f"| {name} | {', '.join(f'{c:g}' for c in m['coeffs'])} | {m['kl_coeff']:.3g} | "
-                     f"{m['kl_at_coeff']:.3f}{flag} | {m['abs_dnll_at_budget']:.3f} | {max(m['neutral_kl']):.3f} |")
+        cal = m.get("calibration")  # budget-first: the grid was swept on the neutral texts only
+        swept = cal["c"] if cal else m["coeffs"]
+        top_kl = max(cal["kl"]) if cal else max(m["neutral_kl"])
+        lines.append(f"| {name} | {', '.join(f'{c:.3g}' for c in swept)} | {m['kl_coeff']:.3g} | "
+                     f"{m['kl_at_coeff']:.3f}{flag} | {m['abs_dnll_at_budget']:.3f} | {top_kl:.3f} |")
     lab = [d for d, info in datasets.items() if info["labelled"]]
     unl = [d for d, info in datasets.items() if not info["labelled"]]
     for d in lab:

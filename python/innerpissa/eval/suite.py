@@ -17,7 +17,7 @@ import numpy as np
 from ..concepts import get_concept
 from .datasets import (NEUTRAL_TEXTS, EvalDataset, data_dir, load_dailydilemmas, load_mwe, load_truthfulqa,
                        split_dev_test, subsample)
-from .engines import run_sweep
+from .engines import BUDGET_POINTS, run_sweep
 from .metrics import KL_BUDGET, summarize
 
 #: The honesty concept's target sets and signs (``data/concepts.json``); ``truthfulqa`` counts when a file is given.
@@ -96,11 +96,13 @@ def dataset_splits(datasets: list[EvalDataset], seed: int) -> dict[str, tuple[np
 def run_suite(engine, methods: list, datasets: list[EvalDataset], seed: int = 0, kl_budget: float = KL_BUDGET,
               meta: dict | None = None, progress: bool = True, targets: dict[str, int] = HONESTY_TARGETS,
               concept: str = "honest", neutral_texts: tuple[str, ...] = NEUTRAL_TEXTS, report_split: str = "test",
-              splits: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> dict:
+              splits: dict[str, tuple[np.ndarray, np.ndarray]] | None = None, budget_first: bool = True) -> dict:
     """Sweep every method on every dataset with ``engine`` (``TorchEngine`` or ``RustEngine``), then compute
     metrics on the test split (``report_split="dev"``: the dev split, for searches) at each method's
     KL-matched coefficient. ``splits`` (dataset → (dev indices, test indices)) replaces the seeded stratified
-    split, e.g. to score datasets that already hold only dev items. Returns results (JSON-able).
+    split, e.g. to score datasets that already hold only dev items. ``budget_first`` (default) finds each method's
+    KL-matched coefficient on the neutral texts first and scores items only at 0, ±C_b/2 and ±C_b
+    (``engines.run_sweep``); False sweeps each method's own ``coeffs``. Returns results (JSON-able).
 
     Raises:
         ConfigError: a bad ``kl_budget`` (checked before any compute), a method the engine cannot run.
@@ -112,14 +114,17 @@ def run_suite(engine, methods: list, datasets: list[EvalDataset], seed: int = 0,
 
     kl_budget = check_budget(kl_budget)
     splits = splits if splits is not None else dataset_splits(datasets, seed)
-    bar = tqdm(total=sum(len(m.coeffs) for m in methods), desc="eval", disable=not progress)
+    n_points = 1 + 2 * len(BUDGET_POINTS)
+    bar = tqdm(total=sum(n_points if budget_first and m.kind != "prompt" else len(m.coeffs) for m in methods),
+               desc="eval", disable=not progress)
 
     def tick(name, c):
         bar.set_postfix(method=name, c=c)
         bar.update(1)
 
     base_cache: dict = {}
-    sweeps = [run_sweep(engine, m, datasets, list(neutral_texts), base_cache, tick) for m in methods]
+    sweeps = [run_sweep(engine, m, datasets, list(neutral_texts), base_cache, tick,
+                        kl_budget if budget_first else None) for m in methods]
     bar.close()
     summary = summarize(sweeps, datasets, splits, seed, kl_budget, report_split)
     info = {}
