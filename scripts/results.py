@@ -55,6 +55,8 @@ def recipe(args):
 
     kw = {k: v for k, v in (("steps", args.steps), ("epochs", args.epochs), ("objective", args.objective))
           if v is not None}
+    if "steps" in kw and "epochs" not in kw:  # --steps means steps, whatever the default recipe says
+        kw["epochs"] = 0.0
     tcfg = TrainConfig(**kw)
     acfg = AdapterConfig()
     ident = {"train": {k: v for k, v in dataclasses.asdict(tcfg).items() if k not in ("seed", "share_prefix")},
@@ -323,7 +325,7 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(TRAINED + BASELINES),
                     help="comma-separated: innerpissa, lora, prompting, pca, mean-diff, random")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds of the trained methods")
-    ap.add_argument("--steps", type=int, default=None, help="override TrainConfig.steps")
+    ap.add_argument("--steps", type=int, default=None, help="override TrainConfig.steps (and train by steps)")
     ap.add_argument("--epochs", type=float, default=None, help="override TrainConfig.epochs")
     ap.add_argument("--objective", default=None, help="override TrainConfig.objective")
     ap.add_argument("--seed", type=int, default=0, help="pairs, evaluation items, dev/test split, random vector")

@@ -81,7 +81,10 @@ def _train(model_spec, pairs_path, n_pairs, steps, seed, rank, out: Path, allow_
     from .train import TrainConfig
 
     get_concept(concept)
-    tcfg = TrainConfig(steps=steps, seed=seed, **(cfg_kwargs or {}))  # validated before any compute
+    kw = {k: v for k, v in {"steps": steps, **(cfg_kwargs or {})}.items() if v is not None}  # unset: TrainConfig's
+    if "steps" in kw and "epochs" not in kw:  # an explicit --steps means steps, whatever the default recipe says
+        kw["epochs"] = 0.0
+    tcfg = TrainConfig(seed=seed, **kw)  # validated before any compute
     acfg = AdapterConfig(rank=rank, seed=seed)
     _check_run_dir(out, overwrite)
     torch = _setup(allow_network, threads)
@@ -114,15 +117,17 @@ def train_cmd(
                                          "default: built-in honesty pairs"),
     concept: str = ConceptOpt,
     n_pairs: int = typer.Option(400, help="number of built-in concept pairs (≥ 300)"),
-    steps: int = typer.Option(80, help="optimizer steps (8 pairs each)"),
+    steps: Optional[int] = typer.Option(None, help="optimizer steps (default: TrainConfig's; --epochs wins)"),
     seed: int = typer.Option(0),
     rank: Optional[int] = typer.Option(None, help="adapter rank r (default hidden_size // 8)"),
-    lr: float = typer.Option(3e-3, help="learning rate"),
-    batch_pairs: int = typer.Option(8, help="pairs per step"),
-    objective: str = typer.Option("reprpo-svd", help="training objective: reprpo-svd, antiparallel or anchored "
-                                  "(innerpissa/objectives.py)"),
-    epochs: float = typer.Option(0.0, help="passes over the training pairs (> 0 overrides --steps)"),
-    schedule: str = typer.Option("cosine", help="learning-rate schedule: cosine or one-cycle"),
+    lr: Optional[float] = typer.Option(None, help="learning rate (default: TrainConfig's)"),
+    batch_pairs: Optional[int] = typer.Option(None, help="pairs per step (default: TrainConfig's)"),
+    objective: Optional[str] = typer.Option(None, help="training objective: reprpo-svd, antiparallel or anchored "
+                                            "(innerpissa/objectives.py; default: TrainConfig's)"),
+    epochs: Optional[float] = typer.Option(None, help="passes over the training pairs (> 0 overrides --steps; "
+                                           "default: TrainConfig's)"),
+    schedule: Optional[str] = typer.Option(None, help="learning-rate schedule: cosine or one-cycle (default: "
+                                           "TrainConfig's)"),
     out: Path = typer.Option(Path("runs/honesty"), help="run directory (resumes an unfinished run with the same "
                              "configuration and pairs; anything else is refused without --overwrite)"),
     overwrite: bool = OverwriteOpt,
@@ -331,7 +336,7 @@ def sweep_cmd(
 @app.command("run")
 def run_cmd(
     model: Optional[str] = ModelOpt,
-    steps: int = typer.Option(80),
+    steps: Optional[int] = typer.Option(None, help="optimizer steps (default: TrainConfig's recipe)"),
     seed: int = typer.Option(0),
     out: Path = typer.Option(Path("runs/main")),
     methods: str = EvalOpts["methods"],
