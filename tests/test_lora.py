@@ -53,7 +53,8 @@ def test_lora_trained_with_the_same_objective_orders_the_separation(tmp_path):
 
     model, tok, split = _setup()
     lora = LoRASteering(model, AdapterConfig(rank=8))
-    cfg = TrainConfig(steps=30, batch_pairs=4, lr=2e-2, val_every=30, checkpoint_every=100, basis="pca")
+    cfg = TrainConfig(steps=30, batch_pairs=4, lr=2e-2, val_every=30, checkpoint_every=100, basis="pca",
+                      objective="reprpo-svd", schedule="cosine", constraint_warmup=0.0, weight_decay=0.0)
     train(lora, tok, list(split.train), list(split.val), cfg, run_dir=tmp_path, progress=False)
     adapter = lora.to_adapter()
     lora.remove()

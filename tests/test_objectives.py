@@ -88,7 +88,7 @@ def test_cached_reference_gives_the_same_loss():
     with torch.no_grad():
         for n in adapter.target_names:
             adapter.layer(n).delta.normal_(0, 0.05)
-    cfg = TrainConfig(batch_pairs=4)
+    cfg = TrainConfig(batch_pairs=4, objective="reprpo-svd")
     pairs = list(split.train)
     ruler = preference_direction(adapter, tok, pairs, cfg)
     block = decoder_blocks(model)[ruler.block_index]

@@ -9,7 +9,8 @@ import torch
 from conftest import tiny_llama, word_tokenizer
 from innerpissa import AdapterConfig, attach
 from innerpissa.pairs import make_honesty_pairs
-from innerpissa.train import LOSS_VERSION, TrainConfig, preference_direction, tokenize_pairs, train
+from innerpissa.objectives import OBJECTIVES
+from innerpissa.train import TrainConfig, preference_direction, tokenize_pairs, train
 
 
 def _setup(seed: int = 0):
@@ -60,7 +61,8 @@ def test_suffix_mask_covers_only_the_assistant_suffix_with_the_smollm2_tokenizer
 def test_training_moves_separation_in_both_directions(tmp_path):
     model, tok, split = _setup()
     adapter = attach(model, AdapterConfig(rank=8))
-    cfg = TrainConfig(steps=30, batch_pairs=4, lr=2e-2, val_every=30, checkpoint_every=100)
+    cfg = TrainConfig(steps=30, batch_pairs=4, lr=2e-2, val_every=30, checkpoint_every=100, objective="reprpo-svd",
+                      basis="adapter-u", schedule="cosine", constraint_warmup=0.0, max_angle=0.0, weight_decay=0.0)
     val = train(adapter, tok, list(split.train), list(split.val), cfg, run_dir=tmp_path, progress=False)
     # +1 raises and −1 lowers the pos−neg separation along the frozen direction, in units of σ
     assert val["ds_plus"] > 0.1 and val["ds_minus"] > 0.1
@@ -68,14 +70,14 @@ def test_training_moves_separation_in_both_directions(tmp_path):
     first = [x for x in lines if "loss" in x][0]["loss"]
     assert val["loss"] < first
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert saved["loss"] == {"name": "reprpo-svd", "version": LOSS_VERSION}
+    assert saved["loss"] == {"name": "reprpo-svd", "version": OBJECTIVES["reprpo-svd"]}
     assert len(saved["preference_direction"]["u"]) == 8
 
 
 def test_preference_direction_sign_points_to_positive():
     model, tok, split = _setup()
     adapter = attach(model, AdapterConfig(rank=8))
-    cfg = TrainConfig()
+    cfg = TrainConfig(basis="adapter-u")
     pref = preference_direction(adapter, tok, list(split.train), cfg)
     assert abs(pref.u.norm().item() - 1) < 1e-5
     assert pref.sigma > 0

@@ -96,6 +96,14 @@ def _train(model_spec, pairs_path, n_pairs, steps, seed, rank, out: Path, allow_
         raise FileNotFoundError(f"--pairs {pairs_path}: file not found")
     lm = load_model(model_spec, allow_network=allow_network)
     split = _pairs(lm.tokenizer, pairs_path, n_pairs, seed, concept)
+    from .objectives import needs_neutral
+
+    if "objective" not in kw and needs_neutral(tcfg.objective) and not all(p.neutral for p in split.train):
+        import dataclasses
+
+        typer.echo(f"note: the default objective {tcfg.objective!r} needs persona-free prompts, which these pairs "
+                   "do not carry; training with 'reprpo-svd' (pass --objective to choose)")
+        tcfg = dataclasses.replace(tcfg, objective="reprpo-svd")
     torch.manual_seed(seed)
     adapter = attach(lm.model, acfg, meta={"base_model": lm.spec, "concept": concept,
                                            "pairs": str(pairs_path) if pairs_path else f"builtin:{concept}"},
