@@ -4,6 +4,7 @@ their arguments before compute, and the CLI answers in one line (issue 11; one t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import shutil
@@ -195,7 +196,7 @@ def test_resume_refuses_other_config_and_data(tmp_path, monkeypatch):
     run = tmp_path / "run"
     split, tok = _interrupted_run(run, cfg, monkeypatch, stop_at=3)
     model = tiny_llama(vocab_size=len(tok))
-    swapped = [ContrastivePair(p.negative, p.positive) for p in split.train]
+    swapped = [dataclasses.replace(p, positive=p.negative, negative=p.positive) for p in split.train]
     with pytest.raises(ResumeMismatchError, match="train_pairs_sha256"):
         train(attach(model, AdapterConfig(rank=4)), tok, swapped, list(split.val), cfg, run_dir=run, progress=False)
     with pytest.raises(ResumeMismatchError, match=r"steps: 4 -> 1"):

@@ -4,8 +4,8 @@ Per step, for a batch of N contrastive pairs (positive, negative prompt sharing 
 
 1. the c = 0 pass (adapter skipped, exact base model, no grad): hidden states h⁰ at the loss block (last K
    tokens) and the log-probs of the assistant-suffix tokens. The base model never changes, so this pass is
-   computed once per training pair before the first step and reused (``reference_cache``), except for
-   objectives that read whole next-token distributions;
+   computed once per training pair the schedule draws, before the first step, and reused (``reference_cache``),
+   except for objectives that read whole next-token distributions;
 2. one steered pass over [pos; neg] at c = +1 and [pos; neg] at c = −1 (per-row coefficients, 4N rows), and for
    ``anchored`` the persona-free prompts at 0 and ±1.
 
@@ -517,19 +517,33 @@ def _seed_all(seed: int) -> None:
 
 @torch.no_grad()
 def reference_cache(adapter: Adapter, tokenizer, pairs: list[ContrastivePair], cfg: TrainConfig,
-                    block: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """The c = 0 pass of every training pair, computed once (the base model never changes during training):
-    per pair (h0 (2, K, d) for [pos, neg], lp0 of its suffix tokens for pos (k,) and neg (k,)). Chunks of
-    ``cfg.batch_pairs`` in pair order, so a resumed run rebuilds exactly the same cache."""
-    out = []
-    for i in range(0, len(pairs), cfg.batch_pairs):
-        b = tokenize_pairs(tokenizer, pairs[i:i + cfg.batch_pairs], cfg.max_suffix_tokens)
+                    block: torch.nn.Module, only: list[int] | None = None
+                    ) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The c = 0 pass of the training pairs, computed once (the base model never changes during training):
+    pair index → (h0 (2, K, d) for [pos, neg], lp0 of its suffix tokens for pos (k,) and neg (k,)). ``only``: the
+    pair indices to cache (default all; ``train`` passes the pairs its schedule will draw, so a short run does not
+    pay for pairs it never sees). Chunks of ``cfg.batch_pairs`` in index order, so a resumed run rebuilds exactly
+    the same cache."""
+    ids = sorted(set(range(len(pairs)) if only is None else only))
+    out = {}
+    for i in range(0, len(ids), cfg.batch_pairs):
+        chunk = ids[i:i + cfg.batch_pairs]
+        b = tokenize_pairs(tokenizer, [pairs[j] for j in chunk], cfg.max_suffix_tokens)
         h0, lp0, _ = forward_states(adapter.model, b, block, cfg.last_k)
         n = b.n_pairs
-        for j in range(n):
+        for j, pair_index in enumerate(chunk):
             k = int(b.suffix_mask[j].sum())
-            out.append((torch.stack([h0[j], h0[n + j]]), lp0[j, -k:].clone(), lp0[n + j, -k:].clone()))
+            out[pair_index] = (torch.stack([h0[j], h0[n + j]]), lp0[j, -k:].clone(), lp0[n + j, -k:].clone())
     return out
+
+
+def scheduled_pairs(n_pairs: int, cfg: TrainConfig, total: int) -> list[int]:
+    """The training-pair indices the sampler of ``train`` draws over ``total`` steps (sorted, each once)."""
+    gen, order, used = random.Random(cfg.seed), [], set()
+    for _ in range(total):
+        idx, order = _next_batch(order, gen, n_pairs, cfg.batch_pairs)
+        used.update(idx)
+    return sorted(used)
 
 
 def _batch_reference(cache, idx: list[int], batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -649,8 +663,8 @@ def train(adapter: Adapter, tokenizer, train_pairs: list[ContrastivePair], val_p
         start = _prepare_run_dir(run, signature, overwrite)
     pref = preference_direction(adapter, tokenizer, train_pairs, cfg)
     block = decoder_blocks(model)[pref.block_index]
-    cache = None if needs_full_distribution(cfg.objective) else reference_cache(adapter, tokenizer, train_pairs,
-                                                                                cfg, block)
+    cache = None if needs_full_distribution(cfg.objective) else reference_cache(
+        adapter, tokenizer, train_pairs, cfg, block, only=scheduled_pairs(len(train_pairs), cfg, total))
     adapter.meta.update({
         "loss": loss_id,
         "train_config": asdict(cfg),
