@@ -125,6 +125,7 @@ def run_unit(lm, split, concept, spec: str, unit: str, seed: int, run: Path, arg
     t1 = time.perf_counter()
     cmd = "python scripts/results.py " + " ".join(sys.argv[1:])
     results = run_suite(eng, methods, datasets, seed=args.seed, kl_budget=args.kl_budget, targets=targets,
+                        budget_first=True,
                         concept=concept.name, meta={"model": spec, "concept": concept.name, "command": cmd})
     write_report(results, run / "eval")
     summary = {"model": spec, "concept": concept.name, "unit": unit, "seed": seed, "data_seed": args.seed,

@@ -225,7 +225,7 @@ def test_budget_first_sweep_scores_items_only_at_the_budget():
     method = SimpleNamespace(name="m", kind="vector", coeffs=grid)
     eng = _QuadraticEngine(2.0)
     res = run_suite(eng, [method], [ds], kl_budget=0.05, progress=False, neutral_texts=["x"],
-                    splits={"d": (np.arange(6), np.arange(6))})
+                    splits={"d": (np.arange(6), np.arange(6))}, budget_first=True)
     m = res["methods"]["m"]
     cb = (0.05 / 2.0) ** 0.5  # 0.158: below the grid's smallest |c|
     assert m["kl_coeff"] == pytest.approx(cb) and m["budget_reached"]
@@ -240,5 +240,5 @@ def test_budget_first_sweep_scores_items_only_at_the_budget():
     assert eng.calls == [(list(grid), ["d"])] and res["methods"]["m"]["calibration"] is None
     eng = _QuadraticEngine(1e-4)  # never reaches the budget: read at the largest |c|, flagged
     m = run_suite(eng, [method], [ds], kl_budget=0.05, progress=False, neutral_texts=["x"],
-                  splits={"d": (np.arange(6), np.arange(6))})["methods"]["m"]
+                  splits={"d": (np.arange(6), np.arange(6))}, budget_first=True)["methods"]["m"]
     assert m["kl_coeff"] == 2.0 and not m["budget_reached"]

@@ -32,7 +32,7 @@ def test_yes_no_token_sets_on_real_tokenizer(smol):
 
 def test_train_save_load_steer_and_evaluate(smol, tmp_path):
     from innerpissa.eval import AdapterMethod, TorchEngine, build_methods, run_suite, write_report
-    from innerpissa.eval.datasets import load_mwe, subsample
+    from innerpissa.eval.datasets import NEUTRAL_TEXTS, load_mwe, subsample
     from innerpissa.train import TrainConfig, train
 
     model, tok = smol.model, smol.tokenizer
@@ -60,7 +60,8 @@ def test_train_save_load_steer_and_evaluate(smol, tmp_path):
     methods = [AdapterMethod(loaded, coeffs=(-1.0, 0.0, 1.0))]
     methods += build_methods(model, tok, None, list(split.train[:16]), 0, ("prompting", "pca", "mean-diff", "random"),
                              vector_coeffs=(-2.0, 0.0, 2.0))
-    results = run_suite(TorchEngine(model, tok, 8), methods, datasets, seed=0, progress=False)
+    results = run_suite(TorchEngine(model, tok, 8), methods, datasets, seed=0, progress=False,
+                        neutral_texts=NEUTRAL_TEXTS[:8])  # budget-first: several neutral passes per method
     assert set(results["methods"]) == {"innerpissa", "prompting", "pca", "mean-diff", "random"}
     raw = {r["method"]: r for r in results["raw"]}
     # c = 0 is the same unsteered model for every method

@@ -177,6 +177,7 @@ def _evaluate(lm, adapter, split, methods, data_dir, n_target, n_other, n_dd, se
                        engine=rust, instruction=cpt.instruction)
     t0 = time.perf_counter()
     results = run_suite(eng, ms, datasets, seed=seed, kl_budget=kl_budget, targets=targets, concept=concept,
+                        budget_first=True,
                         meta={"model": lm.spec, "concept": concept,
                               "command": "ipissa " + shlex.join(sys.argv[1:])})
     results["meta"]["eval_seconds"] = round(time.perf_counter() - t0, 1)

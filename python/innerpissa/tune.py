@@ -250,7 +250,7 @@ def _evaluate(ctx: _Context, methods: list, grid: Grid) -> dict:
     t = grid.tune
     return run_suite(ctx.engine, methods, ctx.datasets, seed=t["seed"], kl_budget=t["kl_budget"],
                      targets=ctx.targets, concept=t["concept"], progress=False, report_split="dev",
-                     splits=ctx.splits)
+                     splits=ctx.splits, budget_first=True)
 
 
 def _append(path: Path, row: dict) -> None:

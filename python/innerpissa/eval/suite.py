@@ -96,13 +96,14 @@ def dataset_splits(datasets: list[EvalDataset], seed: int) -> dict[str, tuple[np
 def run_suite(engine, methods: list, datasets: list[EvalDataset], seed: int = 0, kl_budget: float = KL_BUDGET,
               meta: dict | None = None, progress: bool = True, targets: dict[str, int] = HONESTY_TARGETS,
               concept: str = "honest", neutral_texts: tuple[str, ...] = NEUTRAL_TEXTS, report_split: str = "test",
-              splits: dict[str, tuple[np.ndarray, np.ndarray]] | None = None, budget_first: bool = True) -> dict:
+              splits: dict[str, tuple[np.ndarray, np.ndarray]] | None = None, budget_first: bool = False) -> dict:
     """Sweep every method on every dataset with ``engine`` (``TorchEngine`` or ``RustEngine``), then compute
     metrics on the test split (``report_split="dev"``: the dev split, for searches) at each method's
     KL-matched coefficient. ``splits`` (dataset → (dev indices, test indices)) replaces the seeded stratified
     split, e.g. to score datasets that already hold only dev items. ``budget_first`` (default) finds each method's
     KL-matched coefficient on the neutral texts first and scores items only at 0, ±C_b/2 and ±C_b
-    (``engines.run_sweep``); False sweeps each method's own ``coeffs``. Returns results (JSON-able).
+    (``engines.run_sweep``; ``ipissa eval``/``run``/``tune`` and ``scripts/results.py`` use it); False (the
+    default) sweeps each method's own ``coeffs``. Returns results (JSON-able).
 
     Raises:
         ConfigError: a bad ``kl_budget`` (checked before any compute), a method the engine cannot run.
