@@ -100,7 +100,7 @@ def test_successive_halving_on_dev_items_resumes(tmp_path, monkeypatch):
 
 def test_lora_trials_need_the_pca_ruler(tmp_path):
     g = tmp_path / "g.toml"
-    g.write_text('[grid]\nfamily = ["innerpissa", "lora"]\n')
+    g.write_text('[fixed]\n"train.basis" = "adapter-u"\n[grid]\nfamily = ["innerpissa", "lora"]\n')
     with pytest.raises(ConfigError, match="pca"):
         load_grid(g)
     g.write_text('[fixed]\n"train.basis" = "pca"\n[grid]\nfamily = ["innerpissa", "lora"]\n')
