@@ -42,10 +42,6 @@ from .errors import ConfigError, OutputExistsError, ResumeMismatchError, Trainin
 from .objectives import BASES, LOSSES, OBJECTIVES, Passes, Ruler, needs_full_distribution, needs_neutral
 from .pairs import ContrastivePair
 
-LOSS_NAME = "anchored"  # the default objective
-LOSS_VERSION = OBJECTIVES[LOSS_NAME]
-
-
 @dataclass
 class TrainConfig:
     """Training hyperparameters. The defaults are the recipe chosen by the dev-split search on SmolLM2 (the

@@ -263,7 +263,8 @@ def pool_seeds(per_seed: list[dict], seed: int = 0) -> dict:
     Returns: ``effect`` and ``ci`` from ``pooled_effect`` (items averaged over seeds, then the class-stratified
         bootstrap over items; nats), ``effect_seeds`` (each seed's balanced effect), ``bias`` (mean over seeds,
         nats) with ``bias_seeds``, ``spearman_min`` (the worst seed's ρ), the mean ``effect_neg_side`` /
-        ``effect_pos_side``, ``decision_shift_net``, invalid rates and ``flip_score`` over seeds, and ``n_seeds``. A dataset without labels gets the bias fields only.
+        ``effect_pos_side``, ``decision_shift_net``, invalid rates and ``flip_score`` over seeds, and ``n_seeds``. A dataset without
+        labels gets the bias fields only.
     Raises:
         ValueError: no seeds, or seeds scored on different items.
     """

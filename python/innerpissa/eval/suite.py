@@ -100,7 +100,7 @@ def run_suite(engine, methods: list, datasets: list[EvalDataset], seed: int = 0,
     """Sweep every method on every dataset with ``engine`` (``TorchEngine`` or ``RustEngine``), then compute
     metrics on the test split (``report_split="dev"``: the dev split, for searches) at each method's
     KL-matched coefficient. ``splits`` (dataset → (dev indices, test indices)) replaces the seeded stratified
-    split, e.g. to score datasets that already hold only dev items. ``budget_first`` (default) finds each method's
+    split, e.g. to score datasets that already hold only dev items. ``budget_first`` finds each method's
     KL-matched coefficient on the neutral texts first and scores items only at 0, ±C_b/2 and ±C_b
     (``engines.run_sweep``; ``ipissa eval``/``run``/``tune`` and ``scripts/results.py`` use it); False (the
     default) sweeps each method's own ``coeffs``. Returns results (JSON-able).
