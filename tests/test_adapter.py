@@ -1,4 +1,4 @@
-"""Exact properties of the InnerPiSSA adapter on tiny random Llama and Gemma 3 models (DESIGN.md §2)."""
+"""Exact properties of the InnerPiSSA adapter on tiny random Llama and Gemma 3 models (docs/design.md §2)."""
 
 from __future__ import annotations
 

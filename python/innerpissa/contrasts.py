@@ -1,8 +1,8 @@
-"""Near-manifold contrast sets for one task, rendered from a manifest (DESIGN.md §9).
+"""Near-manifold contrast sets for one task, rendered from a manifest (docs/design.md §9).
 
 Each manifest row is one instance of the task; the worked example is a tour guide describing a place. For every
 row the template renders *variants* of one instruction, all sharing the same incomplete assistant suffix (the
-planning-state idea of the persona pairs, DESIGN.md §4):
+planning-state idea of the persona pairs, docs/design.md §4):
 
 - ``N`` gold (vivid, specific, local knowledge, an anecdote, the practical essentials),
 - ``S`` bland / generic / rule-breaking,

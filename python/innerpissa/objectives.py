@@ -15,7 +15,7 @@ positive prompts project higher; σ, the mean base separation along u, fixes the
 
 With D_i(c) = mean over the last K tokens of Bᵀ(h_pos,i(c) − h_neg,i(c)) (k,) and s_i(c) = ⟨D_i(c), u⟩:
 
-**reprpo-svd** (version 2; DESIGN §3, after the ReprPO research code):
+**reprpo-svd** (version 2; docs/design.md §3, after the ReprPO research code):
 
     L_sep  = softplus(−β (s(+1) − s(0)) / σ) + softplus(−β (s(0) − s(−1)) / σ)
     L_coh  = w_coh · mean over suffix tokens, both c, of ReLU(NLL_c(t) − NLL_0(t) − τ)²

@@ -1,4 +1,4 @@
-"""Contrastive prompt pairs for training a steering adapter (DESIGN.md §4).
+"""Contrastive prompt pairs for training a steering adapter (docs/design.md §4).
 
 A :class:`ContrastivePair` is two complete prompts that differ only in the concept being steered (by default the
 persona words "an honest" / "a dishonest") and share the same incomplete assistant turn (the *suffix*), so that

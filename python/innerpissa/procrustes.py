@@ -1,4 +1,4 @@
-"""Task subspaces and weighted orthogonal Procrustes between two models' activations (DESIGN.md §9).
+"""Task subspaces and weighted orthogonal Procrustes between two models' activations (docs/design.md §9).
 
 Given the *same* paired differences read in a teacher (d_T) and a student (d_S) — row i is, e.g., the N − S
 difference of manifest item i in each model — each model gets a task subspace (top-k right singular vectors of its

@@ -1,4 +1,4 @@
-"""Training an InnerPiSSA adapter at c = +1 and c = −1 together (DESIGN.md §3); the losses are in ``objectives``.
+"""Training an InnerPiSSA adapter at c = +1 and c = −1 together (docs/design.md §3); losses are in ``objectives``.
 
 Per step, for a batch of N contrastive pairs (positive, negative prompt sharing an assistant suffix):
 

@@ -1,6 +1,6 @@
 """Cross-model steering: read contrast directions in a teacher and a student, align them, steer the student.
 
-Pipeline (DESIGN.md §9; ``ipissa align`` runs all of it):
+Pipeline (docs/design.md §9; ``ipissa align`` runs all of it):
 
 1. ``contrasts.render_contrasts`` → the same manifest items rendered with each model's own chat template.
 2. ``last_token_states`` at one block per model (default: 60 % of depth) for every variant.

@@ -1,4 +1,4 @@
-"""Hyperparameters of an InnerPiSSA adapter (DESIGN.md §2)."""
+"""Hyperparameters of an InnerPiSSA adapter (docs/design.md §2)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ class AdapterConfig:
 
     Attributes:
         rank: r, the number of top singular directions adapted per layer. ``None`` -> hidden_size // 8
-            (DESIGN §2: r ≈ d/8–d/4).
+            (docs/design.md §2: r ≈ d/8–d/4).
         depth_range: (start, stop) as fractions of depth; adapted layers are those from round(start·L) up to
             L−3 when stop is None, else up to round(stop·L) (inclusive). Default (0.3, None).
         n_layers: adapt this many evenly spaced layers of the range; ``None`` adapts all of them.

@@ -1,4 +1,4 @@
-"""One adapted linear layer: the r×r steering matrix M(c) and the delta-form side path (DESIGN.md §2).
+"""One adapted linear layer: the r×r steering matrix M(c) and the delta-form side path (docs/design.md §2).
 
 A linear layer computes y = x Wᵀ + b with W ∈ ℝ^{d_out×d_in}. With the top-r SVD W ≈ U diag(S) Vᵀ
 (U: d_out×r, S: r, V: d_in×r, stored, never recomputed) and learned skew A (r×r) and offset δ (r):
@@ -8,7 +8,7 @@ A linear layer computes y = x Wᵀ + b with W ∈ ℝ^{d_out×d_in}. With the to
     W(c) = W + U M(c) Vᵀ
     y(c) = base(x) + ((x V) M(c)ᵀ) Uᵀ
 
-so M(0) = 0 and the c = 0 output is the base output. Source: DESIGN.md §2 (InnerPiSSA), after PiSSA
+so M(0) = 0 and the c = 0 output is the base output. Source: docs/design.md §2 (InnerPiSSA), after PiSSA
 (Meng et al. 2024) for the SVD split and Cayley (1846) for the rotation.
 """
 

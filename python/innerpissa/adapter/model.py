@@ -1,4 +1,4 @@
-"""Walk a Hugging Face causal LM, pick the residual-writing projections, and steer them (DESIGN.md §2).
+"""Walk a Hugging Face causal LM, pick the residual-writing projections, and steer them (docs/design.md §2).
 
 The user's model is never changed outside ``with adapter.steer(c):`` (forward hooks, removed on exit, even on
 error) or an explicit ``adapter.merge(c)`` / ``adapter.unmerge()``.

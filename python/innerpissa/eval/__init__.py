@@ -1,4 +1,4 @@
-"""Evaluation of steering methods on held-out behaviour sets (DESIGN §5, §6).
+"""Evaluation of steering methods on held-out behaviour sets (docs/design.md §5, §6).
 
 ``datasets`` (loaders, label-balanced sampling and dev/test splits, neutral texts) → ``methods`` (InnerPiSSA
 adapter, prompting, PCA / mean-difference / random control vectors) → ``engines`` (torch or Rust; one sweep loop)

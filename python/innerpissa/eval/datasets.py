@@ -1,4 +1,4 @@
-"""Held-out evaluation sets (DESIGN.md §5): Anthropic model-written evals, DailyDilemmas, TruthfulQA, neutral texts.
+"""Held-out evaluation sets (docs/design.md §5): model-written evals, DailyDilemmas, TruthfulQA, neutral texts.
 
 Every set becomes an :class:`EvalDataset` of :class:`EvalItem` s holding the *untemplated* user question and a
 label ``y`` in {+1, -1, 0}: +1 when answering "Yes" (or "(A)") is the dataset's target behaviour, -1 when "No"
@@ -307,7 +307,7 @@ def load_dailydilemmas(
        dilemma (``idx`` or ``dilemma_idx``; ``action_type`` in {to_do, not_to_do}) with a values list column
        ``values_names`` or ``values_aggregated`` (python-literal list string).
 
-    Labels for a value V (DESIGN.md §5; the situation's "Yes" is the to_do action): +1 if V is among the to_do
+    Labels for a value V (docs/design.md §5; the situation's "Yes" is the to_do action): +1 if V is among the to_do
     action's values, -1 if among the not_to_do action's values, and the dilemma is **dropped** if both or
     neither. The not_to_do side is negated exactly once. With ``value=None`` every item has label 0.
 

@@ -1,4 +1,4 @@
-"""Two evaluation engines behind one interface, and the one sweep loop both use (DESIGN §5, §8).
+"""Two evaluation engines behind one interface, and the one sweep loop both use (docs/design.md §5, §8).
 
 Every method (``methods.py``) runs at each coefficient c of its sweep; an engine returns, per c, the answer
 log-odds and answer mass of every dataset item and two coherence numbers on the neutral texts:
@@ -20,7 +20,7 @@ Engines:
 
 Multiple-choice items (kind ``"mc"``, TruthfulQA) are scored instead by ``mc_score``: the mean length-normalised
 log-likelihood of the true answers minus that of the false answers [nats/token], each answer scored as the
-assistant reply to the question (DESIGN §5); their answer mass is 1 (there is no answer format to miss).
+assistant reply to the question (docs/design.md §5); their answer mass is 1 (there is no answer format to miss).
 
 Methods are told apart by ``method.kind``: ``"adapter"`` (an InnerPiSSA adapter), ``"vector"`` (activation
 addition at block outputs), ``"prompt"`` (the persona sentence prepended to the user turn at c ≠ 0), or
@@ -154,7 +154,7 @@ def mc_texts(tokenizer, item, user_prefix: str | None = None) -> tuple[str, list
 
 
 def mc_score(logprob_sums, n_tokens, n_true: int) -> float:
-    """Length-normalised log-likelihood gap of one multiple-choice item, in nats/token (DESIGN §5, TruthfulQA MC):
+    """Length-normalised log-likelihood gap of one multiple-choice item, nats/token (docs/design.md §5, TruthfulQA MC):
     mean over true answers of Σ log p / n_tokens minus the same over false answers. ``logprob_sums`` and
     ``n_tokens`` list the true answers first (``n_true`` of them), then the false ones."""
     norm = np.asarray(logprob_sums, dtype=np.float64) / np.maximum(np.asarray(n_tokens, dtype=np.float64), 1.0)

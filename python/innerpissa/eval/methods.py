@@ -1,4 +1,4 @@
-"""Steering methods compared in one evaluator (DESIGN §6), all built from the same contrastive pairs.
+"""Steering methods compared in one evaluator (docs/design.md §6), all built from the same contrastive pairs.
 
 A method has a ``name``, a symmetric ``coeffs`` sweep (0 included), a ``kind`` that tells the engines how to
 apply it, ``steer(c)`` (a torch context manager; a no-op for prompting) and ``user_prefix(c)`` (text put at the

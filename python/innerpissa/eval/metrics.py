@@ -1,4 +1,4 @@
-"""From raw sweeps to numbers that a Yes/No bias cannot fake (docs: DESIGN §5 "label balance", "equal cost").
+"""From raw sweeps to numbers that a Yes/No bias cannot fake (docs/design.md §5 "label balance", "equal cost").
 
 Per method, the **KL-matched coefficient** C_b is the |c| at which the two-sided coherence cost
 max(KL(+c), KL(−c)) — mean per-token KL(p₀ ‖ p_c) of next-token distributions on the neutral texts, nats/token —

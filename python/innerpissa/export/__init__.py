@@ -1,4 +1,4 @@
-"""Export a steered model for other runtimes (DESIGN.md §7); ``ipissa export`` is the CLI.
+"""Export a steered model for other runtimes (docs/design.md §7); ``ipissa export`` is the CLI.
 
 - ``export_merged_hf``: transformers directory at c (transformers, vLLM, convert_hf_to_gguf); exact.
 - ``export_merged_gguf``: GGUF at c, same architecture as the input GGUF (llama.cpp); exact up to re-quantization.

@@ -1,4 +1,4 @@
-"""GGUF files for llama.cpp: merged steered models, LoRA adapters and control vectors (DESIGN.md §7).
+"""GGUF files for llama.cpp: merged steered models, LoRA adapters and control vectors (docs/design.md §7).
 
 Written with the ``gguf`` package (llama.cpp's own Python writer). Conventions used, from llama.cpp:
 

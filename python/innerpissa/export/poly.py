@@ -1,4 +1,4 @@
-"""Polynomial basis for the steering matrix: M(c) ≈ Σ_{k=1..K} c^k M_k over a coefficient range (DESIGN.md §7).
+"""Polynomial basis for the steering matrix: M(c) ≈ Σ_{k=1..K} c^k M_k over a coefficient range (docs/design.md §7).
 
 Why: llama.cpp scales a LoRA adapter by one run-time float and standard ONNX has no matrix inverse, so neither can
 evaluate the Cayley map R(c) = (I − cA/2)⁻¹(I + cA/2) for a coefficient chosen at run time. A polynomial in c

@@ -1,5 +1,5 @@
 //! The InnerPiSSA adapter read from its saved directory (`adapter_config.json` + `adapter_model.safetensors`, as
-//! written by `innerpissa.adapter.Adapter.save`) and its r×r steering matrix (DESIGN.md §2):
+//! written by `innerpissa.adapter.Adapter.save`) and its r×r steering matrix (docs/design.md §2):
 //!
 //! ```text
 //! A = triu(θ, 1) − triu(θ, 1)ᵀ            R(c) = (I − cA/2)⁻¹ (I + cA/2)       (Cayley)

@@ -1,4 +1,4 @@
-//! The sweep engine: one forward pass serves a whole coefficient sweep (DESIGN.md §8).
+//! The sweep engine: one forward pass serves a whole coefficient sweep (docs/design.md §8).
 //!
 //! A batch of token sequences is packed without padding: the longest common prefix of the batch is stored once,
 //! followed by each sequence's own tokens, and attention lets every sequence see the prefix rows and its own
