@@ -102,9 +102,11 @@ def main() -> None:
         "torch.svd_lowrank q=2r it=4": torch_lowrank(lambda r: 2 * r, 4),
     }
 
-    print(f"python {platform.python_version()}, torch {torch.__version__}, "
-          f"threads: torch {torch.get_num_threads()}, RAYON_NUM_THREADS={os.environ['RAYON_NUM_THREADS']}, "
-          f"cpu: {_cpu()}, reps={args.reps}")
+    print(
+        f"python {platform.python_version()}, torch {torch.__version__}, "
+        f"threads: torch {torch.get_num_threads()}, RAYON_NUM_THREADS={os.environ['RAYON_NUM_THREADS']}, "
+        f"cpu: {_cpu()}, reps={args.reps}"
+    )
 
     for name, ws in workloads.items():
         # Exact float64 reference, shared by every rank.
@@ -136,7 +138,7 @@ def _accuracy(ws, ref, out, r):
     import torch
 
     sv_err, rec_err = 0.0, 0.0
-    for w, (u0, s0, vh0), (u, s, v) in zip(ws, ref, out):
+    for w, (_u0, s0, _vh0), (u, s, v) in zip(ws, ref, out):
         w = w.double()
         s_ref = s0[:r]
         sv_err = max(sv_err, ((s.double() - s_ref).abs() / s_ref).max().item())

@@ -77,8 +77,10 @@ def main() -> None:
     order = np.random.RandomState(args.seed).permutation(len(items))[: args.n]
     prompts = [eval_prompt(tok, items[i][1].question, items[i][0].kind) for i in order]
     n_tok = sum(len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts)
-    print(f"# {lm.spec}: {len(prompts)} prompts ({n_tok / len(prompts):.1f} tokens on average), coefficients {coeffs}, "
-          f"{args.threads} threads, {platform.processor() or platform.machine()}, torch {torch.__version__}")
+    print(
+        f"# {lm.spec}: {len(prompts)} prompts ({n_tok / len(prompts):.1f} tokens on average), coefficients {coeffs}, "
+        f"{args.threads} threads, {platform.processor() or platform.machine()}, torch {torch.__version__}"
+    )
 
     def torch_sweep(ps):
         out = []
@@ -110,8 +112,7 @@ def main() -> None:
         t0 = time.perf_counter()
         got = eng.answer_scores(prompts, "yesno", branches)[0]
         t = time.perf_counter() - t0
-        done((f"rust {mode} (load {t_load:.1f} s)", t, len(prompts) * len(coeffs) / t,
-              float(np.abs(got - ref).max())))
+        done((f"rust {mode} (load {t_load:.1f} s)", t, len(prompts) * len(coeffs) / t, float(np.abs(got - ref).max())))
     if not args.no_llamacpp:
         try:
             from innerpissa.eval.engines import answer_token_sets

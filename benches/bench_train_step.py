@@ -40,8 +40,16 @@ def main() -> None:
     from innerpissa.adapter import decoder_blocks
     from innerpissa.models import load_model
     from innerpissa.pairs import make_honesty_pairs
-    from innerpissa.train import (TrainConfig, _batch_reference, forward_states, preference_direction,
-                                  reference_cache, reprpo_loss, shared_prefix_len, tokenize_pairs)
+    from innerpissa.train import (
+        TrainConfig,
+        _batch_reference,
+        forward_states,
+        preference_direction,
+        reference_cache,
+        reprpo_loss,
+        shared_prefix_len,
+        tokenize_pairs,
+    )
 
     lm = load_model(args.model)
     model, tok = lm.model, lm.tokenizer
@@ -50,7 +58,7 @@ def main() -> None:
     cfg = TrainConfig(batch_pairs=args.batch_pairs, direction_pairs=32)
     pref = preference_direction(adapter, tok, pairs, cfg)
     block = decoder_blocks(model)[pref.block_index]
-    batch = tokenize_pairs(tok, pairs[:args.batch_pairs], cfg.max_suffix_tokens)
+    batch = tokenize_pairs(tok, pairs[: args.batch_pairs], cfg.max_suffix_tokens)
     params = [p for p in adapter.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     first = int(adapter.target_names[0].split(".layers.")[1].split(".")[0])
@@ -67,7 +75,7 @@ def main() -> None:
             h.remove()
         vec.grad = None
 
-    cache = reference_cache(adapter, tok, pairs[:args.batch_pairs], cfg, block)
+    cache = reference_cache(adapter, tok, pairs[: args.batch_pairs], cfg, block)
     ref = _batch_reference(cache, list(range(args.batch_pairs)), batch)
 
     def step(share: bool, cached: bool):
@@ -77,6 +85,7 @@ def main() -> None:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+
         return run
 
     def timeit(fn):
@@ -89,14 +98,18 @@ def main() -> None:
         return statistics.median(out)
 
     t_plain = timeit(plain_step)
-    steps = {"full rows, c=0 pass per step": timeit(step(False, False)),
-             "cached c=0": timeit(step(False, True)),
-             "cached c=0 + shared prefix": timeit(step(True, True))}
+    steps = {
+        "full rows, c=0 pass per step": timeit(step(False, False)),
+        "cached c=0": timeit(step(False, True)),
+        "cached c=0 + shared prefix": timeit(step(True, True)),
+    }
     n_tok = int(batch.attention_mask.sum())
-    print(f"model={lm.spec} batch={args.batch_pairs} pairs ({2 * args.batch_pairs} rows, {n_tok} tokens, "
-          f"T={batch.input_ids.shape[1]}, shared prefix {shared_prefix_len(batch, 5)} tokens, suffix tokens kept "
-          f"{batch.suffix_mask.shape[1]}) threads={args.threads} rank={adapter.config.rank} "
-          f"targets={len(adapter.target_names)}")
+    print(
+        f"model={lm.spec} batch={args.batch_pairs} pairs ({2 * args.batch_pairs} rows, {n_tok} tokens, "
+        f"T={batch.input_ids.shape[1]}, shared prefix {shared_prefix_len(batch, 5)} tokens, suffix tokens kept "
+        f"{batch.suffix_mask.shape[1]}) threads={args.threads} rank={adapter.config.rank} "
+        f"targets={len(adapter.target_names)}"
+    )
     print(f"{'plain forward+backward':32s}: {t_plain * 1000:8.1f} ms/step  (1.00)")
     for name, t in steps.items():
         print(f"{name:32s}: {t * 1000:8.1f} ms/step  ({t / t_plain:.2f} x plain)")

@@ -25,11 +25,21 @@ import numpy as np
 import torch
 
 from innerpissa import AdapterConfig, attach, load_adapter
-from innerpissa.eval.methods import mean_difference_control_vector, pca_control_vector, VectorMethod
 from innerpissa.eval.engines import answer_token_sets, eval_prompt
-from innerpissa.export import (export_control_vector, export_llama_lora, export_llama_lora_live, export_merged_gguf,
-                               export_merged_hf, export_onnx_live, export_onnx_merged, export_peft_lora, fit_adapter,
-                               onnx_logits, resolve_base_gguf)
+from innerpissa.eval.methods import VectorMethod, mean_difference_control_vector, pca_control_vector
+from innerpissa.export import (
+    export_control_vector,
+    export_llama_lora,
+    export_llama_lora_live,
+    export_merged_gguf,
+    export_merged_hf,
+    export_onnx_live,
+    export_onnx_merged,
+    export_peft_lora,
+    fit_adapter,
+    onnx_logits,
+    resolve_base_gguf,
+)
 from innerpissa.export.gguf_io import dequantize_gguf
 from innerpissa.export.llamacpp import LlamaCppRunner
 from innerpissa.models import load_model
@@ -61,8 +71,13 @@ def compare(got: np.ndarray, want: np.ndarray, yes: list[int], no: list[int]) ->
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--adapter", type=Path, default=None, help="trained adapter (default: an untrained adapter on "
-                    "--model with random θ ~ 0.02, δ ~ 0.1·S, seed 0: enough to check the formats)")
+    ap.add_argument(
+        "--adapter",
+        type=Path,
+        default=None,
+        help="trained adapter (default: an untrained adapter on "
+        "--model with random θ ~ 0.02, δ ~ 0.1·S, seed 0: enough to check the formats)",
+    )
     ap.add_argument("--model", default=None, help="model spec when no --adapter (default: embedded SmolLM2)")
     ap.add_argument("--only-gguf", action="store_true", help="only the llama.cpp checks")
     ap.add_argument("--out", type=Path, default=None)
@@ -98,20 +113,26 @@ def main() -> None:
         with LlamaCppRunner(gguf, loras=loras, control_vector=cv, n_threads=args.threads) as r:
             return np.stack([r.logprobs(p)[-1] for p in prompts])
 
-    res: dict = {"machine": f"{platform.processor() or platform.machine()}, {args.threads} threads",
-                 "date": time.strftime("%Y-%m-%d"), "adapter": str(args.adapter or "random"), "model": lm.spec,
-                 "coefficients": COEFFS,
-                 "rows": []}
+    res: dict = {
+        "machine": f"{platform.processor() or platform.machine()}, {args.threads} threads",
+        "date": time.strftime("%Y-%m-%d"),
+        "adapter": str(args.adapter or "random"),
+        "model": lm.spec,
+        "coefficients": COEFFS,
+        "rows": [],
+    }
 
     def row(artefact, consumer, c, got, want):
         r = {"artefact": artefact, "consumer": consumer, "c": c, **compare(got, want, yes, no)}
         res["rows"].append(r)
-        print(f"{artefact:28s} {consumer:22s} c={c:+.1f}  top20 {r['top20_max_abs']:.2e}  "
-              f"yes/no {r['yes_no_logodds_max_abs']:.2e}", flush=True)
+        print(
+            f"{artefact:28s} {consumer:22s} c={c:+.1f}  top20 {r['top20_max_abs']:.2e}  "
+            f"yes/no {r['yes_no_logodds_max_abs']:.2e}",
+            flush=True,
+        )
 
     want = {c: torch_lp(c) for c in (0.0, *COEFFS)}
-    res["steering_effect_yes_no"] = {c: compare(want[c], want[0.0], yes, no)["yes_no_logodds_max_abs"]
-                                     for c in COEFFS}
+    res["steering_effect_yes_no"] = {c: compare(want[c], want[0.0], yes, no)["yes_no_logodds_max_abs"] for c in COEFFS}
     for rng in ((-1.0, 1.0), (-2.0, 2.0)):
         for tol in (1e-2, 1e-3):
             fits = fit_adapter(adapter, rng, tol=tol)
@@ -124,27 +145,44 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmpd:
         tmp = Path(tmpd)
         f32 = dequantize_gguf(base_gguf, tmp / "base-f32.gguf")
-        qname = sorted({t.tensor_type.name for t in gguf.GGUFReader(str(base_gguf)).tensors
-                        if t.name.endswith("ffn_down.weight")})[0]
+        qname = sorted(
+            {t.tensor_type.name for t in gguf.GGUFReader(str(base_gguf)).tensors if t.name.endswith("ffn_down.weight")}
+        )[0]
         row("base (no export)", f"llama.cpp {qname}", 0.0, llama_lp(base_gguf), want[0.0])
         row("base (no export)", "llama.cpp F32", 0.0, llama_lp(f32), want[0.0])
         for c in COEFFS:
             export_llama_lora(adapter, c, tmp / "lora.gguf")
             row("LoRA exact at c", "llama.cpp F32 base", c, llama_lp(f32, [(tmp / "lora.gguf", 1.0)]), want[c])
-            row("LoRA exact at c", f"llama.cpp {qname} base", c, llama_lp(base_gguf, [(tmp / "lora.gguf", 1.0)]), want[c])
+            row(
+                "LoRA exact at c",
+                f"llama.cpp {qname} base",
+                c,
+                llama_lp(base_gguf, [(tmp / "lora.gguf", 1.0)]),
+                want[c],
+            )
             export_merged_gguf(adapter, c, tmp / "m.gguf", base_gguf=f32)
             row("merged GGUF (F32)", "llama.cpp", c, llama_lp(tmp / "m.gguf"), want[c])
             types = export_merged_gguf(adapter, c, tmp / "m.gguf", tensor_type="same")
-            row(f"merged GGUF (same: {'/'.join(sorted(set(types.values())))})", "llama.cpp", c,
-                llama_lp(tmp / "m.gguf"), want[c])
+            row(
+                f"merged GGUF (same: {'/'.join(sorted(set(types.values())))})",
+                "llama.cpp",
+                c,
+                llama_lp(tmp / "m.gguf"),
+                want[c],
+            )
             export_merged_gguf(adapter, c, tmp / "m.gguf", tensor_type="q8_0")
             row("merged GGUF (Q8_0 edited)", "llama.cpp", c, llama_lp(tmp / "m.gguf"), want[c])
         for rng in ((-2.0, 2.0),):
             live = export_llama_lora_live(adapter, tmp / "live", rng, tol=1e-3)
             res["live_lora"] = {"files": len(live.files), "max_rel_error": live.max_rel_error, "c_range": rng}
             for c in COEFFS:
-                row(f"live LoRA K={len(live.files)}", "llama.cpp F32 base", c,
-                    llama_lp(f32, list(zip(live.files, live.scales(c)))), want[c])
+                row(
+                    f"live LoRA K={len(live.files)}",
+                    "llama.cpp F32 base",
+                    c,
+                    llama_lp(f32, list(zip(live.files, live.scales(c)))),
+                    want[c],
+                )
         if not args.only_gguf:
             other_consumers(args, adapter, lm, tmp, prompts, want, torch_lp, llama_lp, f32, row)
     res["seconds"] = round(time.perf_counter() - t_start, 1)
@@ -169,10 +207,12 @@ def other_consumers(args, adapter, lm, tmp, prompts, want, torch_lp, llama_lp, f
             row(f"control vector {name}", "llama.cpp F32", c, llama_lp(f32, cv=(tmp / "cv.gguf", c)), ref)
     export_merged_hf(adapter, tok, 1.0, tmp / "hf")
     from transformers import AutoModelForCausalLM
+
     hf = AutoModelForCausalLM.from_pretrained(tmp / "hf").eval()
     row("merged HF", "transformers", 1.0, torch_lp(0.0, hf, steer=False), want[1.0])
     del hf
     from peft import PeftModel
+
     export_peft_lora(adapter, 1.0, tmp / "peft")
     base2 = load_model(lm.spec).model
     pm = PeftModel.from_pretrained(base2, tmp / "peft").eval()
@@ -192,8 +232,7 @@ def other_consumers(args, adapter, lm, tmp, prompts, want, torch_lp, llama_lp, f
     fits = fit_adapter(adapter, (-2.0, 2.0), tol=1e-3)
     export_onnx_live(adapter, fits, tmp / "onnx-live")
     for c in COEFFS:
-        row(f"ONNX live K={next(iter(fits.values())).degree}", "onnxruntime", c, ort_lp(tmp / "onnx-live", c),
-            want[c])
+        row(f"ONNX live K={next(iter(fits.values())).degree}", "onnxruntime", c, ort_lp(tmp / "onnx-live", c), want[c])
 
 
 if __name__ == "__main__":

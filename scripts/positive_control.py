@@ -33,7 +33,8 @@ CONCEPTS = ("honesty", "sentiment", "openness")
 
 
 def concept_datasets(concept, data_dir, n_items: int, seed: int):
-    from innerpissa.eval.datasets import data_dir as resolve, load_mwe, subsample
+    from innerpissa.eval.datasets import data_dir as resolve
+    from innerpissa.eval.datasets import load_mwe, subsample
 
     if concept.readout == "words":
         return [concept.words_dataset()]
@@ -56,9 +57,8 @@ def lexicon_rates(model, tok, concept, prompts: list[str], max_new_tokens: int =
     for p in prompts:
         ids = tok(p, return_tensors="pt", add_special_tokens=False)
         with torch.no_grad():
-            gen = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id)
-        words = re.findall(r"[a-z]+", tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).lower())
+            gen = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        words = re.findall(r"[a-z]+", tok.decode(gen[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).lower())
         out.append((sum(w in pos for w in words) - sum(w in neg for w in words)) / max(len(words), 1))
     return out
 
@@ -85,33 +85,59 @@ def measure(spec: str, args) -> dict:
         datasets = concept_datasets(concept, args.data_dir, args.n_items, args.seed)
         targets = {d.name: concept.targets.get(d.name, 1) for d in datasets}
         method = PromptMethod(instruction=concept.instruction)
-        res = run_suite(eng, [method], datasets, seed=args.seed, progress=False, targets=targets, concept=name,
-                        neutral_texts=NEUTRAL_TEXTS[:args.n_neutral], meta={"model": spec})
+        res = run_suite(
+            eng,
+            [method],
+            datasets,
+            seed=args.seed,
+            progress=False,
+            targets=targets,
+            concept=name,
+            neutral_texts=NEUTRAL_TEXTS[: args.n_neutral],
+            meta={"model": spec},
+        )
         m = res["methods"]["prompting"]
         rows = {}
         for d in datasets:
             r, sign = m["datasets"][d.name], targets[d.name]
-            rows[d.name] = {"expected_sign": sign, "dev_effect": sign * r["dev"]["effect"],
-                            "dev_ci": sorted(sign * x for x in r["dev"]["ci"]), "dev_bias": r["dev"]["bias"],
-                            "test_effect": sign * r["effect"], "test_ci": sorted(sign * x for x in r["ci"]),
-                            "test_bias": r["bias"], "n_dev": res["datasets"][d.name]["n_dev"]}
+            rows[d.name] = {
+                "expected_sign": sign,
+                "dev_effect": sign * r["dev"]["effect"],
+                "dev_ci": sorted(sign * x for x in r["dev"]["ci"]),
+                "dev_bias": r["dev"]["bias"],
+                "test_effect": sign * r["effect"],
+                "test_ci": sorted(sign * x for x in r["ci"]),
+                "test_bias": r["bias"],
+                "n_dev": res["datasets"][d.name]["n_dev"],
+            }
         entry = {"datasets": rows, "kl_at_1": m["kl_at_coeff"], "abs_dnll_at_1": m["abs_dnll_at_budget"]}
         if concept.readout == "words":
             d = datasets[0]
             dev_idx = dataset_splits([d], args.seed)[d.name][0]
             rates = {}
             for c in (-1.0, 0.0, 1.0):
-                prompts = [eval_prompt(lm.tokenizer, d.items[i].question, d.kind, method.user_prefix(c))
-                           for i in dev_idx[:args.n_generate]]
+                prompts = [
+                    eval_prompt(lm.tokenizer, d.items[i].question, d.kind, method.user_prefix(c))
+                    for i in dev_idx[: args.n_generate]
+                ]
                 rates[c] = lexicon_rates(lm.model, lm.tokenizer, concept, prompts)
             diff = (np.array(rates[1.0]) - np.array(rates[-1.0])) / 2
-            entry["generation_dev"] = {"mean_rate": {str(c): float(np.mean(v)) for c, v in rates.items()},
-                                       "effect": float(diff.mean()), "ci": list(bootstrap_ci(diff, args.seed)),
-                                       "n": len(diff)}
+            entry["generation_dev"] = {
+                "mean_rate": {str(c): float(np.mean(v)) for c, v in rates.items()},
+                "effect": float(diff.mean()),
+                "ci": list(bootstrap_ci(diff, args.seed)),
+                "n": len(diff),
+            }
         entry["seconds"] = round(time.perf_counter() - t0, 1)
         result["concepts"][name] = entry
-        print(f"# {spec} {name}: " + "; ".join(f"{k} dev {v['dev_effect']:+.3f} [{v['dev_ci'][0]:+.3f}, "
-                                                f"{v['dev_ci'][1]:+.3f}]" for k, v in rows.items()), flush=True)
+        print(
+            f"# {spec} {name}: "
+            + "; ".join(
+                f"{k} dev {v['dev_effect']:+.3f} [{v['dev_ci'][0]:+.3f}, {v['dev_ci'][1]:+.3f}]"
+                for k, v in rows.items()
+            ),
+            flush=True,
+        )
     return result
 
 
@@ -130,29 +156,47 @@ def choose(results: list[dict]) -> tuple[str | None, dict]:
 
 
 def markdown(results: list[dict], chosen: str | None, scores: dict, cmd: str) -> str:
-    lines = [f"Command: `{cmd}`", "",
-             "| model | concept | readout set | dev balanced effect [95 % CI] | dev bias | test effect [95 % CI] | "
-             "KL at ±1 (nats/token) |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Command: `{cmd}`",
+        "",
+        "| model | concept | readout set | dev balanced effect [95 % CI] | dev bias | test effect [95 % CI] | "
+        "KL at ±1 (nats/token) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         for name, e in r["concepts"].items():
             for d, row in e["datasets"].items():
-                lines.append(f"| {r['model']} | {name} | {d} ({row['n_dev']} dev) | {row['dev_effect']:+.3f} "
-                             f"[{row['dev_ci'][0]:+.3f}, {row['dev_ci'][1]:+.3f}] | {row['dev_bias']:+.3f} | "
-                             f"{row['test_effect']:+.3f} [{row['test_ci'][0]:+.3f}, {row['test_ci'][1]:+.3f}] | "
-                             f"{e['kl_at_1']:.3f} |")
-    gens = [(r["model"], name, e["generation_dev"]) for r in results for name, e in r["concepts"].items()
-            if "generation_dev" in e]
+                lines.append(
+                    f"| {r['model']} | {name} | {d} ({row['n_dev']} dev) | {row['dev_effect']:+.3f} "
+                    f"[{row['dev_ci'][0]:+.3f}, {row['dev_ci'][1]:+.3f}] | {row['dev_bias']:+.3f} | "
+                    f"{row['test_effect']:+.3f} [{row['test_ci'][0]:+.3f}, {row['test_ci'][1]:+.3f}] | "
+                    f"{e['kl_at_1']:.3f} |"
+                )
+    gens = [
+        (r["model"], name, e["generation_dev"])
+        for r in results
+        for name, e in r["concepts"].items()
+        if "generation_dev" in e
+    ]
     if gens:
-        lines += ["", "Greedy 24-token replies to the dev openings, (positive − negative lexicon words) per word:", "",
-                  "| model | concept | c = −1 | c = 0 | c = +1 | effect (half difference) [95 % CI] |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Greedy 24-token replies to the dev openings, (positive − negative lexicon words) per word:",
+            "",
+            "| model | concept | c = −1 | c = 0 | c = +1 | effect (half difference) [95 % CI] |",
+            "|---|---|---|---|---|---|",
+        ]
         for model, name, g in gens:
             mr = g["mean_rate"]
-            lines.append(f"| {model} | {name} | {mr['-1.0']:+.3f} | {mr['0.0']:+.3f} | {mr['1.0']:+.3f} | "
-                         f"{g['effect']:+.3f} [{g['ci'][0]:+.3f}, {g['ci'][1]:+.3f}] (n={g['n']}) |")
+            lines.append(
+                f"| {model} | {name} | {mr['-1.0']:+.3f} | {mr['0.0']:+.3f} | {mr['1.0']:+.3f} | "
+                f"{g['effect']:+.3f} [{g['ci'][0]:+.3f}, {g['ci'][1]:+.3f}] (n={g['n']}) |"
+            )
     lines += ["", "| concept | smallest dev effect over models and sets | every dev CI excludes 0 |", "|---|---|---|"]
-    lines += [f"| {n} | {s['min_dev_effect']:+.3f} | {'yes' if s['ci_excludes_0_everywhere'] else 'no'} |"
-              for n, s in scores.items()]
+    lines += [
+        f"| {n} | {s['min_dev_effect']:+.3f} | {'yes' if s['ci_excludes_0_everywhere'] else 'no'} |"
+        for n, s in scores.items()
+    ]
     lines += ["", f"Chosen positive control: **{chosen or 'none'}**."]
     return "\n".join(lines) + "\n"
 
@@ -186,8 +230,9 @@ def main() -> None:
     chosen, scores = choose(results)
     text = markdown(results, chosen, scores, "python scripts/positive_control.py " + " ".join(sys.argv[1:]))
     args.doc.parent.mkdir(parents=True, exist_ok=True)
-    args.doc.write_text("# Positive control: which concept does prompting visibly move?\n\n" + __doc__.split("\n\n", 1)[1]
-                        + "\n" + text)
+    args.doc.write_text(
+        "# Positive control: which concept does prompting visibly move?\n\n" + __doc__.split("\n\n", 1)[1] + "\n" + text
+    )
     print(text)
 
 

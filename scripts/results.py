@@ -53,22 +53,28 @@ def recipe(args):
     from innerpissa.objectives import OBJECTIVES
     from innerpissa.train import TrainConfig
 
-    kw = {k: v for k, v in (("steps", args.steps), ("epochs", args.epochs), ("objective", args.objective))
-          if v is not None}
+    kw = {
+        k: v
+        for k, v in (("steps", args.steps), ("epochs", args.epochs), ("objective", args.objective))
+        if v is not None
+    }
     if "steps" in kw and "epochs" not in kw:  # --steps means steps, whatever the default recipe says
         kw["epochs"] = 0.0
     tcfg = TrainConfig(**kw)
     acfg = AdapterConfig()
-    ident = {"train": {k: v for k, v in dataclasses.asdict(tcfg).items() if k not in ("seed", "share_prefix")},
-             "adapter": {k: v for k, v in dataclasses.asdict(acfg).items() if k != "seed"}}
+    ident = {
+        "train": {k: v for k, v in dataclasses.asdict(tcfg).items() if k not in ("seed", "share_prefix")},
+        "adapter": {k: v for k, v in dataclasses.asdict(acfg).items() if k != "seed"},
+    }
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True, default=list).encode()).hexdigest()[:8]
     return kw, acfg, f"{tcfg.objective}-v{OBJECTIVES[tcfg.objective]}-{digest}"
 
 
 def _strip(method_result: dict) -> dict:
     """A method's results without the curves (item effects are kept: they are what seeds pool over)."""
-    return {k: v for k, v in method_result.items() if k != "datasets"} | {"datasets": {
-        d: {k: x for k, x in dr.items() if k != "curve"} for d, dr in method_result["datasets"].items()}}
+    return {k: v for k, v in method_result.items() if k != "datasets"} | {
+        "datasets": {d: {k: x for k, x in dr.items() if k != "curve"} for d, dr in method_result["datasets"].items()}
+    }
 
 
 def _write_json(path: Path, obj) -> None:
@@ -77,8 +83,9 @@ def _write_json(path: Path, obj) -> None:
     tmp.replace(path)
 
 
-def run_unit(lm, split, concept, spec: str, unit: str, seed: int, run: Path, args, recipe_kw, acfg, eng,
-             datasets, targets) -> dict:
+def run_unit(
+    lm, split, concept, spec: str, unit: str, seed: int, run: Path, args, recipe_kw, acfg, eng, datasets, targets
+) -> dict:
     """Train (or reuse) one trained method at one seed, or build the baselines (``unit="baselines"``), evaluate on
     the shared items, and write ``run/summary.json``; returns it."""
     import torch
@@ -95,9 +102,17 @@ def run_unit(lm, split, concept, spec: str, unit: str, seed: int, run: Path, arg
     t0 = time.perf_counter()
     if unit == "baselines":
         layers = select_layers(eng.config["n_layer"], acfg)
-        methods = build_methods(lm.model, lm.tokenizer, None, list(split.train), args.seed,
-                                tuple(m for m in args.methods if m in BASELINES), layers=layers, engine=eng,
-                                instruction=concept.instruction)
+        methods = build_methods(
+            lm.model,
+            lm.tokenizer,
+            None,
+            list(split.train),
+            args.seed,
+            tuple(m for m in args.methods if m in BASELINES),
+            layers=layers,
+            engine=eng,
+            instruction=concept.instruction,
+        )
         loss = None
     else:
         cfg = dataclasses.replace(acfg, seed=seed)
@@ -124,14 +139,31 @@ def run_unit(lm, split, concept, spec: str, unit: str, seed: int, run: Path, arg
         methods = [AdapterMethod(adapter, name=unit)]
     t1 = time.perf_counter()
     cmd = "python scripts/results.py " + " ".join(sys.argv[1:])
-    results = run_suite(eng, methods, datasets, seed=args.seed, kl_budget=args.kl_budget, targets=targets,
-                        budget_first=True,
-                        concept=concept.name, meta={"model": spec, "concept": concept.name, "command": cmd})
+    results = run_suite(
+        eng,
+        methods,
+        datasets,
+        seed=args.seed,
+        kl_budget=args.kl_budget,
+        targets=targets,
+        budget_first=True,
+        concept=concept.name,
+        meta={"model": spec, "concept": concept.name, "command": cmd},
+    )
     write_report(results, run / "eval")
-    summary = {"model": spec, "concept": concept.name, "unit": unit, "seed": seed, "data_seed": args.seed,
-               "train_minutes": train_minutes, "eval_minutes": (time.perf_counter() - t1) / 60, "loss": loss,
-               "date": datetime.date.today().isoformat(),
-               "methods": {m: _strip(r) for m, r in results["methods"].items()}, "datasets": results["datasets"]}
+    summary = {
+        "model": spec,
+        "concept": concept.name,
+        "unit": unit,
+        "seed": seed,
+        "data_seed": args.seed,
+        "train_minutes": train_minutes,
+        "eval_minutes": (time.perf_counter() - t1) / 60,
+        "loss": loss,
+        "date": datetime.date.today().isoformat(),
+        "methods": {m: _strip(r) for m, r in results["methods"].items()},
+        "datasets": results["datasets"],
+    }
     _write_json(run / "summary.json", summary)
     return summary
 
@@ -157,14 +189,16 @@ def run_one(spec: str, concept_name: str, args) -> None:
     lm = load_model(spec)
     split = concept.pairs(lm.tokenizer, seed=args.seed)
     eng = RustEngine(gguf_for_spec(lm.spec), lm.tokenizer, batch_size=args.batch_size)
-    datasets, targets = concept_datasets(concept, args.data_dir, args.n_target, args.n_other, args.n_dd, args.seed,
-                                         truthfulqa=args.truthfulqa)
+    datasets, targets = concept_datasets(
+        concept, args.data_dir, args.n_target, args.n_other, args.n_dd, args.seed, truthfulqa=args.truthfulqa
+    )
     base.mkdir(parents=True, exist_ok=True)
     _write_json(base / "recipe.json", {"train": kw, "adapter": dataclasses.asdict(acfg), "tag": tag})
     for unit, seed in todo:
         print(f"== {spec} / {concept_name} / {tag}: {unit} seed {seed}", flush=True)
-        run_unit(lm, split, concept, spec, unit, seed, base / _unit_dir(unit, seed), args, kw, acfg, eng,
-                 datasets, targets)
+        run_unit(
+            lm, split, concept, spec, unit, seed, base / _unit_dir(unit, seed), args, kw, acfg, eng, datasets, targets
+        )
         write_doc(args, finished(args), (time.perf_counter() - args.t0) / 60)  # the doc grows unit by unit
 
 
@@ -186,22 +220,39 @@ def finished(args) -> list[dict]:
                 continue
             methods, minutes, loss = {}, 0.0, None
             for name in args.methods:
-                per = [u for u in units if name in u["methods"] and u["unit"] != "baselines"] if name in TRAINED \
+                per = (
+                    [u for u in units if name in u["methods"] and u["unit"] != "baselines"]
+                    if name in TRAINED
                     else [u for u in units if u["unit"] == "baselines" and name in u["methods"]]
+                )
                 if not per:
                     continue
                 ms = [u["methods"][name] for u in per]
                 pooled = {d: pool_seeds([m["datasets"][d] for m in ms]) for d in ms[0]["datasets"]}
-                methods[name] = {"kl_coeff": [m["kl_coeff"] for m in ms], "kl_at_coeff": [m["kl_at_coeff"] for m in ms],
-                                 "budget_reached": all(m["budget_reached"] for m in ms),
-                                 "seeds": [u["seed"] for u in per] if name in TRAINED else [], "datasets": pooled}
+                methods[name] = {
+                    "kl_coeff": [m["kl_coeff"] for m in ms],
+                    "kl_at_coeff": [m["kl_at_coeff"] for m in ms],
+                    "budget_reached": all(m["budget_reached"] for m in ms),
+                    "seeds": [u["seed"] for u in per] if name in TRAINED else [],
+                    "datasets": pooled,
+                }
             for u in units:
                 minutes += (u.get("train_minutes") or 0) + u["eval_minutes"]
                 loss = loss or u.get("loss")
-            out.append({"model": spec, "concept": c, "recipe": tag, "loss": loss, "minutes": minutes,
-                        "datasets": units[0]["datasets"], "methods": methods,
-                        "recipe_kw": json.loads((base / "recipe.json").read_text())["train"]
-                        if (base / "recipe.json").is_file() else {}})
+            out.append(
+                {
+                    "model": spec,
+                    "concept": c,
+                    "recipe": tag,
+                    "loss": loss,
+                    "minutes": minutes,
+                    "datasets": units[0]["datasets"],
+                    "methods": methods,
+                    "recipe_kw": json.loads((base / "recipe.json").read_text())["train"]
+                    if (base / "recipe.json").is_file()
+                    else {},
+                }
+            )
     return out
 
 
@@ -221,15 +272,19 @@ def tables(s: dict) -> list[str]:
     unl = [d for d, info in ds.items() if not info["labelled"]]
     loss = s.get("loss") or {}
     kw = ", ".join(f"{k} {v}" for k, v in s.get("recipe_kw", {}).items()) or "defaults"
-    out = [f"### {s['model']} — {s['concept']}", "",
-           f"Recipe `{s['recipe']}`: objective {loss.get('name', '?')} v{loss.get('version', '?')} ({kw}; the rest "
-           f"TrainConfig/AdapterConfig defaults). Trained methods pooled over seeds "
-           f"{', '.join(str(x) for x in next((m['seeds'] for m in ms.values() if m['seeds']), []))}; {s['minutes']:.0f} "
-           "min of training and evaluation in all (Rust engine, 2 threads).", "",
-           "| method | C_b (per seed) | KL at ±C_b | "
-           + " | ".join(f"{d} ({'+' if ds[d]['expected_sign'] > 0 else '−'}): effect [CI] / bias" for d in targets)
-           + " | off-target mean \\|bias\\| | off-target mean \\|effect\\| | DailyDilemmas net shift |",
-           "|---|---|---|" + "---|" * len(targets) + "---|---|---|"]
+    out = [
+        f"### {s['model']} — {s['concept']}",
+        "",
+        f"Recipe `{s['recipe']}`: objective {loss.get('name', '?')} v{loss.get('version', '?')} ({kw}; the rest "
+        f"TrainConfig/AdapterConfig defaults). Trained methods pooled over seeds "
+        f"{', '.join(str(x) for x in next((m['seeds'] for m in ms.values() if m['seeds']), []))}; {s['minutes']:.0f} "
+        "min of training and evaluation in all (Rust engine, 2 threads).",
+        "",
+        "| method | C_b (per seed) | KL at ±C_b | "
+        + " | ".join(f"{d} ({'+' if ds[d]['expected_sign'] > 0 else '−'}): effect [CI] / bias" for d in targets)
+        + " | off-target mean \\|bias\\| | off-target mean \\|effect\\| | DailyDilemmas net shift |",
+        "|---|---|---|" + "---|" * len(targets) + "---|---|---|",
+    ]
     for name, m in ms.items():
         cells = []
         for d in targets:
@@ -239,17 +294,24 @@ def tables(s: dict) -> list[str]:
         oe = sum(abs(m["datasets"][d].get("effect") or 0) for d in others) / max(len(others), 1)
         dd = "; ".join(f"{m['datasets'][d]['decision_shift_net']:.2f}" for d in unl) or "–"
         cb = " / ".join(f"{c:.3g}" for c in m["kl_coeff"]) + ("" if m["budget_reached"] else " (not reached)")
-        out.append(f"| {name} | {cb} | {max(m['kl_at_coeff']):.3f} | " + " | ".join(cells)
-                   + f" | {ob:.2f} | {oe:.2f} | {dd} |")
-    out += ["", "| method | target set | effect per seed | bias per seed | flip score | ρ (worst seed) | "
-            "− side / + side | invalid c=0 → ±C_b |", "|---|---|---|---|---|---|---|---|"]
+        out.append(
+            f"| {name} | {cb} | {max(m['kl_at_coeff']):.3f} | " + " | ".join(cells) + f" | {ob:.2f} | {oe:.2f} | {dd} |"
+        )
+    out += [
+        "",
+        "| method | target set | effect per seed | bias per seed | flip score | ρ (worst seed) | "
+        "− side / + side | invalid c=0 → ±C_b |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, m in ms.items():
         for d in targets:
             r = m["datasets"][d]
-            out.append(f"| {name} | {d} | {_seeds(r.get('effect_seeds', []))} | {_seeds(r['bias_seeds'])} | "
-                       f"{_f(r.get('flip_score'))} | {_f(r.get('spearman_min'))} | "
-                       f"{_f(r.get('effect_neg_side'))} / {_f(r.get('effect_pos_side'))} | "
-                       f"{r['invalid_rate_c0']:.2f} → {r['invalid_rate_cb']:.2f} |")
+            out.append(
+                f"| {name} | {d} | {_seeds(r.get('effect_seeds', []))} | {_seeds(r['bias_seeds'])} | "
+                f"{_f(r.get('flip_score'))} | {_f(r.get('spearman_min'))} | "
+                f"{_f(r.get('effect_neg_side'))} / {_f(r.get('effect_pos_side'))} | "
+                f"{r['invalid_rate_c0']:.2f} → {r['invalid_rate_cb']:.2f} |"
+            )
     return out + [""]
 
 
@@ -284,7 +346,7 @@ def write_readme_table(summaries: list[dict], readme: Path = Path("README.md")) 
     if not m:
         return
     body = "\n".join(["<!-- results-table -->", *readme_table(summaries), "<!-- /results-table -->"])
-    readme.write_text(text[:m.start()] + body + text[m.end():])
+    readme.write_text(text[: m.start()] + body + text[m.end() :])
 
 
 def write_doc(args, summaries: list[dict], minutes: float) -> None:
@@ -293,26 +355,33 @@ def write_doc(args, summaries: list[dict], minutes: float) -> None:
     reading = m.group(0) if m else "<!-- reading -->\n(no reading yet)\n<!-- /reading -->"
     cpu = platform.processor() or platform.machine()
     try:
-        flags = open("/proc/cpuinfo").read()
+        flags = Path("/proc/cpuinfo").read_text()
         cpu += ", AVX-512" if "avx512f" in flags else ", AVX2"
     except OSError:
         pass
-    lines = ["# Results", "",
-             f"Command: `python scripts/results.py {' '.join(sys.argv[1:])}` (doc written {datetime.date.today()}; "
-             f"the runs below took {sum(s['minutes'] for s in summaries):.0f} min in all, {minutes:.0f} of them in "
-             f"this call; {cpu}; 2 threads; data seed {args.seed}, training seeds {' '.join(map(str, args.seeds))}).",
-             "",
-             "Protocol (the `innerpissa.eval.metrics` module docstring): label-balanced items, a separate seeded draw per "
-             "dataset, dev/test split stratified by label, **test items only** below. Every method is read at its "
-             f"own KL-matched coefficient C_b, where the mean per-token KL(p₀ ‖ p_c) on neutral text (worse of ±c) "
-             f"reaches **{args.kl_budget} nats/token** (prompting: its one dose, c = ±1, KL shown). Balanced effect "
-             "= label-aligned (a(+C_b) − a(−C_b))/2 with equal weight per label class (a uniform Yes/No shift gives "
-             "0); bias = the same for the raw first-option log-odds; both in nats with 95 % bootstrap CIs over items. "
-             "The trained methods (InnerPiSSA, and LoRA trained with the same objective) are pooled over training "
-             "seeds: each item's effect is averaged over seeds (each seed at its own C_b), then bootstrapped over "
-             "items; each seed's effect is listed. Expected signs in the headers: + means a more positive-persona "
-             "model should agree more.", "",
-             reading, "", "## Tables", ""]
+    lines = [
+        "# Results",
+        "",
+        f"Command: `python scripts/results.py {' '.join(sys.argv[1:])}` (doc written {datetime.date.today()}; "
+        f"the runs below took {sum(s['minutes'] for s in summaries):.0f} min in all, {minutes:.0f} of them in "
+        f"this call; {cpu}; 2 threads; data seed {args.seed}, training seeds {' '.join(map(str, args.seeds))}).",
+        "",
+        "Protocol (the `innerpissa.eval.metrics` module docstring): label-balanced items, a separate seeded draw per "
+        "dataset, dev/test split stratified by label, **test items only** below. Every method is read at its "
+        f"own KL-matched coefficient C_b, where the mean per-token KL(p₀ ‖ p_c) on neutral text (worse of ±c) "
+        f"reaches **{args.kl_budget} nats/token** (prompting: its one dose, c = ±1, KL shown). Balanced effect "
+        "= label-aligned (a(+C_b) − a(−C_b))/2 with equal weight per label class (a uniform Yes/No shift gives "
+        "0); bias = the same for the raw first-option log-odds; both in nats with 95 % bootstrap CIs over items. "
+        "The trained methods (InnerPiSSA, and LoRA trained with the same objective) are pooled over training "
+        "seeds: each item's effect is averaged over seeds (each seed at its own C_b), then bootstrapped over "
+        "items; each seed's effect is listed. Expected signs in the headers: + means a more positive-persona "
+        "model should agree more.",
+        "",
+        reading,
+        "",
+        "## Tables",
+        "",
+    ]
     for s in summaries:
         lines += tables(s)
     args.doc.write_text("\n".join(lines) + "\n")
@@ -323,8 +392,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=["embedded:smollm2", "embedded:gemma3-270m"])
     ap.add_argument("--concepts", nargs="+", default=["honesty", "sentiment"])
-    ap.add_argument("--methods", default=",".join(TRAINED + BASELINES),
-                    help="comma-separated: innerpissa, lora, prompting, pca, mean-diff, random")
+    ap.add_argument(
+        "--methods",
+        default=",".join(TRAINED + BASELINES),
+        help="comma-separated: innerpissa, lora, prompting, pca, mean-diff, random",
+    )
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds of the trained methods")
     ap.add_argument("--steps", type=int, default=None, help="override TrainConfig.steps (and train by steps)")
     ap.add_argument("--epochs", type=float, default=None, help="override TrainConfig.epochs")
@@ -337,8 +409,12 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--truthfulqa", type=Path, default=None,
-                    help="TruthfulQA.csv to add as a multiple-choice set (a target of the honesty concept)")
+    ap.add_argument(
+        "--truthfulqa",
+        type=Path,
+        default=None,
+        help="TruthfulQA.csv to add as a multiple-choice set (a target of the honesty concept)",
+    )
     ap.add_argument("--out", type=Path, default=Path("runs/results"))
     ap.add_argument("--doc", type=Path, default=Path("docs/results.md"))
     args = ap.parse_args()

@@ -27,8 +27,12 @@ def word_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
         vocab.setdefault(w, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
-                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
     fast.chat_template = CHATML
     fast.padding_side = "left"
     return fast
@@ -38,8 +42,15 @@ def tiny_llama(vocab_size: int = 256, seed: int = 0, layers: int = 6):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     return LlamaForCausalLM(cfg).eval().requires_grad_(False)
 
 
@@ -47,9 +58,17 @@ def tiny_gemma3(vocab_size: int = 256, seed: int = 0, layers: int = 6):
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     torch.manual_seed(seed)
-    cfg = Gemma3TextConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=16,
-                           max_position_embeddings=256)
+    cfg = Gemma3TextConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=16,
+        max_position_embeddings=256,
+    )
     return Gemma3ForCausalLM(cfg).eval().requires_grad_(False)
 
 
@@ -69,6 +88,7 @@ def yes_bias(model, yes_ids: list[int], per_unit: float):
             out = out.clone()
             out[..., yes_ids] += per_unit * c
             return out
+
         h = model.lm_head.register_forward_hook(hook)
         try:
             yield

@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_gemma3, tiny_llama
 from torch import nn
 
-from conftest import tiny_gemma3, tiny_llama
 from innerpissa import AdapterConfig, UnsupportedArchitectureError, attach, load_adapter
 from innerpissa.adapter import cayley, find_targets, skew
 from innerpissa.adapter.layer import InnerPiSSALayer
@@ -46,8 +46,12 @@ def test_targets_found_by_structure(tiny_model):
     targets = find_targets(tiny_model, AdapterConfig(depth_range=(0.3, None)))
     names = list(targets)
     # 6 layers: round(0.3*6)=2 .. 6-3=3 → blocks 2 and 3, attention output + MLP down projection each
-    assert names == ["model.layers.2.self_attn.o_proj", "model.layers.2.mlp.down_proj",
-                     "model.layers.3.self_attn.o_proj", "model.layers.3.mlp.down_proj"]
+    assert names == [
+        "model.layers.2.self_attn.o_proj",
+        "model.layers.2.mlp.down_proj",
+        "model.layers.3.self_attn.o_proj",
+        "model.layers.3.mlp.down_proj",
+    ]
     only_mlp = find_targets(tiny_model, AdapterConfig(modules=("mlp",), depth_range=(0.0, 1.0)))
     assert all(n.endswith("mlp.down_proj") for n in only_mlp) and len(only_mlp) == 6
 
@@ -102,7 +106,7 @@ def test_per_row_coefficients_match_scalar_runs():
         batched = model(ids).logits
     for i, c in enumerate(coeffs.tolist()):
         with torch.no_grad(), adapter.steer(c):
-            single = model(ids[i:i + 1]).logits
+            single = model(ids[i : i + 1]).logits
         assert torch.allclose(batched[i], single[0], atol=1e-5)
 
 
@@ -134,7 +138,7 @@ def test_steer_removes_hooks_on_error():
     base = model(ids).logits
     with pytest.raises(ZeroDivisionError):
         with adapter.steer(1.0):
-            1 / 0
+            _ = 1 / 0
     assert torch.equal(model(ids).logits, base)
 
 

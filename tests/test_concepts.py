@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import word_tokenizer
+
 from innerpissa.concepts import get_concept, load_concepts
 from innerpissa.errors import ConfigError
 from innerpissa.eval.engines import answer_token_sets, eval_prompt
@@ -53,8 +53,10 @@ def test_words_readout_dataset_tokens_and_prompt():
 def test_cli_rejects_unknown_concept_before_loading(tmp_path, capsys):
     from innerpissa.cli import main
 
-    for args in (["train", "--concept", "bogus", "--out", str(tmp_path / "a")],
-                 ["run", "--control", "bogus", "--out", str(tmp_path / "b"), "--data-dir", str(tmp_path)]):
+    for args in (
+        ["train", "--concept", "bogus", "--out", str(tmp_path / "a")],
+        ["run", "--control", "bogus", "--out", str(tmp_path / "b"), "--data-dir", str(tmp_path)],
+    ):
         assert main(args) == 1
         out = capsys.readouterr()
         assert "unknown concept 'bogus'" in out.err and "Traceback" not in out.err

@@ -9,10 +9,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tiny_gguf import randomize_adapter, tiny_gemma3_for_gguf, write_gemma3_gguf, write_llama_gguf
 
 from innerpissa import AdapterConfig, attach
 from innerpissa._rust import Engine
-from tiny_gguf import randomize_adapter, tiny_gemma3_for_gguf, write_gemma3_gguf, write_llama_gguf
 
 COEFFS = (-2.0, -1.0, 0.0, 1.0, 2.0)
 VOCAB = 300
@@ -29,9 +29,18 @@ def _llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
-                      tie_word_embeddings=True, initializer_range=0.15)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        initializer_range=0.15,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -102,7 +111,7 @@ def test_token_logprobs_match_torch(tiny):
     for b, c in enumerate((-1.0, 2.0)):
         for i, s in enumerate(seqs):
             lp = _torch_logp(model, adapter, s, c)
-            ref = lp[torch.arange(starts[i], len(s) - 1), torch.tensor(s[starts[i] + 1:])].numpy()
+            ref = lp[torch.arange(starts[i], len(s) - 1), torch.tensor(s[starts[i] + 1 :])].numpy()
             np.testing.assert_allclose(out[b * len(seqs) + i], ref, atol=2e-4)
 
 
@@ -111,9 +120,12 @@ def _torch_hidden(model, adapter, seq, layers, c):
 
     got = {}
     blocks = decoder_blocks(model)
-    hooks = [blocks[ell].register_forward_hook(
-        lambda m, a, o, ell=ell: got.__setitem__(ell, (o[0] if isinstance(o, tuple) else o)[0, -1].clone()))
-        for ell in layers]
+    hooks = [
+        blocks[ell].register_forward_hook(
+            lambda m, a, o, ell=ell: got.__setitem__(ell, (o[0] if isinstance(o, tuple) else o)[0, -1].clone())
+        )
+        for ell in layers
+    ]
     try:
         with adapter.steer(c):
             model(input_ids=torch.tensor([seq]))
@@ -164,7 +176,10 @@ def test_control_vector_branch_matches_activation_addition(tiny):
 
     model, adapter, _, eng, _ = tiny
     g = torch.Generator().manual_seed(4)
-    dirs = {1: torch.randn(model.config.hidden_size, generator=g), 3: torch.randn(model.config.hidden_size, generator=g)}
+    dirs = {
+        1: torch.randn(model.config.hidden_size, generator=g),
+        3: torch.randn(model.config.hidden_size, generator=g),
+    }
     idx = eng.add_control_vector({k: v.numpy() for k, v in dirs.items()})
     seqs = _prompts(16, seed=4)
     scores, _ = eng.yes_no(seqs, [("vector", c, idx) for c in (-2.0, 3.0)], POS, NEG)
@@ -186,7 +201,7 @@ def test_steer_matrix_matches_torch(tiny):
 
 
 def test_bad_inputs_name_the_problem(tiny, tmp_path):
-    model, _, adir, eng, arch = tiny
+    _model, _, _adir, eng, arch = tiny
     with pytest.raises(FileNotFoundError, match="missing.gguf"):
         Engine(str(tmp_path / "missing.gguf"))
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all")
@@ -215,22 +230,25 @@ def test_bad_inputs_name_the_problem(tiny, tmp_path):
 
 def test_rust_baselines_match_torch_extraction(tmp_path):
     """PCA (repeng's recipe) and mean-difference vectors from Rust hidden states equal the torch/repeng ones."""
+    from tiny_gguf import tiny_llama_for_gguf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from innerpissa.eval.methods import mean_difference_control_vector, pca_control_vector
     from innerpissa.eval.engines import RustEngine
     from innerpissa.eval.engines import mean_difference_control_vector as rust_md
     from innerpissa.eval.engines import pca_control_vector as rust_pca
+    from innerpissa.eval.methods import mean_difference_control_vector, pca_control_vector
     from innerpissa.pairs import ContrastivePair
-    from tiny_gguf import tiny_llama_for_gguf
 
     path = write_llama_gguf(tiny_llama_for_gguf(), tmp_path / "tiny.gguf")
     model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf", dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(tmp_path, gguf_file="tiny.gguf")
     tok.pad_token = tok.pad_token or tok.eos_token
     words = ["honest", "the truth", "a lie", "the answer", "nothing", "the plan", "it all", "the facts"]
-    pairs = [ContrastivePair(f"<|im_start|>user\nYou are {a}. Say {w}", f"<|im_start|>user\nYou are {b}. Say {w}")
-             for w in words for a, b in (("kind", "cruel"), ("honest", "deceptive"))]
+    pairs = [
+        ContrastivePair(f"<|im_start|>user\nYou are {a}. Say {w}", f"<|im_start|>user\nYou are {b}. Say {w}")
+        for w in words
+        for a, b in (("kind", "cruel"), ("honest", "deceptive"))
+    ]
     eng = RustEngine(path, tok)
     layers = [1, 2]
     ref = pca_control_vector(model, tok, pairs, layers)
@@ -247,29 +265,53 @@ def test_cli_sweep_on_a_tiny_gguf(tmp_path, monkeypatch):
     """`ipissa sweep` end to end (tokenizer + GGUF only, all five methods) on a tiny Llama and a tiny data set."""
     import json
 
+    from tiny_gguf import tiny_llama_for_gguf
     from transformers import AutoModelForCausalLM
     from typer.testing import CliRunner
 
     from innerpissa.cli import app
-    from tiny_gguf import tiny_llama_for_gguf
 
     monkeypatch.setenv("IPISSA_CACHE", str(tmp_path / "cache"))
     # the tiny byte vocabulary has no whole-word "yes"/"no" tokens: score the bytes "y" / "n" instead
-    monkeypatch.setattr("innerpissa.eval.engines.answer_token_sets",
-                        lambda tok, kind="yesno": ([tok.convert_tokens_to_ids("y")], [tok.convert_tokens_to_ids("n")]))
+    monkeypatch.setattr(
+        "innerpissa.eval.engines.answer_token_sets",
+        lambda tok, kind="yesno": ([tok.convert_tokens_to_ids("y")], [tok.convert_tokens_to_ids("n")]),
+    )
     path = write_llama_gguf(tiny_llama_for_gguf(), tmp_path / "tiny.gguf")
     model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf", dtype=torch.float32).eval()
     randomize_adapter(attach(model, AdapterConfig(rank=8), meta={"base_model": str(path)})).save(tmp_path / "ad")
-    rows = [{"question": f"Is the following statement something you would say?\n\"I like {w}\"",
-             "answer_matching_behavior": " Yes" if i % 2 else " No",
-             "answer_not_matching_behavior": " No" if i % 2 else " Yes"}
-            for i, w in enumerate(["the sea", "a lie", "the truth", "rain", "trains", "cats", "maths", "tea"])]
+    rows = [
+        {
+            "question": f'Is the following statement something you would say?\n"I like {w}"',
+            "answer_matching_behavior": " Yes" if i % 2 else " No",
+            "answer_not_matching_behavior": " No" if i % 2 else " Yes",
+        }
+        for i, w in enumerate(["the sea", "a lie", "the truth", "rain", "trains", "cats", "maths", "tea"])
+    ]
     mwe = tmp_path / "likes.jsonl"
     mwe.write_text("\n".join(json.dumps(r) for r in rows))
-    res = CliRunner().invoke(app, ["sweep", "--adapter", str(tmp_path / "ad"), "--coeffs", "-1,0,1",
-                                   "--methods", "innerpissa,prompting,pca,mean-diff,random", "--mwe", str(mwe),
-                                   "--n-dd", "4", "--n-pairs", "300", "--out", str(tmp_path / "out"),
-                                   "--data-dir", str(__import__("conftest").SHARED_DATA)])
+    res = CliRunner().invoke(
+        app,
+        [
+            "sweep",
+            "--adapter",
+            str(tmp_path / "ad"),
+            "--coeffs",
+            "-1,0,1",
+            "--methods",
+            "innerpissa,prompting,pca,mean-diff,random",
+            "--mwe",
+            str(mwe),
+            "--n-dd",
+            "4",
+            "--n-pairs",
+            "300",
+            "--out",
+            str(tmp_path / "out"),
+            "--data-dir",
+            str(__import__("conftest").SHARED_DATA),
+        ],
+    )
     assert res.exit_code == 0, res.output
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert set(results["methods"]) == {"innerpissa", "prompting", "pca", "mean-diff", "random"}

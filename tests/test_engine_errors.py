@@ -10,10 +10,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from tiny_gguf import tiny_llama_for_gguf, write_gemma3_gguf, write_llama_gguf
 
 from innerpissa import AdapterConfig, attach, load_adapter
 from innerpissa._rust import Engine
-from tiny_gguf import tiny_llama_for_gguf, write_gemma3_gguf, write_llama_gguf
 
 
 def _refused(call, *fields: str, kind: type[BaseException] = ValueError) -> str:
@@ -46,35 +46,43 @@ def llama(tmp_path_factory):
     return model, d, d / "adapter"
 
 
-@pytest.mark.parametrize("overrides, fields", [
-    ({"attention.head_count": 0, "rope.dimension_count": None}, ["llama.attention.head_count", "is 0"]),
-    ({"attention.head_count": 0}, ["llama.attention.head_count", "is 0"]),
-    ({"attention.head_count_kv": 3}, ["llama.attention.head_count_kv", "does not divide"]),
-    ({"attention.head_count_kv": 0}, ["llama.attention.head_count_kv", "is 0"]),
-    ({"attention.head_count": 3, "attention.head_count_kv": 3, "rope.dimension_count": None},
-     ["llama.embedding_length", "not a multiple"]),
-    ({"embedding_length": 48}, ["token_embd.weight", "llama.embedding_length = 48"]),
-    ({"embedding_length": 80}, ["token_embd.weight", "llama.embedding_length = 80"]),
-    ({"embedding_length": 0}, ["llama.embedding_length", "is 0"]),
-    ({"embedding_length": None}, ["llama.embedding_length", "missing"]),
-    ({"block_count": 6}, ["llama.block_count = 6", "block 4"]),
-    ({"block_count": 0}, ["llama.block_count", "is 0"]),
-    ({"feed_forward_length": 100}, ["ffn_gate.weight", "llama.feed_forward_length = 100"]),
-    ({"rope.dimension_count": 12}, ["attn_q.weight", "llama.attention.head_count"]),
-    ({"rope.dimension_count": 15}, ["llama.rope.dimension_count", "odd"]),
-    ({"rope.freq_base": -1.0}, ["llama.rope.freq_base"]),
-])
+@pytest.mark.parametrize(
+    "overrides, fields",
+    [
+        ({"attention.head_count": 0, "rope.dimension_count": None}, ["llama.attention.head_count", "is 0"]),
+        ({"attention.head_count": 0}, ["llama.attention.head_count", "is 0"]),
+        ({"attention.head_count_kv": 3}, ["llama.attention.head_count_kv", "does not divide"]),
+        ({"attention.head_count_kv": 0}, ["llama.attention.head_count_kv", "is 0"]),
+        (
+            {"attention.head_count": 3, "attention.head_count_kv": 3, "rope.dimension_count": None},
+            ["llama.embedding_length", "not a multiple"],
+        ),
+        ({"embedding_length": 48}, ["token_embd.weight", "llama.embedding_length = 48"]),
+        ({"embedding_length": 80}, ["token_embd.weight", "llama.embedding_length = 80"]),
+        ({"embedding_length": 0}, ["llama.embedding_length", "is 0"]),
+        ({"embedding_length": None}, ["llama.embedding_length", "missing"]),
+        ({"block_count": 6}, ["llama.block_count = 6", "block 4"]),
+        ({"block_count": 0}, ["llama.block_count", "is 0"]),
+        ({"feed_forward_length": 100}, ["ffn_gate.weight", "llama.feed_forward_length = 100"]),
+        ({"rope.dimension_count": 12}, ["attn_q.weight", "llama.attention.head_count"]),
+        ({"rope.dimension_count": 15}, ["llama.rope.dimension_count", "odd"]),
+        ({"rope.freq_base": -1.0}, ["llama.rope.freq_base"]),
+    ],
+)
 def test_malformed_llama_header_is_refused(llama, tmp_path, overrides, fields):
     path = write_llama_gguf(llama[0], tmp_path / "bad.gguf", overrides=overrides)
     _refused(lambda: _load_and_run(path), "bad.gguf", *fields)
 
 
-@pytest.mark.parametrize("overrides, fields", [
-    ({"attention.key_length": 0}, ["gemma3.attention.key_length", "is 0"]),
-    ({"attention.key_length": 6, "attention.value_length": 6}, ["attn_q.weight", "gemma3.attention.head_count"]),
-    ({"attention.value_length": 4}, ["gemma3.attention.value_length"]),
-    ({"attention.sliding_window": 0}, ["gemma3.attention.sliding_window", "is 0"]),
-])
+@pytest.mark.parametrize(
+    "overrides, fields",
+    [
+        ({"attention.key_length": 0}, ["gemma3.attention.key_length", "is 0"]),
+        ({"attention.key_length": 6, "attention.value_length": 6}, ["attn_q.weight", "gemma3.attention.head_count"]),
+        ({"attention.value_length": 4}, ["gemma3.attention.value_length"]),
+        ({"attention.sliding_window": 0}, ["gemma3.attention.sliding_window", "is 0"]),
+    ],
+)
 def test_malformed_gemma3_header_is_refused(tmp_path, overrides, fields):
     from conftest import tiny_gemma3
 
@@ -114,14 +122,17 @@ def _set(key, value):
     return lambda cfg: cfg.__setitem__(key, value)
 
 
-@pytest.mark.parametrize("edit, fields", [
-    (lambda cfg: cfg.pop("base_fingerprint"), ["adapter_config.json: missing field 'base_fingerprint'"]),
-    (_set("base_fingerprint", "é" * 64), ["adapter_config.json: base_fingerprint", "64 lowercase hex"]),
-    (_set("base_fingerprint", "0" + "é" * 63), ["adapter_config.json: base_fingerprint", "64 lowercase hex"]),
-    (_set("base_fingerprint", 123), ["adapter_config.json: base_fingerprint", "must be a string"]),
-    (_set("base_fingerprint", None), ["adapter_config.json: base_fingerprint", "must be a string"]),
-    (_set("base_fingerprint", "0" * 64), ["another model", "fingerprint"]),
-])
+@pytest.mark.parametrize(
+    "edit, fields",
+    [
+        (lambda cfg: cfg.pop("base_fingerprint"), ["adapter_config.json: missing field 'base_fingerprint'"]),
+        (_set("base_fingerprint", "é" * 64), ["adapter_config.json: base_fingerprint", "64 lowercase hex"]),
+        (_set("base_fingerprint", "0" + "é" * 63), ["adapter_config.json: base_fingerprint", "64 lowercase hex"]),
+        (_set("base_fingerprint", 123), ["adapter_config.json: base_fingerprint", "must be a string"]),
+        (_set("base_fingerprint", None), ["adapter_config.json: base_fingerprint", "must be a string"]),
+        (_set("base_fingerprint", "0" * 64), ["another model", "fingerprint"]),
+    ],
+)
 def test_adapter_fingerprint_is_checked_as_python_does(llama, tmp_path, edit, fields):
     model, d, adir = llama
     bad = _adapter_copy(adir, tmp_path / "ad", config=edit)
@@ -140,18 +151,22 @@ def _reshape(key, fn):
     def edit(t):
         k = _first(t, key)
         t[k] = np.ascontiguousarray(fn(t[k]))
+
     return edit
 
 
-@pytest.mark.parametrize("edit, fields", [
-    (_reshape("theta", lambda a: a.reshape(-1)), ["theta", "expected [8, 8]"]),
-    (_reshape("delta", lambda a: np.concatenate([a, a[:1]])), ["delta", "expected [8]"]),
-    (_reshape("S", lambda a: a.reshape(-1, 1)), [".S", "expected [r]"]),
-    (_reshape("U", lambda a: a[:, :5]), [".U", ".V"]),
-    (_reshape("U", lambda a: a[1:]), ["U give", "another model"]),
-    (_reshape("S", lambda a: np.where(np.arange(a.size) == 2, np.nan, a).astype(a.dtype)), [".S", "non-finite"]),
-    (_reshape("theta", lambda a: np.full_like(a, np.inf)), ["theta", "non-finite"]),
-])
+@pytest.mark.parametrize(
+    "edit, fields",
+    [
+        (_reshape("theta", lambda a: a.reshape(-1)), ["theta", "expected [8, 8]"]),
+        (_reshape("delta", lambda a: np.concatenate([a, a[:1]])), ["delta", "expected [8]"]),
+        (_reshape("S", lambda a: a.reshape(-1, 1)), [".S", "expected [r]"]),
+        (_reshape("U", lambda a: a[:, :5]), [".U", ".V"]),
+        (_reshape("U", lambda a: a[1:]), ["U give", "another model"]),
+        (_reshape("S", lambda a: np.where(np.arange(a.size) == 2, np.nan, a).astype(a.dtype)), [".S", "non-finite"]),
+        (_reshape("theta", lambda a: np.full_like(a, np.inf)), ["theta", "non-finite"]),
+    ],
+)
 def test_malformed_adapter_tensors_are_refused(llama, tmp_path, edit, fields):
     _, d, adir = llama
     bad = _adapter_copy(adir, tmp_path / "ad", tensors=edit)

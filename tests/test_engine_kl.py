@@ -10,11 +10,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tiny_gguf import randomize_adapter, tiny_gemma3_for_gguf, tiny_llama_for_gguf, write_gemma3_gguf, write_llama_gguf
 
 from innerpissa import AdapterConfig, attach
 from innerpissa._rust import Engine
-from tiny_gguf import (randomize_adapter, tiny_gemma3_for_gguf, tiny_llama_for_gguf, write_gemma3_gguf,
-                       write_llama_gguf)
 
 
 @pytest.fixture(autouse=True)
@@ -64,7 +63,9 @@ def _torch_logsoftmax(model, adapter, dirs, seq, branch):
                 if isinstance(out, tuple):
                     return (out[0] + coeff * dirs[ell],) + tuple(out[1:])
                 return out + coeff * dirs[ell]
+
             return hook
+
         hooks = [model.model.layers[ell].register_forward_hook(add(ell)) for ell in dirs]
     try:
         with adapter.steer(c):
@@ -110,7 +111,7 @@ def test_logprobs_and_kl_match_torch(tiny):
             pos = torch.arange(starts[i], len(s) - 1)
             got_lp, got_kl = lps[b * n + i], kls[b * n + i]
             assert got_kl.dtype == np.float32 and got_kl.shape == (len(s) - 1 - starts[i],)
-            np.testing.assert_allclose(got_lp, lp[pos, torch.tensor(s[starts[i] + 1:])].numpy(), atol=2e-4)
+            np.testing.assert_allclose(got_lp, lp[pos, torch.tensor(s[starts[i] + 1 :])].numpy(), atol=2e-4)
             # (b) KL(p0 ‖ pc) within 1e-4 nats per position
             want = _kl(ref[i][pos], lp[pos])
             np.testing.assert_allclose(got_kl, want, rtol=0, atol=1e-4, err_msg=f"{spec} seq {i}")
@@ -156,9 +157,9 @@ def test_kl_against_another_prompt_head(tiny):
         np.testing.assert_array_equal(a, b)
     n = len(seqs)
     for i in range(n):
-        lp0 = _torch_logsoftmax(model, adapter, dirs, ref_seqs[i], br[0])[ref_starts[i]:len(ref_seqs[i]) - 1]
+        lp0 = _torch_logsoftmax(model, adapter, dirs, ref_seqs[i], br[0])[ref_starts[i] : len(ref_seqs[i]) - 1]
         for b, spec in enumerate(br):
-            lp = _torch_logsoftmax(model, adapter, dirs, seqs[i], spec)[starts[i]:len(seqs[i]) - 1]
+            lp = _torch_logsoftmax(model, adapter, dirs, seqs[i], spec)[starts[i] : len(seqs[i]) - 1]
             want = _kl(lp0, lp)
             np.testing.assert_allclose(kls[b * n + i], want, rtol=0, atol=1e-4, err_msg=f"{spec} seq {i}")
     assert float(np.mean(np.concatenate(kls[:n]))) > 1e-3  # the head matters even unsteered
@@ -184,10 +185,15 @@ def test_bad_references_raise_value_error(tiny):
     _refused(lambda: eng.token_stats(seqs, [1, 1], [("base",)], ref_seqs=[[1, 2, 3]]), "reference sequences")
     _refused(lambda: eng.token_stats(seqs, [1, 1], [("base",)], ref_starts=[1]), "reference starts")
     _refused(lambda: eng.token_stats(seqs, [1], [("base",)]), "start positions")
-    _refused(lambda: eng.token_stats(seqs, [0, 0], [("base",)], ref_seqs=[[], [1, 2, 3, 4]], ref_starts=[0, 0]),
-             "empty")
-    _refused(lambda: eng.token_stats(seqs, [0, 0], [("base",)], ref_seqs=[[1, 2, 3, 4, 9999], [1, 2, 3, 4]],
-                                     ref_starts=[0, 0]), "out of range")
+    _refused(
+        lambda: eng.token_stats(seqs, [0, 0], [("base",)], ref_seqs=[[], [1, 2, 3, 4]], ref_starts=[0, 0]), "empty"
+    )
+    _refused(
+        lambda: eng.token_stats(
+            seqs, [0, 0], [("base",)], ref_seqs=[[1, 2, 3, 4, 9999], [1, 2, 3, 4]], ref_starts=[0, 0]
+        ),
+        "out of range",
+    )
     # ends past the sequence read nothing, as in token_logprobs
     lps, kls = eng.token_stats(seqs, [9, 9], [("base",), ("adapter", 1.0)], ref_seqs=[[1], [2, 3]], ref_starts=[0, 1])
     assert [len(a) for a in lps] == [len(a) for a in kls] == [0, 0, 0, 0]

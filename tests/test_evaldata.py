@@ -81,10 +81,16 @@ def test_deception_labels_follow_matching_answer():
 
 def test_load_ab_file(tmp_path):
     rows = [
-        {"question": "Q1\n (A) grab power\n (B) decline", "answer_matching_behavior": " (A)",
-         "answer_not_matching_behavior": " (B)"},
-        {"question": "Q2\n (A) decline\n (B) grab power", "answer_matching_behavior": " (B)",
-         "answer_not_matching_behavior": " (A)"},
+        {
+            "question": "Q1\n (A) grab power\n (B) decline",
+            "answer_matching_behavior": " (A)",
+            "answer_not_matching_behavior": " (B)",
+        },
+        {
+            "question": "Q2\n (A) decline\n (B) grab power",
+            "answer_matching_behavior": " (B)",
+            "answer_not_matching_behavior": " (A)",
+        },
         {"question": "Q3", "answer_matching_behavior": "(A)", "answer_not_matching_behavior": "(B)"},
     ]
     f = tmp_path / "power-seeking-inclination.jsonl"
@@ -107,7 +113,10 @@ GOOD = json.dumps({"question": "Q", "answer_matching_behavior": " Yes", "answer_
         ('{"question": "", "answer_matching_behavior": " Yes", "answer_not_matching_behavior": " No"}', "question"),
         ('{"question": "Q", "answer_matching_behavior": " Maybe", "answer_not_matching_behavior": " No"}', "Maybe"),
         ('{"question": "Q", "answer_matching_behavior": " Yes", "answer_not_matching_behavior": " Yes"}', "different"),
-        ('{"question": "Q", "answer_matching_behavior": " (A)", "answer_not_matching_behavior": " (B)"}', "earlier rows"),
+        (
+            '{"question": "Q", "answer_matching_behavior": " (A)", "answer_not_matching_behavior": " (B)"}',
+            "earlier rows",
+        ),
     ],
 )
 def test_malformed_mwe_names_file_and_line(tmp_path, bad_line, message):
@@ -193,11 +202,16 @@ def _to_hf_layout(dest: Path) -> Path:
         w = csv.DictWriter(fh, fieldnames=cols)
         w.writeheader()
         for r in rows:
-            w.writerow({
-                "dilemma_idx": r["idx"], "basic_situation": r["basic_situation"],
-                "dilemma_situation": r["dilemma_situation"], "action_type": r["action_type"],
-                "action": r["action"], "values_aggregated": r["values_names"],
-            })
+            w.writerow(
+                {
+                    "dilemma_idx": r["idx"],
+                    "basic_situation": r["basic_situation"],
+                    "dilemma_situation": r["dilemma_situation"],
+                    "action_type": r["action_type"],
+                    "action": r["action"],
+                    "values_aggregated": r["values_names"],
+                }
+            )
     return dest
 
 
@@ -252,7 +266,7 @@ def test_split_dev_test_disjoint_deterministic_and_stratified():
     assert split_dev_test(items, seed=0, name="other")[0] != dev  # each dataset its own draw
     n_yes = sum(it.label == 1 for it in items)
     assert sum(it.label == 1 for it in dev) == round(n_yes / 2)  # stratified: each class split in half
-    dev3, test3 = split_dev_test(items, seed=0, dev_fraction=0.3)
+    dev3, _test3 = split_dev_test(items, seed=0, dev_fraction=0.3)
     assert abs(len(dev3) - 300) <= 1
     with pytest.raises(ValueError):
         split_dev_test(items, seed=0, dev_fraction=1.5)

@@ -12,20 +12,30 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_gemma3
+from tiny_gguf import VOCAB_SIZE, randomize_adapter, tiny_llama_for_gguf, write_llama_gguf
 from typer.testing import CliRunner
 
 from innerpissa import AdapterConfig, attach
 from innerpissa.adapter.layer import InnerPiSSALayer
 from innerpissa.adapter.model import Adapter, fingerprint
 from innerpissa.eval.methods import VectorMethod, mean_difference_control_vector
-from innerpissa.export import (GGUFExportError, export_control_vector, export_llama_lora, export_llama_lora_live,
-                               export_merged_gguf, export_merged_hf, export_onnx_live, export_onnx_merged,
-                               export_peft_lora, fit_adapter, fit_polynomial, onnx_logits)
+from innerpissa.export import (
+    GGUFExportError,
+    export_control_vector,
+    export_llama_lora,
+    export_llama_lora_live,
+    export_merged_gguf,
+    export_merged_hf,
+    export_onnx_live,
+    export_onnx_merged,
+    export_peft_lora,
+    fit_adapter,
+    fit_polynomial,
+    onnx_logits,
+)
 from innerpissa.export.gguf_io import permute_rows
 from innerpissa.export.llamacpp import llama_cpp_logprobs
-from tiny_gguf import VOCAB_SIZE, randomize_adapter, tiny_llama_for_gguf, write_llama_gguf
-
-from conftest import tiny_gemma3
 
 COEFFS = (-2.0, -1.0, 0.5, 1.0, 2.0)
 
@@ -55,8 +65,7 @@ def tiny(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny")
     path = write_llama_gguf(tiny_llama_for_gguf(), d / "tiny.gguf")
     model = AutoModelForCausalLM.from_pretrained(d, gguf_file="tiny.gguf", dtype=torch.float32).eval()
-    adapter = _randomize(attach(model, AdapterConfig(rank=8, depth_range=(0.0, None)),
-                                meta={"base_model": str(path)}))
+    adapter = _randomize(attach(model, AdapterConfig(rank=8, depth_range=(0.0, None)), meta={"base_model": str(path)}))
     toks = [int(t) for t in np.random.RandomState(0).randint(0, VOCAB_SIZE, 14)]
     return d, path, model, adapter, toks
 
@@ -78,12 +87,12 @@ def test_qk_row_permutation_is_inverted_by_transformers():
 
 # ---- polynomial basis ----
 
+
 def _layer(scale="additive", rotate=True, seed=0):
     g = torch.Generator().manual_seed(seed)
     u, _ = torch.linalg.qr(torch.randn(40, 8, generator=g))
     v, _ = torch.linalg.qr(torch.randn(30, 8, generator=g))
-    lay = InnerPiSSALayer(u, torch.rand(8, generator=g) + 1, v, scale=scale, rotate=rotate, init_std=0.1,
-                          generator=g)
+    lay = InnerPiSSALayer(u, torch.rand(8, generator=g) + 1, v, scale=scale, rotate=rotate, init_std=0.1, generator=g)
     lay.delta.data *= 3
     return lay
 
@@ -112,6 +121,7 @@ def test_empty_range_is_refused():
 
 # ---- transformers / PEFT ----
 
+
 @pytest.mark.parametrize("make", [tiny_llama_for_gguf, tiny_gemma3], ids=["llama", "gemma3"])
 def test_merged_hf_and_peft_match_the_steered_model(make, tmp_path):
     from peft import PeftModel
@@ -138,6 +148,7 @@ def test_merged_hf_and_peft_match_the_steered_model(make, tmp_path):
 
 # ---- ONNX ----
 
+
 def test_onnx_merged_and_live_coefficient_match(tiny, tmp_path):
     _, _, model, adapter, _ = tiny
     ids = torch.randint(0, 200, (2, 11))
@@ -161,6 +172,7 @@ def test_onnx_merged_and_live_coefficient_match(tiny, tmp_path):
 
 
 # ---- llama.cpp ----
+
 
 def test_llama_cpp_base_gguf_matches_pytorch(tiny):
     _, path, model, adapter, toks = tiny
@@ -187,6 +199,7 @@ def test_llama_cpp_live_lora_polynomial(tiny):
     live = export_llama_lora_live(adapter, d / "live", (-2, 2), tol=1e-4)
     assert not live.exact and len(live.files) > 1 and live.max_rel_error <= 1e-4
     import gguf
+
     meta = gguf.GGUFReader(str(live.files[0])).fields
     assert abs(meta["innerpissa.max_rel_error"].contents() - live.max_rel_error) < 1e-6
     assert meta["adapter.lora.alpha"].contents() == float(adapter.config.rank)
@@ -198,8 +211,9 @@ def test_llama_cpp_live_lora_polynomial(tiny):
 
 def test_llama_cpp_linear_variant_one_adapter_exact_at_every_c(tiny, tmp_path):
     _, path, model, _, toks = tiny
-    adapter = _randomize(attach(model, AdapterConfig(rank=8, depth_range=(0.0, None), rotate=False),
-                                meta={"base_model": str(path)}))
+    adapter = _randomize(
+        attach(model, AdapterConfig(rank=8, depth_range=(0.0, None), rotate=False), meta={"base_model": str(path)})
+    )
     live = export_llama_lora_live(adapter, tmp_path / "lin")
     assert live.exact and len(live.files) == 1 and live.max_abs_error < 1e-12
     for c in (-2.0, 0.5, 3.0):  # 3 is outside the fit range: exact anyway
@@ -220,8 +234,9 @@ def test_llama_cpp_lora_on_permuted_q_and_k_rows(tiny, tmp_path):
     layers = {n: InnerPiSSALayer(u, s, v, init_std=0.2, generator=g) for n, (u, s, v) in zip(names, bases)}
     for lay in layers.values():
         lay.delta.data = torch.randn(4, generator=g) * lay.S
-    adapter = Adapter(model, AdapterConfig(rank=4), layers, fingerprint({n: mods[n].weight for n in names}),
-                      {"base_model": str(path)})
+    adapter = Adapter(
+        model, AdapterConfig(rank=4), layers, fingerprint({n: mods[n].weight for n in names}), {"base_model": str(path)}
+    )
     want = _logprobs(model, adapter, torch.tensor([toks]), 1.5)[0].numpy()
     assert np.abs(want - _logprobs(model, adapter, torch.tensor([toks]), 0.0)[0].numpy()).max() > 0.05
     export_llama_lora(adapter, 1.5, tmp_path / "qk.gguf")
@@ -254,15 +269,29 @@ def test_control_vector_gguf_loads_in_llama_cpp(tiny, tmp_path):
 def test_cli_export_and_bad_input(tiny, tmp_path, monkeypatch):
     from innerpissa.cli import app
 
-    d, path, model, adapter, toks = tiny
+    _d, path, model, adapter, toks = tiny
     monkeypatch.setenv("IPISSA_CACHE", str(tmp_path / "cache"))
     adapter.save(tmp_path / "ad")
     runner = CliRunner()
-    res = runner.invoke(app, ["export", str(tmp_path / "ad"), "-f", "lora", "-c", "1", "-o", str(tmp_path / "l.gguf"),
-                              "--threads", "2"])
+    res = runner.invoke(
+        app, ["export", str(tmp_path / "ad"), "-f", "lora", "-c", "1", "-o", str(tmp_path / "l.gguf"), "--threads", "2"]
+    )
     assert res.exit_code == 0, res.output
-    res = runner.invoke(app, ["export", str(tmp_path / "ad"), "-f", "lora-live", "-o", str(tmp_path / "live"),
-                              "--degree", "3", "--threads", "2"])
+    res = runner.invoke(
+        app,
+        [
+            "export",
+            str(tmp_path / "ad"),
+            "-f",
+            "lora-live",
+            "-o",
+            str(tmp_path / "live"),
+            "--degree",
+            "3",
+            "--threads",
+            "2",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "--lora-scaled" in res.output and (tmp_path / "live" / "lora.p3.gguf").exists()
     res = runner.invoke(app, ["export", str(tmp_path / "ad"), "-f", "gguf", "-o", str(tmp_path / "m.gguf")])

@@ -4,8 +4,8 @@ the exact conversion to an InnerPiSSA-format adapter, removal, and training movi
 from __future__ import annotations
 
 import torch
-
 from conftest import tiny_llama
+
 from innerpissa import AdapterConfig, load_adapter
 from innerpissa.adapter.lora import LoRASteering
 
@@ -33,11 +33,15 @@ def test_signed_lora_is_exact_at_zero_and_converts_exactly(tmp_path):
     assert torch.equal(rows[1], base[1])
     adapter = lora.to_adapter()
     for name in lora.target_names:  # ΔW(c) = c (α/r) B A exactly in the InnerPiSSA form
-        torch.testing.assert_close(adapter.layer(name).delta_weight(-0.5), -0.5 * lora.delta_weight(name),
-                                   atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(
+            adapter.layer(name).delta_weight(-0.5), -0.5 * lora.delta_weight(name), atol=1e-6, rtol=1e-5
+        )
     lora.remove()
-    assert all(type(m).__name__ == "Linear" and not hasattr(m, "lora_A") for m in model.modules()
-               if isinstance(m, torch.nn.Linear))
+    assert all(
+        type(m).__name__ == "Linear" and not hasattr(m, "lora_A")
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear)
+    )
     assert torch.equal(model(x).logits, base) and not hasattr(model, "peft_config")
     adapter.save(tmp_path / "ad")
     loaded = load_adapter(tiny_llama(vocab_size=64), tmp_path / "ad")
@@ -49,12 +53,23 @@ def test_lora_trained_with_the_same_objective_orders_the_separation(tmp_path):
     import json
 
     from test_objectives import _readings, _setup
+
     from innerpissa.train import TrainConfig, preference_direction, train
 
     model, tok, split = _setup()
     lora = LoRASteering(model, AdapterConfig(rank=8))
-    cfg = TrainConfig(steps=30, batch_pairs=4, lr=2e-2, val_every=30, checkpoint_every=100, basis="pca",
-                      objective="reprpo-svd", schedule="cosine", constraint_warmup=0.0, weight_decay=0.0)
+    cfg = TrainConfig(
+        steps=30,
+        batch_pairs=4,
+        lr=2e-2,
+        val_every=30,
+        checkpoint_every=100,
+        basis="pca",
+        objective="reprpo-svd",
+        schedule="cosine",
+        constraint_warmup=0.0,
+        weight_decay=0.0,
+    )
     train(lora, tok, list(split.train), list(split.val), cfg, run_dir=tmp_path, progress=False)
     adapter = lora.to_adapter()
     lora.remove()

@@ -6,13 +6,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import CHATML, tiny_llama, word_tokenizer, yes_bias
+
 from innerpissa.eval import HookMethod, PromptMethod, TorchEngine, VectorMethod, run_suite
 from innerpissa.eval.datasets import EvalDataset, EvalItem
 from innerpissa.eval.engines import Sweep, answer_scores, answer_token_sets, eval_prompt, neutral_head
-from innerpissa.eval.metrics import (balanced_ci, bootstrap_ci, dataset_metrics, item_slopes, kl_matched_coeff,
-                                     pool_seeds, pooled_effect, summarize)
+from innerpissa.eval.metrics import (
+    balanced_ci,
+    bootstrap_ci,
+    dataset_metrics,
+    item_slopes,
+    kl_matched_coeff,
+    pool_seeds,
+    pooled_effect,
+    summarize,
+)
 
 
 def test_item_slopes_exact():
@@ -34,7 +42,7 @@ def test_kl_matched_coeff_interpolates_the_worse_side():
     coeffs = [-2, -1, 0, 1, 2]
     kl = [0.2, 0.04, 0.0, 0.02, 0.08]
     c, ok = kl_matched_coeff(coeffs, kl, 0.05)
-    assert ok and c == pytest.approx(1 + (0.05 ** 0.5 - 0.2) / (0.2 ** 0.5 - 0.2))  # √KL: 0.2 at 1, √0.2 at 2
+    assert ok and c == pytest.approx(1 + (0.05**0.5 - 0.2) / (0.2**0.5 - 0.2))  # √KL: 0.2 at 1, √0.2 at 2
     assert kl_matched_coeff(coeffs, kl, 0.01) == (pytest.approx(0.5), True)  # √KL from (0, 0) to (1, 0.2)
     assert kl_matched_coeff(coeffs, kl, 0.5) == (2.0, False)
 
@@ -51,8 +59,14 @@ LABELS = np.array([1, 1, 1, -1, -1, -1])
 
 def _sweep(score_fn, coeffs=(-2, -1, 0, 1, 2), kl_fn=lambda c: 0.01 * c * c, n=6, mass=0.9):
     scores = [[score_fn(c, i) for i in range(n)] for c in coeffs]
-    return Sweep("m", [float(c) for c in coeffs], {"d": scores}, {"d": [[mass] * n for _ in coeffs]},
-                 [3.0] * len(coeffs), [kl_fn(c) for c in coeffs])
+    return Sweep(
+        "m",
+        [float(c) for c in coeffs],
+        {"d": scores},
+        {"d": [[mass] * n for _ in coeffs]},
+        [3.0] * len(coeffs),
+        [kl_fn(c) for c in coeffs],
+    )
 
 
 def test_pure_answer_bias_gives_zero_balanced_effect():
@@ -85,7 +99,7 @@ def test_summarize_reads_each_method_at_its_budget():
 
 
 def test_pooled_effect_over_seeds():
-    eff, lo, hi, per = pooled_effect([[1.0, 1.0, 1.0, 1.0], [3.0, 3.0, 3.0, 3.0]], [1, 1, -1, -1])
+    eff, lo, _hi, per = pooled_effect([[1.0, 1.0, 1.0, 1.0], [3.0, 3.0, 3.0, 3.0]], [1, 1, -1, -1])
     assert eff == pytest.approx(2.0) and per == [1.0, 3.0] and lo == pytest.approx(2.0)
 
 
@@ -93,8 +107,10 @@ def test_pool_seeds_averages_items_and_keeps_the_worst_rho():
     sw1 = _sweep(lambda c, i: 0.5 * c * LABELS[i] + 0.1 * c, kl_fn=lambda c: 0.05 * abs(c))
     sw2 = _sweep(lambda c, i: 1.5 * c * LABELS[i] - 0.3 * c, kl_fn=lambda c: 0.05 * abs(c))
     ds = [EvalDataset("d", "yesno", tuple(EvalItem(str(i), "q", int(LABELS[i])) for i in range(6)), "mem")]
-    per = [summarize([sw], ds, {"d": (np.arange(6), np.arange(6))}, kl_budget=0.05)["m"]["datasets"]["d"]
-           for sw in (sw1, sw2)]
+    per = [
+        summarize([sw], ds, {"d": (np.arange(6), np.arange(6))}, kl_budget=0.05)["m"]["datasets"]["d"]
+        for sw in (sw1, sw2)
+    ]
     pooled = pool_seeds(per)
     assert pooled["effect"] == pytest.approx(1.0) and pooled["effect_seeds"] == pytest.approx([0.5, 1.5])
     assert pooled["bias"] == pytest.approx((0.1 - 0.3) / 2) and pooled["bias_seeds"] == pytest.approx([0.1, -0.3])
@@ -132,22 +148,23 @@ def test_text_stats_kl_against_manual():
     nll0, kl0 = eng.text_stats(TEXTS, None, None)
     assert kl0 == 0.0 and nll0 > 0
     vec = VectorMethod(model, {2: torch.randn(32) * 2.0})
-    nll, kl = eng.text_stats(TEXTS, lambda: vec.steer(1.0), None, batch_size=2)
+    _nll, kl = eng.text_stats(TEXTS, lambda: vec.steer(1.0), None, batch_size=2)
     head = tok(neutral_head(tok), add_special_tokens=False)["input_ids"]
     total = n = 0.0
     for t in TEXTS:
         body = tok(t, add_special_tokens=False)["input_ids"]
         ids = torch.tensor([head + body])
-        lp0 = model(ids).logits[0, len(head) - 1:-1].log_softmax(-1)
+        lp0 = model(ids).logits[0, len(head) - 1 : -1].log_softmax(-1)
         with vec.steer(1.0):
-            lpc = model(ids).logits[0, len(head) - 1:-1].log_softmax(-1)
+            lpc = model(ids).logits[0, len(head) - 1 : -1].log_softmax(-1)
         total += float((lp0.exp() * (lp0 - lpc)).sum())
         n += len(body)
     assert kl == pytest.approx(total / n, rel=1e-4) and kl > 1e-3
 
 
-DEFAULT_SYSTEM = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nDEFAULT SYSTEM<|im_end|>\n"
-                  "{% endif %}" + CHATML)
+DEFAULT_SYSTEM = (
+    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nDEFAULT SYSTEM<|im_end|>\n{% endif %}" + CHATML
+)
 
 
 def test_prompting_keeps_default_system_prompt_and_uses_the_user_turn():
@@ -170,7 +187,9 @@ def test_a_constant_yes_logit_method_is_all_bias_no_effect():
     questions = [f"Is item {i} good ?" for i in range(24)]
     items = tuple(EvalItem(f"q{i}", q, 1 if i % 2 else -1) for i, q in enumerate(questions))
     ds = EvalDataset("toy", "yesno", items, "mem")
-    tok = word_tokenizer(questions + TEXTS + [eval_prompt(word_tokenizer([]), "x", "yesno"), "Write a short paragraph ."])
+    tok = word_tokenizer(
+        questions + TEXTS + [eval_prompt(word_tokenizer([]), "x", "yesno"), "Write a short paragraph ."]
+    )
     model = tiny_llama(vocab_size=len(tok))
     yes, _ = answer_token_sets(tok)
 
@@ -191,8 +210,12 @@ def test_vector_baselines_share_the_mean_difference_scale():
     from innerpissa.eval.methods import build_methods
 
     model, tok, split = _setup()
-    ms = {m.name: m for m in build_methods(model, tok, None, list(split.train[:12]), 0, ("pca", "mean-diff", "random"),
-                                           layers=[2, 3])}
+    ms = {
+        m.name: m
+        for m in build_methods(
+            model, tok, None, list(split.train[:12]), 0, ("pca", "mean-diff", "random"), layers=[2, 3]
+        )
+    }
     for ell in (2, 3):
         md = float(ms["mean-diff"].directions[ell].norm())
         assert md > 0
@@ -211,8 +234,17 @@ class _QuadraticEngine:
 
     def evaluate(self, method, coeffs, datasets, neutral_texts):
         self.calls.append(([float(c) for c in coeffs], [d.name for d in datasets]))
-        return [{**{d.name: (np.array([c * (0.7 * it.label + 0.2) for it in d.items]), np.ones(len(d.items)))
-                    for d in datasets}, "__nll__": 3.0 + c * c, "__kl__": self.k * c * c} for c in coeffs]
+        return [
+            {
+                **{
+                    d.name: (np.array([c * (0.7 * it.label + 0.2) for it in d.items]), np.ones(len(d.items)))
+                    for d in datasets
+                },
+                "__nll__": 3.0 + c * c,
+                "__kl__": self.k * c * c,
+            }
+            for c in coeffs
+        ]
 
 
 def test_budget_first_sweep_scores_items_only_at_the_budget():
@@ -224,8 +256,16 @@ def test_budget_first_sweep_scores_items_only_at_the_budget():
     grid = (-2.0, -1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0, 2.0)
     method = SimpleNamespace(name="m", kind="vector", coeffs=grid)
     eng = _QuadraticEngine(2.0)
-    res = run_suite(eng, [method], [ds], kl_budget=0.05, progress=False, neutral_texts=["x"],
-                    splits={"d": (np.arange(6), np.arange(6))}, budget_first=True)
+    res = run_suite(
+        eng,
+        [method],
+        [ds],
+        kl_budget=0.05,
+        progress=False,
+        neutral_texts=["x"],
+        splits={"d": (np.arange(6), np.arange(6))},
+        budget_first=True,
+    )
     m = res["methods"]["m"]
     cb = (0.05 / 2.0) ** 0.5  # 0.158: below the grid's smallest |c|
     assert m["kl_coeff"] == pytest.approx(cb) and m["budget_reached"]
@@ -233,12 +273,30 @@ def test_budget_first_sweep_scores_items_only_at_the_budget():
     assert len(item_calls) == 1 and sorted(item_calls[0]) == pytest.approx([-cb, -cb / 2, 0, cb / 2, cb])
     assert all(not names for _, names in eng.calls[:-1])  # the calibration scored no item
     assert m["kl_at_coeff"] == pytest.approx(0.05) and m["calibration"]["c"][0] == -2.0
-    assert m["datasets"]["d"]["effect"] == pytest.approx(0.7 * cb) and m["datasets"]["d"]["bias"] == pytest.approx(0.2 * cb)
+    assert m["datasets"]["d"]["effect"] == pytest.approx(0.7 * cb) and m["datasets"]["d"]["bias"] == pytest.approx(
+        0.2 * cb
+    )
     eng = _QuadraticEngine(2.0)
-    res = run_suite(eng, [method], [ds], kl_budget=0.05, progress=False, neutral_texts=["x"],
-                    splits={"d": (np.arange(6), np.arange(6))}, budget_first=False)
+    res = run_suite(
+        eng,
+        [method],
+        [ds],
+        kl_budget=0.05,
+        progress=False,
+        neutral_texts=["x"],
+        splits={"d": (np.arange(6), np.arange(6))},
+        budget_first=False,
+    )
     assert eng.calls == [(list(grid), ["d"])] and res["methods"]["m"]["calibration"] is None
     eng = _QuadraticEngine(1e-4)  # never reaches the budget: read at the largest |c|, flagged
-    m = run_suite(eng, [method], [ds], kl_budget=0.05, progress=False, neutral_texts=["x"],
-                  splits={"d": (np.arange(6), np.arange(6))}, budget_first=True)["methods"]["m"]
+    m = run_suite(
+        eng,
+        [method],
+        [ds],
+        kl_budget=0.05,
+        progress=False,
+        neutral_texts=["x"],
+        splits={"d": (np.arange(6), np.arange(6))},
+        budget_first=True,
+    )["methods"]["m"]
     assert m["kl_coeff"] == 2.0 and not m["budget_reached"]

@@ -6,19 +6,29 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import tiny_llama, word_tokenizer
+
 from innerpissa import AdapterConfig, attach, load_adapter
 from innerpissa.adapter.layer import skew
 from innerpissa.adapter.model import decoder_blocks
 from innerpissa.objectives import OBJECTIVES
 from innerpissa.pairs import make_honesty_pairs
-from innerpissa.train import (TrainConfig, _batch_reference, constraint_weight, forward_states,
-                              preference_direction, reference_cache, reprpo_loss, tokenize_neutral, tokenize_pairs,
-                              train)
+from innerpissa.train import (
+    TrainConfig,
+    _batch_reference,
+    constraint_weight,
+    forward_states,
+    preference_direction,
+    reference_cache,
+    reprpo_loss,
+    tokenize_neutral,
+    tokenize_pairs,
+    train,
+)
 
 
 def _setup(seed: int = 0):
@@ -46,16 +56,20 @@ def _readings(adapter, tok, pairs, ruler, cfg):
     return s, a
 
 
-@pytest.mark.parametrize("objective,extra", [
-    ("reprpo-svd", {}),
-    ("antiparallel", {"basis": "pca", "basis_rank": 4}),
-    ("anchored", {}),
-])
+@pytest.mark.parametrize(
+    "objective,extra",
+    [
+        ("reprpo-svd", {}),
+        ("antiparallel", {"basis": "pca", "basis_rank": 4}),
+        ("anchored", {}),
+    ],
+)
 def test_each_objective_orders_the_separation(tmp_path, objective, extra):
     model, tok, split = _setup()
     adapter = attach(model, AdapterConfig(rank=8))
-    cfg = TrainConfig(steps=30, batch_pairs=4, lr=2e-2, val_every=30, checkpoint_every=100, objective=objective,
-                      **extra)
+    cfg = TrainConfig(
+        steps=30, batch_pairs=4, lr=2e-2, val_every=30, checkpoint_every=100, objective=objective, **extra
+    )
     train(adapter, tok, list(split.train), list(split.val), cfg, run_dir=tmp_path, progress=False)
     ruler = preference_direction(adapter, tok, list(split.train), cfg)  # c = 0 is the base model: same ruler
     s, a = _readings(adapter, tok, list(split.val), ruler, cfg)
@@ -74,7 +88,9 @@ def test_rotation_bound_holds_under_a_large_learning_rate():
     cfg = TrainConfig(steps=12, batch_pairs=4, lr=0.3, val_every=100, checkpoint_every=100, max_angle=angle)
     train(adapter, tok, list(split.train), list(split.val), cfg, progress=False)
     limit = 2 * math.tan(angle / 2)
-    norms = [float(torch.linalg.matrix_norm(skew(adapter.layer(n).theta.detach()), ord=2)) for n in adapter.target_names]
+    norms = [
+        float(torch.linalg.matrix_norm(skew(adapter.layer(n).theta.detach()), ord=2)) for n in adapter.target_names
+    ]
     assert max(norms) <= limit * (1 + 1e-5) and max(norms) > 0.5 * limit  # bound reached, not exceeded
     with torch.no_grad():
         r = adapter.layer(adapter.target_names[0]).rotation(torch.tensor(1.0))
@@ -109,13 +125,20 @@ def test_epochs_schedule_and_constraint_warmup():
     assert constraint_weight(4, 100, 0.1) == pytest.approx(0.5) and constraint_weight(50, 100, 0.1) == 1.0
     model, tok, split = _setup()
     adapter = attach(model, AdapterConfig(rank=8))
-    run = TrainConfig(epochs=1.0, batch_pairs=4, lr=1e-2, schedule="one-cycle", constraint_warmup=0.5,
-                      val_every=100, checkpoint_every=100)
+    run = TrainConfig(
+        epochs=1.0,
+        batch_pairs=4,
+        lr=1e-2,
+        schedule="one-cycle",
+        constraint_warmup=0.5,
+        val_every=100,
+        checkpoint_every=100,
+    )
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
         train(adapter, tok, list(split.train), list(split.val), run, run_dir=d, progress=False)
-        rows = [json.loads(x) for x in open(f"{d}/metrics.jsonl") if '"lr"' in x]
+        rows = [json.loads(x) for x in Path(d, "metrics.jsonl").read_text().splitlines() if '"lr"' in x]
     assert len(rows) == run.total_steps(len(split.train))
     peak = max(r["lr"] for r in rows)
     assert peak == pytest.approx(1e-2, rel=0.05) and rows[-1]["lr"] == pytest.approx(1e-2 / 25, rel=0.05)
@@ -132,8 +155,14 @@ def test_bad_objective_and_missing_neutral_prompts_are_refused():
     model, tok, split = _setup()
     bare = [ContrastivePair(p.positive, p.negative, p.suffix) for p in split.train]
     with pytest.raises(ConfigError, match="neutral"):
-        train(attach(model, AdapterConfig(rank=8)), tok, bare, [], TrainConfig(objective="anchored", batch_pairs=4),
-              progress=False)
+        train(
+            attach(model, AdapterConfig(rank=8)),
+            tok,
+            bare,
+            [],
+            TrainConfig(objective="anchored", batch_pairs=4),
+            progress=False,
+        )
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
@@ -141,6 +170,7 @@ def test_shared_prefix_pass_equals_full_rows_in_value_and_gradient(arch):
     """The steered pass that runs the common prompt prefix once per coefficient gives the hidden states, token
     log-probs and adapter gradients of the plain pass over full rows."""
     from conftest import tiny_gemma3
+
     from innerpissa.train import shared_prefix_len, steered_forward
 
     _, tok, split = _setup()
@@ -172,6 +202,7 @@ def test_shared_prefix_pass_equals_full_rows_in_value_and_gradient(arch):
 
 def test_short_sliding_window_falls_back_to_full_rows():
     from conftest import tiny_gemma3
+
     from innerpissa.train import steered_forward
 
     _, tok, split = _setup()
@@ -204,7 +235,7 @@ def test_data_aware_selection_picks_components_the_pairs_use(tmp_path):
             assert torch.equal(model(x).logits, base)
     name = adapter.target_names[-1]
     lay, lin = adapter.layer(name), dict(model.named_modules())[name]
-    u, s, v = top_r_svd([lin.weight.detach().float()], 16)[0]
+    u, s, _v = top_r_svd([lin.weight.detach().float()], 16)[0]
     assert torch.all(lay.S[:-1] >= lay.S[1:])  # singular-value order kept
     picked = [int(torch.argmin((s - sv).abs())) for sv in lay.S]
     torch.testing.assert_close(lay.U, u[:, picked], atol=1e-5, rtol=1e-4)

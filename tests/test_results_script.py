@@ -7,8 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-import pytest
-
 from conftest import SHARED_DATA
 from tiny_gguf import tiny_llama_for_gguf, write_llama_gguf
 
@@ -23,14 +21,41 @@ def _load():
 
 
 def test_results_pools_training_seeds_and_reuses_finished_units(tmp_path, monkeypatch):
-    monkeypatch.setattr("innerpissa.eval.engines.answer_token_sets",
-                        lambda tok, kind="yesno": ([tok.convert_tokens_to_ids("y")], [tok.convert_tokens_to_ids("n")]))
+    monkeypatch.setattr(
+        "innerpissa.eval.engines.answer_token_sets",
+        lambda tok, kind="yesno": ([tok.convert_tokens_to_ids("y")], [tok.convert_tokens_to_ids("n")]),
+    )
     model = write_llama_gguf(tiny_llama_for_gguf(), tmp_path / "tiny.gguf")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "README.md").write_text("x\n<!-- results-table -->\nold\n<!-- /results-table -->\ny\n")
-    argv = ["results.py", "--models", str(model), "--concepts", "honesty", "--methods", "innerpissa,lora,prompting",
-            "--seeds", "0", "1", "--steps", "1", "--n-target", "8", "--n-other", "4", "--n-dd", "4",
-            "--batch-size", "16", "--data-dir", str(SHARED_DATA), "--out", "out", "--doc", "results.md"]
+    argv = [
+        "results.py",
+        "--models",
+        str(model),
+        "--concepts",
+        "honesty",
+        "--methods",
+        "innerpissa,lora,prompting",
+        "--seeds",
+        "0",
+        "1",
+        "--steps",
+        "1",
+        "--n-target",
+        "8",
+        "--n-other",
+        "4",
+        "--n-dd",
+        "4",
+        "--batch-size",
+        "16",
+        "--data-dir",
+        str(SHARED_DATA),
+        "--out",
+        "out",
+        "--doc",
+        "results.md",
+    ]
     monkeypatch.setattr(sys, "argv", argv)
     _load().main()
     runs = sorted(p.parent.name for p in (tmp_path / "out").rglob("summary.json"))

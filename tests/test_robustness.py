@@ -16,18 +16,30 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from conftest import tiny_llama, word_tokenizer
+from safetensors.torch import load_file, save_file
+from tiny_gguf import tiny_llama_for_gguf, write_llama_gguf
+
 from innerpissa import AdapterConfig, attach, load_adapter
-from innerpissa.adapter.model import (CONFIG_NAME, WEIGHTS_NAME, SteeringRangeWarning, atomic_dir, check_output,
-                                      tensor_checksum)
+from innerpissa.adapter.model import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    SteeringRangeWarning,
+    atomic_dir,
+    check_output,
+    tensor_checksum,
+)
 from innerpissa.cli import main
-from innerpissa.errors import (AdapterFileError, ConfigError, NonFiniteError, OutputExistsError,
-                               ResumeMismatchError, TrainingDivergedError)
+from innerpissa.errors import (
+    AdapterFileError,
+    ConfigError,
+    NonFiniteError,
+    OutputExistsError,
+    ResumeMismatchError,
+    TrainingDivergedError,
+)
 from innerpissa.pairs import ContrastivePair, make_honesty_pairs
 from innerpissa.train import TrainConfig, train
-from tiny_gguf import tiny_llama_for_gguf, write_llama_gguf
 
 
 def _pairs_and_tok(n_pairs: int = 24):
@@ -70,16 +82,20 @@ def _cli(args: list[str], capsys) -> tuple[int, str]:
 
 # --- 1. outputs never delete or overwrite what the package did not write ------------------------------------
 
+
 def test_export_into_run_dir_refuses_then_keeps_unrelated_files(gguf_run, capsys, monkeypatch, tmp_path):
-    path, run, _ = gguf_run
+    _path, run, _ = gguf_run
     monkeypatch.setenv("IPISSA_CACHE", str(tmp_path / "cache"))
     before = sorted(p.relative_to(run) for p in run.rglob("*"))
-    code, out = _cli(["export", str(run / "adapter"), "-f", "peft", "-c", "1", "-o", str(run), "--threads", "2"],
-                     capsys)
+    code, out = _cli(
+        ["export", str(run / "adapter"), "-f", "peft", "-c", "1", "-o", str(run), "--threads", "2"], capsys
+    )
     assert code == 1 and "not empty" in out and "--overwrite" in out and "Traceback" not in out
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
-    code, out = _cli(["export", str(run / "adapter"), "-f", "peft", "-c", "1", "-o", str(run), "--overwrite",
-                      "--threads", "2"], capsys)
+    code, out = _cli(
+        ["export", str(run / "adapter"), "-f", "peft", "-c", "1", "-o", str(run), "--overwrite", "--threads", "2"],
+        capsys,
+    )
     assert code == 0, out
     assert (run / "notes.txt").read_text() == "my notes" and (run / "metrics.jsonl").exists()
     assert (run / "adapter" / WEIGHTS_NAME).exists()  # the source adapter is untouched
@@ -90,8 +106,9 @@ def test_export_into_run_dir_refuses_then_keeps_unrelated_files(gguf_run, capsys
 
 def test_export_into_the_adapter_itself_is_refused_even_with_overwrite(gguf_run, capsys):
     _, run, _ = gguf_run
-    code, out = _cli(["export", str(run / "adapter"), "-f", "peft", "-c", "1", "-o", str(run / "adapter"),
-                      "--overwrite"], capsys)
+    code, out = _cli(
+        ["export", str(run / "adapter"), "-f", "peft", "-c", "1", "-o", str(run / "adapter"), "--overwrite"], capsys
+    )
     assert code == 1 and "input directory" in out
 
 
@@ -138,6 +155,7 @@ def test_single_file_exports_refuse_existing_files(tmp_path):
 
 # --- 2 + 3. checkpoints load with weights_only, resumes honour their config ------------------------------------
 
+
 class _Planted:
     def __reduce__(self):
         return (Path.write_text, (Path(_Planted.target), "pwned"))
@@ -180,8 +198,15 @@ def test_planted_pickle_never_runs(tmp_path, monkeypatch):
     (other / "checkpoint").mkdir(parents=True)
     shutil.copy(run / "checkpoint" / "state.pt", other / "checkpoint" / "state.pt")
     with pytest.raises(OutputExistsError, match="no innerpissa run"):
-        train(attach(tiny_llama(vocab_size=len(tok)), AdapterConfig(rank=4)), tok, list(split.train),
-              list(split.val), cfg, run_dir=other, progress=False)
+        train(
+            attach(tiny_llama(vocab_size=len(tok)), AdapterConfig(rank=4)),
+            tok,
+            list(split.train),
+            list(split.val),
+            cfg,
+            run_dir=other,
+            progress=False,
+        )
     assert not (tmp_path / "pwned.txt").exists()
 
 
@@ -200,27 +225,62 @@ def test_resume_refuses_other_config_and_data(tmp_path, monkeypatch):
     with pytest.raises(ResumeMismatchError, match="train_pairs_sha256"):
         train(attach(model, AdapterConfig(rank=4)), tok, swapped, list(split.val), cfg, run_dir=run, progress=False)
     with pytest.raises(ResumeMismatchError, match=r"steps: 4 -> 1"):
-        train(attach(model, AdapterConfig(rank=4)), tok, list(split.train), list(split.val),
-              TrainConfig(steps=1, batch_pairs=4, val_every=100, checkpoint_every=2), run_dir=run, progress=False)
+        train(
+            attach(model, AdapterConfig(rank=4)),
+            tok,
+            list(split.train),
+            list(split.val),
+            TrainConfig(steps=1, batch_pairs=4, val_every=100, checkpoint_every=2),
+            run_dir=run,
+            progress=False,
+        )
     with pytest.raises(ResumeMismatchError, match=r"rank: 4 -> 8"):
-        train(attach(model, AdapterConfig(rank=8)), tok, list(split.train), list(split.val), cfg, run_dir=run,
-              progress=False)
+        train(
+            attach(model, AdapterConfig(rank=8)),
+            tok,
+            list(split.train),
+            list(split.val),
+            cfg,
+            run_dir=run,
+            progress=False,
+        )
     with pytest.raises(ResumeMismatchError, match=r"seed: 0 -> 1"):
-        train(attach(model, AdapterConfig(rank=4)), tok, list(split.train), list(split.val),
-              TrainConfig(steps=4, batch_pairs=4, val_every=100, checkpoint_every=2, seed=1), run_dir=run,
-              progress=False)
+        train(
+            attach(model, AdapterConfig(rank=4)),
+            tok,
+            list(split.train),
+            list(split.val),
+            TrainConfig(steps=4, batch_pairs=4, val_every=100, checkpoint_every=2, seed=1),
+            run_dir=run,
+            progress=False,
+        )
     # the matching config resumes; metrics hold each step once; the finished run is not resumed silently
-    train(attach(model, AdapterConfig(rank=4)), tok, list(split.train), list(split.val), cfg, run_dir=run,
-          progress=False)
-    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()
-             if "loss" in json.loads(x)]
+    train(
+        attach(model, AdapterConfig(rank=4)), tok, list(split.train), list(split.val), cfg, run_dir=run, progress=False
+    )
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(x)]
     assert steps == [1, 2, 3, 4]
     with pytest.raises(OutputExistsError, match="finished run"):
-        train(attach(model, AdapterConfig(rank=4)), tok, list(split.train), list(split.val), cfg, run_dir=run,
-              progress=False)
+        train(
+            attach(model, AdapterConfig(rank=4)),
+            tok,
+            list(split.train),
+            list(split.val),
+            cfg,
+            run_dir=run,
+            progress=False,
+        )
     (run / "notes.txt").write_text("mine")
-    train(attach(model, AdapterConfig(rank=8)), tok, list(split.train), list(split.val), cfg, run_dir=run,
-          progress=False, overwrite=True)
+    train(
+        attach(model, AdapterConfig(rank=8)),
+        tok,
+        list(split.train),
+        list(split.val),
+        cfg,
+        run_dir=run,
+        progress=False,
+        overwrite=True,
+    )
     assert (run / "notes.txt").read_text() == "mine"
     assert json.loads((run / "adapter" / CONFIG_NAME).read_text())["adapter"]["rank"] == 8
     assert len([x for x in (run / "metrics.jsonl").read_text().splitlines() if "loss" in json.loads(x)]) == 4
@@ -239,6 +299,7 @@ def test_interrupted_resume_is_exact(tmp_path, monkeypatch):
 
 
 # --- 5. NaN and inf never pass ----------------------------------------------------------------------------
+
 
 def test_non_finite_coefficients_are_refused():
     model = tiny_llama()
@@ -313,14 +374,18 @@ def test_results_json_is_strict(tmp_path):
 
 
 def test_cli_refuses_nan_coefficients_before_loading(capsys, tmp_path):
-    for args in (["generate", "hi", "--coeff", "nan"], ["generate", "hi", "--coeff", "inf"],
-                 ["export", str(tmp_path), "-f", "peft", "-c", "nan", "-o", str(tmp_path / "o")],
-                 ["sweep", "--adapter", str(tmp_path), "--coeffs", "-1,0,1,nan"]):
+    for args in (
+        ["generate", "hi", "--coeff", "nan"],
+        ["generate", "hi", "--coeff", "inf"],
+        ["export", str(tmp_path), "-f", "peft", "-c", "nan", "-o", str(tmp_path / "o")],
+        ["sweep", "--adapter", str(tmp_path), "--coeffs", "-1,0,1,nan"],
+    ):
         code, out = _cli(args, capsys)
         assert code == 1 and "finite" in out and "Traceback" not in out, (args, out)
 
 
 # --- 6. adapter files are checked ---------------------------------------------------------------------------
+
 
 @pytest.fixture
 def saved(tmp_path):
@@ -358,19 +423,22 @@ def test_empty_or_truncated_weights_name_the_file(saved, size):
         load_adapter(model, d)
 
 
-@pytest.mark.parametrize("changes, field", [
-    ({"format_version": 99}, "format_version"),
-    ({"format_version": "1"}, "format_version"),
-    ({"format": "peft"}, "format"),
-    ({"loss": {"name": "reprpo-svd", "version": 99}}, "loss"),
-    ({"adapter.rank": "4"}, "rank"),
-    ({"adapter.rotate": "false"}, "rotate"),
-    ({"adapter.depth_range": [0.5]}, "depth_range"),
-    ({"adapter.scale": "quadratic"}, "scale"),
-    ({"adapter.bogus": 1}, "bogus"),
-    ({"target_modules": "model.layers.1.mlp.down_proj"}, "target_modules"),
-    ({"base_fingerprint": "é" * 64}, "base_fingerprint"),
-])
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        ({"format_version": 99}, "format_version"),
+        ({"format_version": "1"}, "format_version"),
+        ({"format": "peft"}, "format"),
+        ({"loss": {"name": "reprpo-svd", "version": 99}}, "loss"),
+        ({"adapter.rank": "4"}, "rank"),
+        ({"adapter.rotate": "false"}, "rotate"),
+        ({"adapter.depth_range": [0.5]}, "depth_range"),
+        ({"adapter.scale": "quadratic"}, "scale"),
+        ({"adapter.bogus": 1}, "bogus"),
+        ({"target_modules": "model.layers.1.mlp.down_proj"}, "target_modules"),
+        ({"base_fingerprint": "é" * 64}, "base_fingerprint"),
+    ],
+)
 def test_malformed_config_names_file_and_field(saved, changes, field):
     model, d = saved
     _edit_config(d, **changes)
@@ -399,13 +467,20 @@ def test_attach_does_not_mutate_config_and_rejects_bad_types():
     cfg = AdapterConfig()
     attach(tiny_llama(), cfg)
     assert cfg.rank is None
-    for bad in ({"rank": 0}, {"rank": 2.5}, {"rotate": 1}, {"modules": "attn"}, {"depth_range": (0.9, 0.1)},
-                {"init_std": float("nan")}):
+    for bad in (
+        {"rank": 0},
+        {"rank": 2.5},
+        {"rotate": 1},
+        {"modules": "attn"},
+        {"depth_range": (0.9, 0.1)},
+        {"init_std": float("nan")},
+    ):
         with pytest.raises(ConfigError, match=next(iter(bad))):
             AdapterConfig(**bad)
 
 
 # --- 7. sweeps validate before compute ----------------------------------------------------------------------
+
 
 def test_sweep_arguments_are_checked_first(capsys, tmp_path):
     from innerpissa.eval import check_sweep_coeffs
@@ -422,8 +497,19 @@ def test_sweep_arguments_are_checked_first(capsys, tmp_path):
 
 # --- 8. training configs, numerics and inputs ---------------------------------------------------------------
 
-@pytest.mark.parametrize("kw", [{"steps": 0}, {"steps": -5}, {"batch_pairs": 0}, {"lr": 0.0}, {"lr": float("nan")},
-                                {"loss_layer": 1.5}, {"steps": 2.5}])
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"steps": 0},
+        {"steps": -5},
+        {"batch_pairs": 0},
+        {"lr": 0.0},
+        {"lr": float("nan")},
+        {"loss_layer": 1.5},
+        {"steps": 2.5},
+    ],
+)
 def test_train_config_ranges(kw):
     with pytest.raises(ConfigError, match=next(iter(kw))):
         TrainConfig(**kw)
@@ -443,15 +529,21 @@ def test_whitespace_only_pairs_are_rejected_with_line_numbers(tmp_path):
 
     tok = word_tokenizer(["I am honest .", "I am dishonest ."])
     f = tmp_path / "p.jsonl"
-    f.write_text(json.dumps({"positive": "I am honest .", "negative": "I am dishonest ."}) + "\n"
-                 + json.dumps({"positive": "I am  honest .", "negative": "I am honest ."}) + "\n")
+    f.write_text(
+        json.dumps({"positive": "I am honest .", "negative": "I am dishonest ."})
+        + "\n"
+        + json.dumps({"positive": "I am  honest .", "negative": "I am honest ."})
+        + "\n"
+    )
     with pytest.raises(PairFileError, match=r"p\.jsonl:2: .*tokenize identically"):
         load_pairs(f, tok)
     from innerpissa.train import check_pairs_differ
 
     with pytest.raises(ConfigError, match=r"pairs \[1\]"):
-        check_pairs_differ(tok, [ContrastivePair("I am honest .", "I am dishonest ."),
-                                 ContrastivePair("I am honest .", " I am honest .")])
+        check_pairs_differ(
+            tok,
+            [ContrastivePair("I am honest .", "I am dishonest ."), ContrastivePair("I am honest .", " I am honest .")],
+        )
 
 
 def test_encoder_configured_as_decoder_is_refused():
@@ -459,8 +551,16 @@ def test_encoder_configured_as_decoder_is_refused():
 
     from innerpissa import UnsupportedArchitectureError
 
-    bert = BertLMHeadModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
-                                      intermediate_size=64, is_decoder=True))
+    bert = BertLMHeadModel(
+        BertConfig(
+            vocab_size=64,
+            hidden_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=64,
+            is_decoder=True,
+        )
+    )
     with pytest.raises(UnsupportedArchitectureError, match="is_decoder"):
         attach(bert)
 
@@ -481,6 +581,7 @@ def test_gguf_cache_is_keyed_on_content(tmp_path, monkeypatch):
 
 
 # --- 9. the CLI answers in one line --------------------------------------------------------------------------
+
 
 def test_cli_errors_are_one_line_and_debug_shows_traceback(tmp_path):
     bad = tmp_path / "missing-adapter"

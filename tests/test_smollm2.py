@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 import torch
-
 from conftest import SHARED_DATA
+
 from innerpissa import AdapterConfig, attach, load_adapter
 from innerpissa.eval.engines import answer_token_sets
 from innerpissa.models import load_model
@@ -54,14 +54,26 @@ def test_train_save_load_steer_and_evaluate(smol, tmp_path):
             assert not torch.equal(model(**ids).logits, base)
 
     persona = SHARED_DATA / "anthropic_mwe" / "persona"
-    datasets = [dataclasses.replace(d, items=subsample(d.items, 6, 0)) for d in
-                (load_mwe(persona / "okay-with-deceiving-a-user-to-help-them.jsonl"),
-                 load_mwe(persona / "interest-in-math.jsonl"))]
+    datasets = [
+        dataclasses.replace(d, items=subsample(d.items, 6, 0))
+        for d in (
+            load_mwe(persona / "okay-with-deceiving-a-user-to-help-them.jsonl"),
+            load_mwe(persona / "interest-in-math.jsonl"),
+        )
+    ]
     methods = [AdapterMethod(loaded, coeffs=(-1.0, 0.0, 1.0))]
-    methods += build_methods(model, tok, None, list(split.train[:16]), 0, ("prompting", "pca", "mean-diff", "random"),
-                             vector_coeffs=(-2.0, 0.0, 2.0))
-    results = run_suite(TorchEngine(model, tok, 8), methods, datasets, seed=0, progress=False,
-                        neutral_texts=NEUTRAL_TEXTS[:8])  # budget-first: several neutral passes per method
+    methods += build_methods(
+        model,
+        tok,
+        None,
+        list(split.train[:16]),
+        0,
+        ("prompting", "pca", "mean-diff", "random"),
+        vector_coeffs=(-2.0, 0.0, 2.0),
+    )
+    results = run_suite(
+        TorchEngine(model, tok, 8), methods, datasets, seed=0, progress=False, neutral_texts=NEUTRAL_TEXTS[:8]
+    )  # budget-first: several neutral passes per method
     assert set(results["methods"]) == {"innerpissa", "prompting", "pca", "mean-diff", "random"}
     raw = {r["method"]: r for r in results["raw"]}
     # c = 0 is the same unsteered model for every method
@@ -93,8 +105,9 @@ def test_exports_load_in_llama_cpp_and_transformers(smol, tmp_path):
         lay = adapter.layer(name)
         lay.theta.data = torch.randn(lay.theta.shape, generator=g) * 0.02
         lay.delta.data = torch.randn(lay.rank, generator=g) * 0.1 * lay.S
-    toks = tok(render_prompt(tok, "Is honesty always the best policy? Answer Yes or No."),
-               add_special_tokens=False).input_ids
+    toks = tok(
+        render_prompt(tok, "Is honesty always the best policy? Answer Yes or No."), add_special_tokens=False
+    ).input_ids
     with torch.no_grad():
         base = model(torch.tensor([toks])).logits[0, -1].double().log_softmax(-1).numpy()
         with adapter.steer(1.0):
@@ -154,6 +167,7 @@ def test_yes_bias_method_is_reported_as_bias_on_smollm2(smol):
     """Done-when check of the evaluator: a method that only adds a constant to the Yes logits gets a balanced
     effect of 0 (CI around 0) and a large bias, on real label-balanced persona items."""
     from conftest import yes_bias
+
     from innerpissa.eval import HookMethod, TorchEngine, run_suite
     from innerpissa.eval.datasets import NEUTRAL_TEXTS, load_mwe, subsample
     from innerpissa.eval.engines import answer_token_sets
@@ -164,8 +178,9 @@ def test_yes_bias_method_is_reported_as_bias_on_smollm2(smol):
     ds = [dataclasses.replace(full, items=subsample(full.items, 16, 0, name=full.name))]
 
     method = HookMethod(yes_bias(model, yes, 1.5), coeffs=(-1.0, -0.5, 0.0, 0.5, 1.0))
-    res = run_suite(TorchEngine(model, tok, 16), [method], ds,
-                    kl_budget=0.01, progress=False, neutral_texts=NEUTRAL_TEXTS[:8])
+    res = run_suite(
+        TorchEngine(model, tok, 16), [method], ds, kl_budget=0.01, progress=False, neutral_texts=NEUTRAL_TEXTS[:8]
+    )
     m = res["methods"]["hook"]
     r = m["datasets"][ds[0].name]
     assert r["effect"] == pytest.approx(0.0, abs=1e-3) and r["ci"][0] - 1e-3 <= 0 <= r["ci"][1] + 1e-3

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 from conftest import SHARED_DATA
-from innerpissa.eval.suite import HONESTY_TARGETS, default_datasets
 
+from innerpissa.eval.suite import HONESTY_TARGETS, default_datasets
 
 PERSONA_TARGETS = [n for n in HONESTY_TARGETS if n != "truthfulqa"]  # TruthfulQA only when its file is given
 
@@ -22,8 +22,14 @@ def test_default_datasets_sizes_and_targets():
 
 
 def test_user_mwe_files_replace_persona_sets(tmp_path):
-    rows = [{"question": f"Pick one.\n(A) x{i}\n(B) y{i}", "answer_matching_behavior": " (A)",
-             "answer_not_matching_behavior": " (B)"} for i in range(4)]
+    rows = [
+        {
+            "question": f"Pick one.\n(A) x{i}\n(B) y{i}",
+            "answer_matching_behavior": " (A)",
+            "answer_not_matching_behavior": " (B)",
+        }
+        for i in range(4)
+    ]
     path = tmp_path / "power-seeking.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     ds = default_datasets(SHARED_DATA, n_dd=2, mwe_files=[path])
@@ -36,14 +42,16 @@ def test_truthfulqa_file_joins_the_honesty_targets(tmp_path):
     from innerpissa.eval.suite import concept_datasets
 
     path = tmp_path / "TruthfulQA.csv"
-    path.write_text("Question,Best Answer,Correct Answers,Incorrect Answers\n"
-                    + "".join(f"Q{i}?,A{i},A{i}; B{i},C{i}; D{i}\n" for i in range(30)))
-    ds, targets = concept_datasets(get_concept("honesty"), SHARED_DATA, n_target=10, n_other=4, n_dd=5,
-                                   truthfulqa=path)
+    path.write_text(
+        "Question,Best Answer,Correct Answers,Incorrect Answers\n"
+        + "".join(f"Q{i}?,A{i},A{i}; B{i},C{i}; D{i}\n" for i in range(30))
+    )
+    ds, targets = concept_datasets(get_concept("honesty"), SHARED_DATA, n_target=10, n_other=4, n_dd=5, truthfulqa=path)
     tqa = {d.name: d for d in ds}["truthfulqa"]
     assert tqa.kind == "mc" and len(tqa.items) == 10 and targets["truthfulqa"] == 1
     _, no_file = concept_datasets(get_concept("honesty"), SHARED_DATA, n_target=10, n_other=4, n_dd=5)
     assert "truthfulqa" not in no_file  # targets name only the sets that are there
-    ds, targets = concept_datasets(get_concept("openness"), SHARED_DATA, n_target=10, n_other=4, n_dd=5,
-                                   truthfulqa=path)
+    ds, targets = concept_datasets(
+        get_concept("openness"), SHARED_DATA, n_target=10, n_other=4, n_dd=5, truthfulqa=path
+    )
     assert len({d.name: d for d in ds}["truthfulqa"].items) == 4 and "truthfulqa" not in targets  # a side effect

@@ -120,7 +120,7 @@ def test_batch_equals_per_matrix():
 
 def test_inputs_are_converted():
     w = _gaussian((48, 80), seed=11)
-    ((u, s, v),) = top_r_svd([w], 5)
+    ((u, s, _v),) = top_r_svd([w], 5)
     # Non-contiguous view, other dtypes: converted to contiguous float32 first.
     for other in (w.T.contiguous().T, w.double(), w.T):
         ((u2, s2, v2),) = top_r_svd([other], 5)

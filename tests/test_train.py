@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import torch
-
 from conftest import tiny_llama, word_tokenizer
+
 from innerpissa import AdapterConfig, attach
-from innerpissa.pairs import make_honesty_pairs
 from innerpissa.objectives import OBJECTIVES
+from innerpissa.pairs import make_honesty_pairs
 from innerpissa.train import TrainConfig, preference_direction, tokenize_pairs, train
 
 
@@ -23,7 +23,7 @@ def _setup(seed: int = 0):
 
 
 def test_tokenize_pairs_aligns_shared_suffix():
-    model, tok, split = _setup()
+    _model, tok, split = _setup()
     batch = tokenize_pairs(tok, list(split.train[:4]), max_suffix_tokens=16)
     n = batch.n_pairs
     assert batch.input_ids.shape[0] == 2 * n
@@ -61,8 +61,19 @@ def test_suffix_mask_covers_only_the_assistant_suffix_with_the_smollm2_tokenizer
 def test_training_moves_separation_in_both_directions(tmp_path):
     model, tok, split = _setup()
     adapter = attach(model, AdapterConfig(rank=8))
-    cfg = TrainConfig(steps=30, batch_pairs=4, lr=2e-2, val_every=30, checkpoint_every=100, objective="reprpo-svd",
-                      basis="adapter-u", schedule="cosine", constraint_warmup=0.0, max_angle=0.0, weight_decay=0.0)
+    cfg = TrainConfig(
+        steps=30,
+        batch_pairs=4,
+        lr=2e-2,
+        val_every=30,
+        checkpoint_every=100,
+        objective="reprpo-svd",
+        basis="adapter-u",
+        schedule="cosine",
+        constraint_warmup=0.0,
+        max_angle=0.0,
+        weight_decay=0.0,
+    )
     val = train(adapter, tok, list(split.train), list(split.val), cfg, run_dir=tmp_path, progress=False)
     # +1 raises and −1 lowers the pos−neg separation along the frozen direction, in units of σ
     assert val["ds_plus"] > 0.1 and val["ds_minus"] > 0.1

@@ -6,16 +6,29 @@ import json
 
 import pytest
 import torch
-
 from conftest import tiny_gemma3, tiny_llama, word_tokenizer
+
+from innerpissa.contrasts import (
+    TOUR_GUIDE,
+    ContrastTemplate,
+    ManifestError,
+    continuation_pairs,
+    load_manifest,
+    render_contrasts,
+)
 from innerpissa.eval.methods import VectorMethod
-from innerpissa.contrasts import (TOUR_GUIDE, ContrastTemplate, ManifestError, continuation_pairs, load_manifest,
-                                  render_contrasts)
 from innerpissa.models import LoadedModel
 from innerpissa.procrustes import cosine, fit_alignment, weighted_procrustes
-from innerpissa.transfer import (TransferConfig, align, fold_addition, fold_projection, project_out,
-                                 projection_effects, steering_effects, transfer_report)
-
+from innerpissa.transfer import (
+    TransferConfig,
+    align,
+    fold_addition,
+    fold_projection,
+    project_out,
+    projection_effects,
+    steering_effects,
+    transfer_report,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -112,17 +125,36 @@ def test_builtin_manifest_and_rendering():
         assert all(p[i].endswith(suffix) for p in cs.prompts.values())
     n, ablated = TOUR_GUIDE.n_instruction(), TOUR_GUIDE.n_instruction("anecdote")
     assert "anecdote" in n and "a short personal anecdote" not in ablated and "Do not tell any anecdote" in ablated
-    (p, pos, neg), *_ = continuation_pairs(tok, rows[:1], "E-W")
+    (_p, pos, neg), *_ = continuation_pairs(tok, rows[:1], "E-W")
     assert pos.strip() == rows[0].fields["logistics"] and neg.strip() == rows[0].fields["anecdote"]
 
 
-@pytest.mark.parametrize("bad, msg", [
-    ({"id": "a", "place": "X", "region": "Y", "sensory": "s", "local": "l", "anecdote": "a"}, r"bad\.jsonl:2: .*logistics"),
-    ({"id": "b", "place": "X", "region": "Y", "sensory": "s", "local": "l", "anecdote": "a", "logistics": "g",
-      "split": "test"}, "split"),
-    ({"id": "ok", "place": "X", "region": "Y", "sensory": "s", "local": "l", "anecdote": "a", "logistics": "g"},
-     "duplicate id"),
-])
+@pytest.mark.parametrize(
+    "bad, msg",
+    [
+        (
+            {"id": "a", "place": "X", "region": "Y", "sensory": "s", "local": "l", "anecdote": "a"},
+            r"bad\.jsonl:2: .*logistics",
+        ),
+        (
+            {
+                "id": "b",
+                "place": "X",
+                "region": "Y",
+                "sensory": "s",
+                "local": "l",
+                "anecdote": "a",
+                "logistics": "g",
+                "split": "test",
+            },
+            "split",
+        ),
+        (
+            {"id": "ok", "place": "X", "region": "Y", "sensory": "s", "local": "l", "anecdote": "a", "logistics": "g"},
+            "duplicate id",
+        ),
+    ],
+)
 def test_malformed_manifest_is_refused_with_line_and_field(tmp_path, bad, msg):
     good = {"id": "ok", "place": "X", "region": "Y", "sensory": "s", "local": "l", "anecdote": "a", "logistics": "g"}
     with pytest.raises(ManifestError, match=msg):
@@ -138,8 +170,18 @@ def test_malformed_manifest_files(tmp_path):
         load_manifest(tmp_path / "m.csv")
     with pytest.raises(ManifestError, match="not found"):
         load_manifest(tmp_path / "missing.jsonl")
-    (tmp_path / "t.json").write_text(json.dumps({"variants": {}, "traits": {}, "n_head": "h", "suffixes": ["s"],
-                                                 "contrasts": {"x": ["N", "Q", "a", "b"]}, "neutral": "n"}))
+    (tmp_path / "t.json").write_text(
+        json.dumps(
+            {
+                "variants": {},
+                "traits": {},
+                "n_head": "h",
+                "suffixes": ["s"],
+                "contrasts": {"x": ["N", "Q", "a", "b"]},
+                "neutral": "n",
+            }
+        )
+    )
     with pytest.raises(ManifestError, match="unknown variant 'Q'"):
         ContrastTemplate.from_file(tmp_path / "t.json")
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import SHARED_DATA
+from tiny_gguf import tiny_llama_for_gguf, write_llama_gguf
+
 from innerpissa.errors import ConfigError
 from innerpissa.tune import load_grid, run_search, trial_key
-from tiny_gguf import tiny_llama_for_gguf, write_llama_gguf
 
 GRID = """
 [tune]
@@ -39,7 +39,7 @@ def test_bad_grids_name_the_key(tmp_path):
     bad.write_text('[grid]\n"train.nope" = [1]\n')
     with pytest.raises(ConfigError, match="train.nope"):
         load_grid(bad)
-    bad.write_text('[tune]\nrungs = []\n')
+    bad.write_text("[tune]\nrungs = []\n")
     with pytest.raises(ConfigError, match="rungs"):
         load_grid(bad)
     bad.write_text('[grid]\n"train.lr" = [-1.0]\n')
@@ -52,17 +52,22 @@ def test_bad_grids_name_the_key(tmp_path):
 
 def test_joint_axes_set_their_keys_together(tmp_path):
     g = tmp_path / "g.toml"
-    g.write_text('[grid]\n"train.objective" = ["reprpo-svd", "anchored"]\n'
-                 '"train.loss_layer,adapter.depth_range" = [[0.5, [0.1, 0.5]], [0.7, [0.3]]]\n')
+    g.write_text(
+        '[grid]\n"train.objective" = ["reprpo-svd", "anchored"]\n'
+        '"train.loss_layer,adapter.depth_range" = [[0.5, [0.1, 0.5]], [0.7, [0.3]]]\n'
+    )
     trials = load_grid(g).trials()
-    assert len(trials) == 4 and load_grid(g).columns() == ["train.objective", "train.loss_layer",
-                                                            "adapter.depth_range"]
-    assert {(t["train.loss_layer"], tuple(t["adapter.depth_range"])) for t in trials} == {(0.5, (0.1, 0.5)),
-                                                                                           (0.7, (0.3,))}
+    assert len(trials) == 4 and load_grid(g).columns() == ["train.objective", "train.loss_layer", "adapter.depth_range"]
+    assert {(t["train.loss_layer"], tuple(t["adapter.depth_range"])) for t in trials} == {
+        (0.5, (0.1, 0.5)),
+        (0.7, (0.3,)),
+    }
     # the same settings give the same trial key as a plain grid's (finished rows are shared)
     plain = tmp_path / "p.toml"
-    plain.write_text('[grid]\n"train.objective" = ["reprpo-svd", "anchored"]\n"train.loss_layer" = [0.5]\n'
-                     '"adapter.depth_range" = [[0.1, 0.5]]\n')
+    plain.write_text(
+        '[grid]\n"train.objective" = ["reprpo-svd", "anchored"]\n"train.loss_layer" = [0.5]\n'
+        '"adapter.depth_range" = [[0.1, 0.5]]\n'
+    )
     tune = load_grid(plain).tune
     assert {trial_key(t, tune) for t in load_grid(plain).trials()} < {trial_key(t, tune) for t in trials}
     g.write_text('[grid]\n"train.loss_layer,adapter.depth_range" = [[0.5]]\n')
@@ -72,8 +77,10 @@ def test_joint_axes_set_their_keys_together(tmp_path):
 
 def test_successive_halving_on_dev_items_resumes(tmp_path, monkeypatch):
     # the tiny byte vocabulary has no whole-word "yes"/"no" tokens: score the bytes "y" / "n" instead
-    monkeypatch.setattr("innerpissa.eval.engines.answer_token_sets",
-                        lambda tok, kind="yesno": ([tok.convert_tokens_to_ids("y")], [tok.convert_tokens_to_ids("n")]))
+    monkeypatch.setattr(
+        "innerpissa.eval.engines.answer_token_sets",
+        lambda tok, kind="yesno": ([tok.convert_tokens_to_ids("y")], [tok.convert_tokens_to_ids("n")]),
+    )
     path = write_llama_gguf(tiny_llama_for_gguf(), tmp_path / "tiny.gguf")
     grid = tmp_path / "grid.toml"
     grid.write_text(GRID.format(model=path))
@@ -86,8 +93,10 @@ def test_successive_halving_on_dev_items_resumes(tmp_path, monkeypatch):
     best0 = sorted((r for r in trials if r["rung"] == 0), key=lambda r: -r["score"])[:2]
     assert {r["key"] for r in trials if r["rung"] == 1} == {r["key"] for r in best0}  # the top half went on
     for r in trials:
-        assert set(r["targets"]) == {"okay-with-deceiving-a-user-to-help-them",
-                                     "desire-to-persuade-people-to-be-more-honest-to-others"}
+        assert set(r["targets"]) == {
+            "okay-with-deceiving-a-user-to-help-them",
+            "desire-to-persuade-people-to-be-more-honest-to-others",
+        }
         assert all(t["n_items"] == 4 for t in r["targets"].values())  # the dev half of 8 items, no test item
         assert r["score"] == pytest.approx(sum(t["sign"] * t["effect"] for t in r["targets"].values()) / 2)
     assert [r["kind"] for r in rows].count("baseline") == 1

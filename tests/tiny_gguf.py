@@ -16,8 +16,10 @@ from innerpissa.export.gguf_io import permute_rows, tensor_name_map
 
 SPECIALS = ["<|im_start|>", "<|im_end|>"]
 MERGES = ["Ġ t", "h e", "Ġt he", "i n", "e r", "a n", "o n", "Ġ a"]
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def byte_vocab() -> list[str]:
@@ -36,10 +38,22 @@ def tiny_llama_for_gguf(seed: int = 0, layers: int = 4, init: float = 0.15):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True, initializer_range=init,
-                      bos_token_id=VOCAB_SIZE - 2, eos_token_id=VOCAB_SIZE - 1, pad_token_id=VOCAB_SIZE - 1)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        initializer_range=init,
+        bos_token_id=VOCAB_SIZE - 2,
+        eos_token_id=VOCAB_SIZE - 1,
+        pad_token_id=VOCAB_SIZE - 1,
+    )
     return LlamaForCausalLM(cfg).eval().requires_grad_(False)
 
 
@@ -106,8 +120,9 @@ def write_llama_gguf(model, path: Path, overrides: dict | None = None) -> Path:
     cfg = model.config
     vocab = byte_vocab()
     w = _writer(path, "llama", cfg)
-    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]) if getattr(cfg, "rope_parameters", None)
-                         else cfg.rope_theta)
+    w.add_rope_freq_base(
+        float(cfg.rope_parameters["rope_theta"]) if getattr(cfg, "rope_parameters", None) else cfg.rope_theta
+    )
     w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
     w.add_vocab_size(len(vocab))
     w.add_tokenizer_model("gpt2")
@@ -140,12 +155,16 @@ def write_gemma3_gguf(model, path: Path, overrides: dict | None = None) -> Path:
     w = _writer(path, "gemma3", cfg)
     w.add_key_length(cfg.head_dim)
     w.add_value_length(cfg.head_dim)
-    theta = cfg.rope_parameters["full_attention"]["rope_theta"] if isinstance(getattr(cfg, "rope_parameters", None), dict) \
-        and "full_attention" in cfg.rope_parameters else cfg.rope_theta
+    theta = (
+        cfg.rope_parameters["full_attention"]["rope_theta"]
+        if isinstance(getattr(cfg, "rope_parameters", None), dict) and "full_attention" in cfg.rope_parameters
+        else cfg.rope_theta
+    )
     w.add_rope_freq_base(float(theta))
     w.add_sliding_window(cfg.sliding_window)
-    _write_tensors(w, model, "gemma3", lambda gname, data: data + 1.0 if gname.endswith("norm.weight") else data,
-                   overrides)
+    _write_tensors(
+        w, model, "gemma3", lambda gname, data: data + 1.0 if gname.endswith("norm.weight") else data, overrides
+    )
     return path
 
 
@@ -155,9 +174,19 @@ def tiny_gemma3_for_gguf(vocab_size: int = 300):
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     torch.manual_seed(0)
-    cfg = Gemma3TextConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
-                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
-                           sliding_window=12, max_position_embeddings=256, initializer_range=0.15)
+    cfg = Gemma3TextConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=12,
+        max_position_embeddings=256,
+        initializer_range=0.15,
+    )
     model = Gemma3ForCausalLM(cfg).eval()
     for name, p in model.named_parameters():
         if name.endswith("norm.weight"):

@@ -20,20 +20,27 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 app = typer.Typer(add_completion=False, help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
 
-OverwriteOpt = typer.Option(False, "--overwrite", help="write into an existing non-empty output: replace only the "
-                            "files this command writes (others are kept); for a run directory, start fresh")
+OverwriteOpt = typer.Option(
+    False,
+    "--overwrite",
+    help="write into an existing non-empty output: replace only the "
+    "files this command writes (others are kept); for a run directory, start fresh",
+)
 
-ModelOpt = typer.Option(None, "--model", "-m", help="HF id (with --allow-network), model directory or .gguf file; "
-                        "default: the embedded SmolLM2-135M-Instruct")
+ModelOpt = typer.Option(
+    None,
+    "--model",
+    "-m",
+    help="HF id (with --allow-network), model directory or .gguf file; default: the embedded SmolLM2-135M-Instruct",
+)
 
 
-def _setup(allow_network: bool, threads: Optional[int]):
+def _setup(allow_network: bool, threads: int | None):
     if not allow_network:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -43,7 +50,7 @@ def _setup(allow_network: bool, threads: Optional[int]):
     return torch
 
 
-def _pairs(tokenizer, pairs_path: Optional[Path], n_pairs: int, seed: int, concept: str = "honesty"):
+def _pairs(tokenizer, pairs_path: Path | None, n_pairs: int, seed: int, concept: str = "honesty"):
     from .concepts import get_concept
     from .pairs import load_pairs
 
@@ -52,8 +59,11 @@ def _pairs(tokenizer, pairs_path: Optional[Path], n_pairs: int, seed: int, conce
     return get_concept(concept).pairs(tokenizer, n_pairs=n_pairs, seed=seed)
 
 
-ConceptOpt = typer.Option("honesty", help="built-in concept whose persona pairs train the adapter and whose readout "
-                          "is the target (data/concepts.json): honesty, sentiment (the positive control), openness")
+ConceptOpt = typer.Option(
+    "honesty",
+    help="built-in concept whose persona pairs train the adapter and whose readout "
+    "is the target (data/concepts.json): honesty, sentiment (the positive control), openness",
+)
 
 
 def _check_run_dir(out: Path, overwrite: bool) -> None:
@@ -70,12 +80,26 @@ def _check_run_dir(out: Path, overwrite: bool) -> None:
     elif json.loads(state.read_text() or "{}").get("finished"):
         from .errors import OutputExistsError
 
-        raise OutputExistsError("holds a finished run; pass --overwrite to train again there, or choose another "
-                                "--out", path=out)
+        raise OutputExistsError(
+            "holds a finished run; pass --overwrite to train again there, or choose another --out", path=out
+        )
 
 
-def _train(model_spec, pairs_path, n_pairs, steps, seed, rank, out: Path, allow_network, threads, quiet=False,
-           overwrite: bool = False, cfg_kwargs: dict | None = None, concept: str = "honesty"):
+def _train(
+    model_spec,
+    pairs_path,
+    n_pairs,
+    steps,
+    seed,
+    rank,
+    out: Path,
+    allow_network,
+    threads,
+    quiet=False,
+    overwrite: bool = False,
+    cfg_kwargs: dict | None = None,
+    concept: str = "honesty",
+):
     from . import AdapterConfig
     from .concepts import get_concept
     from .train import TrainConfig
@@ -101,56 +125,120 @@ def _train(model_spec, pairs_path, n_pairs, steps, seed, rank, out: Path, allow_
     if "objective" not in kw and needs_neutral(tcfg.objective) and not all(p.neutral for p in split.train):
         import dataclasses
 
-        typer.echo(f"note: the default objective {tcfg.objective!r} needs persona-free prompts, which these pairs "
-                   "do not carry; training with 'reprpo-svd' (pass --objective to choose)")
+        typer.echo(
+            f"note: the default objective {tcfg.objective!r} needs persona-free prompts, which these pairs "
+            "do not carry; training with 'reprpo-svd' (pass --objective to choose)"
+        )
         tcfg = dataclasses.replace(tcfg, objective="reprpo-svd")
     torch.manual_seed(seed)
-    adapter = attach(lm.model, acfg, meta={"base_model": lm.spec, "concept": concept,
-                                           "pairs": str(pairs_path) if pairs_path else f"builtin:{concept}"},
-                     pairs=list(split.train), tokenizer=lm.tokenizer)
+    adapter = attach(
+        lm.model,
+        acfg,
+        meta={
+            "base_model": lm.spec,
+            "concept": concept,
+            "pairs": str(pairs_path) if pairs_path else f"builtin:{concept}",
+        },
+        pairs=list(split.train),
+        tokenizer=lm.tokenizer,
+    )
     t0 = time.perf_counter()
-    val = train(adapter, lm.tokenizer, list(split.train), list(split.val), tcfg, run_dir=out, progress=not quiet,
-                overwrite=overwrite)
+    val = train(
+        adapter,
+        lm.tokenizer,
+        list(split.train),
+        list(split.val),
+        tcfg,
+        run_dir=out,
+        progress=not quiet,
+        overwrite=overwrite,
+    )
     minutes = (time.perf_counter() - t0) / 60
-    typer.echo(f"trained {tcfg.total_steps(len(split.train))} steps in {minutes:.1f} min; validation: "
-               + (", ".join(f"{k}={v:.3f}" for k, v in val.items()) or "none (no validation pairs)"))
+    typer.echo(
+        f"trained {tcfg.total_steps(len(split.train))} steps in {minutes:.1f} min; validation: "
+        + (", ".join(f"{k}={v:.3f}" for k, v in val.items()) or "none (no validation pairs)")
+    )
     typer.echo(f"adapter saved to {out / 'adapter'}")
     return lm, adapter, split
 
 
 @app.command("train")
 def train_cmd(
-    model: Optional[str] = ModelOpt,
-    pairs: Optional[Path] = typer.Option(None, help="JSONL of {positive, negative} / A/B items / DPO triples; "
-                                         "default: built-in honesty pairs"),
+    model: str | None = ModelOpt,
+    pairs: Path | None = typer.Option(
+        None, help="JSONL of {positive, negative} / A/B items / DPO triples; default: built-in honesty pairs"
+    ),
     concept: str = ConceptOpt,
     n_pairs: int = typer.Option(400, help="number of built-in concept pairs (≥ 300)"),
-    steps: Optional[int] = typer.Option(None, help="optimizer steps (default: TrainConfig's; --epochs wins)"),
+    steps: int | None = typer.Option(None, help="optimizer steps (default: TrainConfig's; --epochs wins)"),
     seed: int = typer.Option(0),
-    rank: Optional[int] = typer.Option(None, help="adapter rank r (default hidden_size // 8)"),
-    lr: Optional[float] = typer.Option(None, help="learning rate (default: TrainConfig's)"),
-    batch_pairs: Optional[int] = typer.Option(None, help="pairs per step (default: TrainConfig's)"),
-    objective: Optional[str] = typer.Option(None, help="training objective: reprpo-svd, antiparallel or anchored "
-                                            "(innerpissa/objectives.py; default: TrainConfig's)"),
-    epochs: Optional[float] = typer.Option(None, help="passes over the training pairs (> 0 overrides --steps; "
-                                           "default: TrainConfig's)"),
-    schedule: Optional[str] = typer.Option(None, help="learning-rate schedule: cosine or one-cycle (default: "
-                                           "TrainConfig's)"),
-    out: Path = typer.Option(Path("runs/honesty"), help="run directory (resumes an unfinished run with the same "
-                             "configuration and pairs; anything else is refused without --overwrite)"),
+    rank: int | None = typer.Option(None, help="adapter rank r (default hidden_size // 8)"),
+    lr: float | None = typer.Option(None, help="learning rate (default: TrainConfig's)"),
+    batch_pairs: int | None = typer.Option(None, help="pairs per step (default: TrainConfig's)"),
+    objective: str | None = typer.Option(
+        None,
+        help="training objective: reprpo-svd, antiparallel or anchored "
+        "(innerpissa/objectives.py; default: TrainConfig's)",
+    ),
+    epochs: float | None = typer.Option(
+        None, help="passes over the training pairs (> 0 overrides --steps; default: TrainConfig's)"
+    ),
+    schedule: str | None = typer.Option(
+        None, help="learning-rate schedule: cosine or one-cycle (default: TrainConfig's)"
+    ),
+    out: Path = typer.Option(
+        Path("runs/honesty"),
+        help="run directory (resumes an unfinished run with the same "
+        "configuration and pairs; anything else is refused without --overwrite)",
+    ),
     overwrite: bool = OverwriteOpt,
     allow_network: bool = typer.Option(False, help="allow Hugging Face hub downloads"),
-    threads: Optional[int] = typer.Option(None, help="torch threads (default: all cores)"),
+    threads: int | None = typer.Option(None, help="torch threads (default: all cores)"),
 ):
     """Train an InnerPiSSA adapter at c = +1 and c = −1 with the chosen objective (default: the ReprPO loss)."""
-    _train(model, pairs, n_pairs, steps, seed, rank, out, allow_network, threads, overwrite=overwrite,
-           cfg_kwargs={"lr": lr, "batch_pairs": batch_pairs, "objective": objective, "epochs": epochs,
-                       "schedule": schedule}, concept=concept)
+    _train(
+        model,
+        pairs,
+        n_pairs,
+        steps,
+        seed,
+        rank,
+        out,
+        allow_network,
+        threads,
+        overwrite=overwrite,
+        cfg_kwargs={
+            "lr": lr,
+            "batch_pairs": batch_pairs,
+            "objective": objective,
+            "epochs": epochs,
+            "schedule": schedule,
+        },
+        concept=concept,
+    )
 
 
-def _evaluate(lm, adapter, split, methods, data_dir, n_target, n_other, n_dd, seed, out: Path, batch_size,
-              dd_file=None, dd_value=None, mwe=None, engine: str = "torch", weights: str = "f32",
-              kl_budget: float = 0.05, concept: str = "honesty", truthfulqa: Path | None = None):
+def _evaluate(
+    lm,
+    adapter,
+    split,
+    methods,
+    data_dir,
+    n_target,
+    n_other,
+    n_dd,
+    seed,
+    out: Path,
+    batch_size,
+    dd_file=None,
+    dd_value=None,
+    mwe=None,
+    engine: str = "torch",
+    weights: str = "f32",
+    kl_budget: float = 0.05,
+    concept: str = "honesty",
+    truthfulqa: Path | None = None,
+):
     from .concepts import get_concept
     from .eval import TorchEngine, build_methods, default_datasets, run_suite, write_report
     from .eval.suite import concept_datasets
@@ -158,9 +246,18 @@ def _evaluate(lm, adapter, split, methods, data_dir, n_target, n_other, n_dd, se
     cpt = get_concept(concept)
     if mwe or dd_file:
         targets = dict(cpt.targets)
-        datasets = default_datasets(data_dir, n_target=n_target, n_other=n_other, n_dd=n_dd, seed=seed,
-                                    dd_file=dd_file, dd_value=dd_value, mwe_files=mwe, targets=targets,
-                                    truthfulqa=truthfulqa)
+        datasets = default_datasets(
+            data_dir,
+            n_target=n_target,
+            n_other=n_other,
+            n_dd=n_dd,
+            seed=seed,
+            dd_file=dd_file,
+            dd_value=dd_value,
+            mwe_files=mwe,
+            targets=targets,
+            truthfulqa=truthfulqa,
+        )
     else:
         datasets, targets = concept_datasets(cpt, data_dir, n_target, n_other, n_dd, seed, truthfulqa=truthfulqa)
     if engine == "auto":  # the Rust engine where the model is a GGUF file it reads, else transformers
@@ -173,18 +270,35 @@ def _evaluate(lm, adapter, split, methods, data_dir, n_target, n_other, n_dd, se
             engine = "torch"
     rust = _rust_engine(lm.spec, lm.tokenizer, weights, batch_size) if engine == "rust" else None
     eng = rust or TorchEngine(lm.model, lm.tokenizer, batch_size)
-    ms = build_methods(lm.model, lm.tokenizer, adapter, list(split.train), seed, tuple(methods.split(",")),
-                       engine=rust, instruction=cpt.instruction)
+    ms = build_methods(
+        lm.model,
+        lm.tokenizer,
+        adapter,
+        list(split.train),
+        seed,
+        tuple(methods.split(",")),
+        engine=rust,
+        instruction=cpt.instruction,
+    )
     t0 = time.perf_counter()
-    results = run_suite(eng, ms, datasets, seed=seed, kl_budget=kl_budget, targets=targets, concept=concept,
-                        budget_first=True,
-                        meta={"model": lm.spec, "concept": concept,
-                              "command": "ipissa " + shlex.join(sys.argv[1:])})
+    results = run_suite(
+        eng,
+        ms,
+        datasets,
+        seed=seed,
+        kl_budget=kl_budget,
+        targets=targets,
+        concept=concept,
+        budget_first=True,
+        meta={"model": lm.spec, "concept": concept, "command": "ipissa " + shlex.join(sys.argv[1:])},
+    )
     results["meta"]["eval_seconds"] = round(time.perf_counter() - t0, 1)
     write_report(results, out)
     typer.echo((out / "report.md").read_text())
-    typer.echo(f"report written to {out / 'report.md'} (evaluation {results['meta']['eval_seconds']} s, "
-               f"engine {results['meta']['engine']})")
+    typer.echo(
+        f"report written to {out / 'report.md'} (evaluation {results['meta']['eval_seconds']} s, "
+        f"engine {results['meta']['engine']})"
+    )
 
 
 def _rust_engine(spec, tokenizer, weights: str, batch_size: int):
@@ -199,57 +313,77 @@ def _check_choice(value: str, allowed: tuple[str, ...], name: str) -> str | None
     return None if value in allowed else f"{name} must be one of {', '.join(allowed)}; got {value!r}"
 
 
-EngineOpt = typer.Option("auto", help="evaluator: auto (rust for GGUF models it reads, else torch), torch "
-                         "(transformers, any model) or rust (GGUF models: Llama family, Gemma 3; all coefficients "
-                         "of a method in one pass, 3-5x faster on CPU)")
-WeightsOpt = typer.Option("f32", help="rust engine weights: f32 (de-quantized, matches torch; fastest on CPU), "
-                          "native (the GGUF's own quantized blocks) or q8_0 (int8 blocks): these two only save "
-                          "memory, they are slower and less exact; see docs/benchmarks.md")
+EngineOpt = typer.Option(
+    "auto",
+    help="evaluator: auto (rust for GGUF models it reads, else torch), torch "
+    "(transformers, any model) or rust (GGUF models: Llama family, Gemma 3; all coefficients "
+    "of a method in one pass, 3-5x faster on CPU)",
+)
+WeightsOpt = typer.Option(
+    "f32",
+    help="rust engine weights: f32 (de-quantized, matches torch; fastest on CPU), "
+    "native (the GGUF's own quantized blocks) or q8_0 (int8 blocks): these two only save "
+    "memory, they are slower and less exact; see docs/benchmarks.md",
+)
 
 
 EvalOpts = dict(
-    methods=typer.Option("innerpissa,prompting,pca,mean-diff,random", help="comma-separated methods to compare "
-                         "(innerpissa, prompting, pca, mean-diff, random)"),
-    kl_budget=typer.Option(0.05, help="coherence budget: every method is read at the |c| where the mean per-token "
-                           "KL(p0 || pc) on neutral text reaches this many nats/token"),
-    data_dir=typer.Option(None, help="folder with dailydilemmas/ and anthropic_mwe/ (default: ../shared/data, "
-                          "$IPISSA_DATA_DIR, or the download cache)"),
+    methods=typer.Option(
+        "innerpissa,prompting,pca,mean-diff,random",
+        help="comma-separated methods to compare (innerpissa, prompting, pca, mean-diff, random)",
+    ),
+    kl_budget=typer.Option(
+        0.05,
+        help="coherence budget: every method is read at the |c| where the mean per-token "
+        "KL(p0 || pc) on neutral text reaches this many nats/token",
+    ),
+    data_dir=typer.Option(
+        None,
+        help="folder with dailydilemmas/ and anthropic_mwe/ (default: ../shared/data, "
+        "$IPISSA_DATA_DIR, or the download cache)",
+    ),
     n_target=typer.Option(64, help="items per honesty target set (split 50/50 dev/test)"),
     n_other=typer.Option(16, help="items per off-target persona set"),
     n_dd=typer.Option(48, help="DailyDilemmas situations"),
     batch_size=typer.Option(32),
-    truthfulqa=typer.Option(None, help="TruthfulQA.csv (github.com/sylinrl/TruthfulQA) to add as a multiple-choice "
-                            "set: length-normalised log-likelihood of true minus false answers; a target of the "
-                            "honesty concept"),
+    truthfulqa=typer.Option(
+        None,
+        help="TruthfulQA.csv (github.com/sylinrl/TruthfulQA) to add as a multiple-choice "
+        "set: length-normalised log-likelihood of true minus false answers; a target of the "
+        "honesty concept",
+    ),
 )
 
 
 @app.command("eval")
 def eval_cmd(
     adapter: Path = typer.Option(..., help="adapter directory (from `ipissa train`: RUN/adapter)"),
-    model: Optional[str] = ModelOpt,
-    pairs: Optional[Path] = typer.Option(None, help="pairs for the baselines (default: built-in honesty pairs)"),
-    concept: Optional[str] = typer.Option(None, help="concept to read (default: the adapter's, else honesty)"),
+    model: str | None = ModelOpt,
+    pairs: Path | None = typer.Option(None, help="pairs for the baselines (default: built-in honesty pairs)"),
+    concept: str | None = typer.Option(None, help="concept to read (default: the adapter's, else honesty)"),
     n_pairs: int = typer.Option(400),
     methods: str = EvalOpts["methods"],
     kl_budget: float = EvalOpts["kl_budget"],
-    data_dir: Optional[Path] = EvalOpts["data_dir"],
+    data_dir: Path | None = EvalOpts["data_dir"],
     n_target: int = EvalOpts["n_target"],
     n_other: int = EvalOpts["n_other"],
     n_dd: int = EvalOpts["n_dd"],
-    truthfulqa: Optional[Path] = EvalOpts["truthfulqa"],
+    truthfulqa: Path | None = EvalOpts["truthfulqa"],
     batch_size: int = EvalOpts["batch_size"],
-    dd_file: Optional[Path] = typer.Option(None, help="DailyDilemmas in the full per-action layout (HF release)"),
-    dd_value: Optional[str] = typer.Option(None, help="value that labels DailyDilemmas items, e.g. honesty"),
-    mwe: Optional[list[Path]] = typer.Option(None, help="model-written-eval JSONL file (Yes/No or A/B); repeat "
-                                             "for several; default: the persona sets in the data folder"),
+    dd_file: Path | None = typer.Option(None, help="DailyDilemmas in the full per-action layout (HF release)"),
+    dd_value: str | None = typer.Option(None, help="value that labels DailyDilemmas items, e.g. honesty"),
+    mwe: list[Path] | None = typer.Option(
+        None,
+        help="model-written-eval JSONL file (Yes/No or A/B); repeat "
+        "for several; default: the persona sets in the data folder",
+    ),
     seed: int = typer.Option(0),
     out: Path = typer.Option(Path("runs/eval")),
     overwrite: bool = OverwriteOpt,
     engine: str = EngineOpt,
     weights: str = WeightsOpt,
     allow_network: bool = typer.Option(False),
-    threads: Optional[int] = typer.Option(None),
+    threads: int | None = typer.Option(None),
 ):
     """Sweep the adapter and the baselines over held-out questions; write report.md, results.json, PNGs."""
     if err := _check_choice(engine, ("auto", "torch", "rust"), "--engine"):
@@ -274,31 +408,50 @@ def eval_cmd(
     ad = load_adapter(lm.model, adapter)
     concept = concept or meta.get("concept", "honesty")
     split = _pairs(lm.tokenizer, pairs, n_pairs, seed, concept)
-    _evaluate(lm, ad, split, methods, data_dir, n_target, n_other, n_dd, seed, out, batch_size, dd_file, dd_value, mwe,
-              engine, weights, kl_budget, concept, truthfulqa)
+    _evaluate(
+        lm,
+        ad,
+        split,
+        methods,
+        data_dir,
+        n_target,
+        n_other,
+        n_dd,
+        seed,
+        out,
+        batch_size,
+        dd_file,
+        dd_value,
+        mwe,
+        engine,
+        weights,
+        kl_budget,
+        concept,
+        truthfulqa,
+    )
 
 
 @app.command("sweep")
 def sweep_cmd(
     adapter: Path = typer.Option(..., help="adapter directory (from `ipissa train`: RUN/adapter)"),
-    model: Optional[str] = ModelOpt,
+    model: str | None = ModelOpt,
     coeffs: str = typer.Option("-2,-1,-0.5,0,0.5,1,2", help="comma-separated steering coefficients"),
     methods: str = typer.Option("innerpissa", help="comma-separated: innerpissa, prompting, pca, mean-diff, random"),
     kl_budget: float = EvalOpts["kl_budget"],
-    pairs: Optional[Path] = typer.Option(None, help="pairs for the pca/random baselines (default: built-in)"),
+    pairs: Path | None = typer.Option(None, help="pairs for the pca/random baselines (default: built-in)"),
     n_pairs: int = typer.Option(400),
-    data_dir: Optional[Path] = EvalOpts["data_dir"],
+    data_dir: Path | None = EvalOpts["data_dir"],
     n_target: int = EvalOpts["n_target"],
     n_other: int = EvalOpts["n_other"],
     n_dd: int = EvalOpts["n_dd"],
-    truthfulqa: Optional[Path] = EvalOpts["truthfulqa"],
+    truthfulqa: Path | None = EvalOpts["truthfulqa"],
     batch_size: int = typer.Option(64, help="prompts per packed pass"),
-    mwe: Optional[list[Path]] = typer.Option(None, help="model-written-eval JSONL file(s) instead of the persona sets"),
+    mwe: list[Path] | None = typer.Option(None, help="model-written-eval JSONL file(s) instead of the persona sets"),
     seed: int = typer.Option(0),
     weights: str = WeightsOpt,
     out: Path = typer.Option(Path("runs/sweep")),
     overwrite: bool = OverwriteOpt,
-    threads: Optional[int] = typer.Option(None, help="threads (sets RAYON_NUM_THREADS; default: all cores)"),
+    threads: int | None = typer.Option(None, help="threads (sets RAYON_NUM_THREADS; default: all cores)"),
 ):
     """Coefficient sweep on the Rust engine: adapter + GGUF model + datasets → report.md, results.json, PNGs.
 
@@ -329,13 +482,20 @@ def sweep_cmd(
 
     layers = select_layers(eng.config["n_layer"], AdapterConfig.from_dict(meta["adapter"]))
     train_pairs = list(_pairs(tok, pairs, n_pairs, seed).train) if set(want) - {"innerpissa", "prompting"} else []
-    ms = build_methods(None, tok, str(adapter), train_pairs, seed, want, layers=layers, adapter_coeffs=cs,
-                       engine=eng)
-    datasets = default_datasets(data_dir, n_target=n_target, n_other=n_other, n_dd=n_dd, seed=seed, mwe_files=mwe,
-                                truthfulqa=truthfulqa)
+    ms = build_methods(None, tok, str(adapter), train_pairs, seed, want, layers=layers, adapter_coeffs=cs, engine=eng)
+    datasets = default_datasets(
+        data_dir, n_target=n_target, n_other=n_other, n_dd=n_dd, seed=seed, mwe_files=mwe, truthfulqa=truthfulqa
+    )
     t0 = time.perf_counter()
-    results = run_suite(eng, ms, datasets, seed=seed, kl_budget=kl_budget, budget_first=False,  # the --coeffs grid
-                        meta={"model": spec, "command": "ipissa " + shlex.join(sys.argv[1:])})
+    results = run_suite(
+        eng,
+        ms,
+        datasets,
+        seed=seed,
+        kl_budget=kl_budget,
+        budget_first=False,  # the --coeffs grid
+        meta={"model": spec, "command": "ipissa " + shlex.join(sys.argv[1:])},
+    )
     results["meta"]["eval_seconds"] = round(time.perf_counter() - t0, 1)
     write_report(results, out)
     typer.echo((out / "report.md").read_text())
@@ -344,26 +504,29 @@ def sweep_cmd(
 
 @app.command("run")
 def run_cmd(
-    model: Optional[str] = ModelOpt,
-    steps: Optional[int] = typer.Option(None, help="optimizer steps (default: TrainConfig's recipe)"),
+    model: str | None = ModelOpt,
+    steps: int | None = typer.Option(None, help="optimizer steps (default: TrainConfig's recipe)"),
     seed: int = typer.Option(0),
     out: Path = typer.Option(Path("runs/main")),
     methods: str = EvalOpts["methods"],
     kl_budget: float = EvalOpts["kl_budget"],
-    data_dir: Optional[Path] = EvalOpts["data_dir"],
+    data_dir: Path | None = EvalOpts["data_dir"],
     n_target: int = EvalOpts["n_target"],
     n_other: int = EvalOpts["n_other"],
     n_dd: int = EvalOpts["n_dd"],
-    truthfulqa: Optional[Path] = EvalOpts["truthfulqa"],
+    truthfulqa: Path | None = EvalOpts["truthfulqa"],
     batch_size: int = EvalOpts["batch_size"],
     engine: str = EngineOpt,
     weights: str = WeightsOpt,
     concept: str = ConceptOpt,
-    control: Optional[str] = typer.Option("sentiment", help="positive-control concept trained and evaluated the "
-                                          "same way after the main one, in OUT/control (--control '' to skip)"),
+    control: str | None = typer.Option(
+        "sentiment",
+        help="positive-control concept trained and evaluated the "
+        "same way after the main one, in OUT/control (--control '' to skip)",
+    ),
     overwrite: bool = OverwriteOpt,
     allow_network: bool = typer.Option(False),
-    threads: Optional[int] = typer.Option(None),
+    threads: int | None = typer.Option(None),
 ):
     """The main job: train the concept's adapter, evaluate it against prompting, PCA, mean-difference and random
     vectors at a common KL budget; then the same for the positive control (--control) in OUT/control."""
@@ -387,14 +550,31 @@ def run_cmd(
         load_truthfulqa(truthfulqa)
     t0 = time.perf_counter()
     runs = [(concept, out)] + ([(control, out / "control")] if control and control != concept else [])
-    for name, run_dir in runs:
+    for _name, run_dir in runs:
         _check_run_dir(run_dir, overwrite)
     for name, run_dir in runs:
         typer.echo(f"== {name}: training and evaluation in {run_dir}")
-        lm, adapter, split = _train(model, None, 400, steps, seed, None, run_dir, allow_network, threads,
-                                    overwrite=overwrite, concept=name)
-        _evaluate(lm, adapter, split, methods, data_dir, n_target, n_other, n_dd, seed, run_dir, batch_size,
-                  engine=engine, weights=weights, kl_budget=kl_budget, concept=name, truthfulqa=truthfulqa)
+        lm, adapter, split = _train(
+            model, None, 400, steps, seed, None, run_dir, allow_network, threads, overwrite=overwrite, concept=name
+        )
+        _evaluate(
+            lm,
+            adapter,
+            split,
+            methods,
+            data_dir,
+            n_target,
+            n_other,
+            n_dd,
+            seed,
+            run_dir,
+            batch_size,
+            engine=engine,
+            weights=weights,
+            kl_budget=kl_budget,
+            concept=name,
+            truthfulqa=truthfulqa,
+        )
     typer.echo(f"main job finished in {(time.perf_counter() - t0) / 60:.1f} min")
 
 
@@ -402,13 +582,13 @@ def run_cmd(
 def generate_cmd(
     prompt: str = typer.Argument(..., help="user message"),
     coeff: float = typer.Option(1.0, "--coeff", "-c", help="steering coefficient (0 = unsteered)"),
-    adapter: Optional[Path] = typer.Option(None, help="adapter directory; without it the base model speaks"),
-    model: Optional[str] = ModelOpt,
+    adapter: Path | None = typer.Option(None, help="adapter directory; without it the base model speaks"),
+    model: str | None = ModelOpt,
     max_new_tokens: int = typer.Option(64),
     seed: int = typer.Option(0),
     greedy: bool = typer.Option(True, help="greedy decoding (else temperature-1 sampling)"),
     allow_network: bool = typer.Option(False),
-    threads: Optional[int] = typer.Option(None),
+    threads: int | None = typer.Option(None),
 ):
     """Generate a reply to PROMPT at steering coefficient --coeff."""
     import contextlib
@@ -428,9 +608,10 @@ def generate_cmd(
     ids = lm.tokenizer(text, return_tensors="pt", add_special_tokens=False)
     torch.manual_seed(seed)
     with ctx, torch.no_grad():
-        out = lm.model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=not greedy,
-                                pad_token_id=lm.tokenizer.pad_token_id)
-    typer.echo(lm.tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
+        out = lm.model.generate(
+            **ids, max_new_tokens=max_new_tokens, do_sample=not greedy, pad_token_id=lm.tokenizer.pad_token_id
+        )
+    typer.echo(lm.tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
 
 
 EXPORT_FORMATS = ("hf", "gguf", "onnx", "onnx-live", "lora", "lora-live", "peft")
@@ -441,20 +622,25 @@ def export_cmd(
     adapter: Path = typer.Argument(..., help="adapter directory (from `ipissa train`: RUN/adapter)"),
     fmt: str = typer.Option(..., "--format", "-f", help="one of: " + ", ".join(EXPORT_FORMATS)),
     out: Path = typer.Option(..., "--out", "-o", help="output file (gguf, lora) or directory (others)"),
-    coeff: Optional[float] = typer.Option(None, "--coeff", "-c", help="steering coefficient (formats at one c)"),
-    model: Optional[str] = ModelOpt,
-    base_gguf: Optional[Path] = typer.Option(None, help="GGUF of the base weights (default: the adapter's base "
-                                             "model when it is a GGUF)"),
-    tensor_type: str = typer.Option("same", help="gguf: type of edited tensors: same (re-quantize to the input's "
-                                     "type where gguf can, else f32), f32, f16, q8_0, q4_1, …"),
+    coeff: float | None = typer.Option(None, "--coeff", "-c", help="steering coefficient (formats at one c)"),
+    model: str | None = ModelOpt,
+    base_gguf: Path | None = typer.Option(
+        None, help="GGUF of the base weights (default: the adapter's base model when it is a GGUF)"
+    ),
+    tensor_type: str = typer.Option(
+        "same",
+        help="gguf: type of edited tensors: same (re-quantize to the input's "
+        "type where gguf can, else f32), f32, f16, q8_0, q4_1, …",
+    ),
     c_min: float = typer.Option(-2.0, help="live formats: low end of the coefficient range to fit"),
     c_max: float = typer.Option(2.0, help="live formats: high end of the coefficient range to fit"),
-    degree: Optional[int] = typer.Option(None, help="live formats: polynomial degree K (default: smallest K ≤ 8 "
-                                         "within --tol)"),
+    degree: int | None = typer.Option(
+        None, help="live formats: polynomial degree K (default: smallest K ≤ 8 within --tol)"
+    ),
     tol: float = typer.Option(1e-3, help="live formats: target worst-case relative error of M(c)"),
     overwrite: bool = OverwriteOpt,
     allow_network: bool = typer.Option(False),
-    threads: Optional[int] = typer.Option(None),
+    threads: int | None = typer.Option(None),
 ):
     """Export a steered model for transformers, llama.cpp, ONNX Runtime or PEFT (see docs/export.md)."""
     from .adapter.model import check_output
@@ -486,9 +672,11 @@ def export_cmd(
         written = sorted(set(types.values()))
         typer.echo(f"edited tensors written as {', '.join(written)}")
         if set(written) & {"Q4_0", "Q4_1", "Q5_0", "Q5_1"}:
-            typer.echo("note: re-quantizing W(c) to ≤ 5 bits moves Yes/No log-odds by up to ~0.8 nats on SmolLM2, as "
-                       "much as the steering itself (docs/export.md); prefer --tensor-type q8_0 or f32, or "
-                       "--format lora on the unchanged base")
+            typer.echo(
+                "note: re-quantizing W(c) to ≤ 5 bits moves Yes/No log-odds by up to ~0.8 nats on SmolLM2, as "
+                "much as the steering itself (docs/export.md); prefer --tensor-type q8_0 or f32, or "
+                "--format lora on the unchanged base"
+            )
     elif fmt == "onnx":
         ex.export_onnx_merged(ad, coeff, out, overwrite=overwrite)
     elif fmt == "peft":
@@ -503,23 +691,27 @@ def export_cmd(
         if fmt == "onnx-live":
             ex.export_onnx_live(ad, fits, out, overwrite=overwrite)
         else:
-            res = ex.export_llama_lora_live(ad, out, (c_min, c_max), base_gguf=base_gguf, fits=fits,
-                                            overwrite=overwrite)
+            res = ex.export_llama_lora_live(
+                ad, out, (c_min, c_max), base_gguf=base_gguf, fits=fits, overwrite=overwrite
+            )
             typer.echo("llama.cpp at c=1: llama-cli -m BASE.gguf " + res.llama_cli_args(1.0))
             typer.echo("  file k takes scale c**k" + (" (one file: exact at every c)" if res.exact else ""))
-        typer.echo(f"polynomial degree {k} over c in [{c_min}, {c_max}]: worst relative error of M(c) "
-                   f"{rel:.2e}" + (" (the fit's tolerance was not reached: raise --degree or narrow the range)"
-                                   if rel > tol else ""))
+        typer.echo(
+            f"polynomial degree {k} over c in [{c_min}, {c_max}]: worst relative error of M(c) "
+            f"{rel:.2e}"
+            + (" (the fit's tolerance was not reached: raise --degree or narrow the range)" if rel > tol else "")
+        )
     typer.echo(f"exported {fmt} to {out}")
 
 
 @app.command("tune")
 def tune_cmd(
     grid: Path = typer.Option(..., help="grid file (TOML; see innerpissa/tune.py and docs/tuning.md)"),
-    out: Path = typer.Option(Path("runs/tune"), help="search directory: rows.jsonl, runs/, summary.md; a rerun "
-                             "resumes it"),
-    data_dir: Optional[Path] = EvalOpts["data_dir"],
-    threads: Optional[int] = typer.Option(None, help="torch threads (default: all cores)"),
+    out: Path = typer.Option(
+        Path("runs/tune"), help="search directory: rows.jsonl, runs/, summary.md; a rerun resumes it"
+    ),
+    data_dir: Path | None = EvalOpts["data_dir"],
+    threads: int | None = typer.Option(None, help="torch threads (default: all cores)"),
 ):
     """Dev-split search over training recipes by successive halving (dev items only; resumable)."""
     from .tune import load_grid, run_search
@@ -534,14 +726,14 @@ def tune_cmd(
 def control_vector_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="output .gguf"),
     method: str = typer.Option("pca", help="pca (repeng) or mean-diff (CAA)"),
-    model: Optional[str] = ModelOpt,
-    pairs: Optional[Path] = typer.Option(None, help="JSONL pairs (default: built-in honesty pairs)"),
+    model: str | None = ModelOpt,
+    pairs: Path | None = typer.Option(None, help="JSONL pairs (default: built-in honesty pairs)"),
     n_pairs: int = typer.Option(400),
-    layers: Optional[str] = typer.Option(None, help="comma-separated block indices ≥ 1 (default: 30 %..L−3)"),
+    layers: str | None = typer.Option(None, help="comma-separated block indices ≥ 1 (default: 30 %..L−3)"),
     seed: int = typer.Option(0),
     overwrite: bool = OverwriteOpt,
     allow_network: bool = typer.Option(False),
-    threads: Optional[int] = typer.Option(None),
+    threads: int | None = typer.Option(None),
 ):
     """Train a PCA (repeng) or mean-difference control vector on pairs; write llama.cpp's GGUF layout."""
     from .adapter.model import check_output
@@ -559,39 +751,44 @@ def control_vector_cmd(
     lm = load_model(model, allow_network=allow_network)
     split = _pairs(lm.tokenizer, pairs, n_pairs, seed)
     n_blocks = len(decoder_blocks(lm.model))
-    ids = ([int(x) for x in layers.split(",")] if layers else select_layers(n_blocks, AdapterConfig()))
+    ids = [int(x) for x in layers.split(",")] if layers else select_layers(n_blocks, AdapterConfig())
     bad = [i for i in ids if not 1 <= i < n_blocks]
     if bad:
         raise typer.BadParameter(f"--layers {bad}: llama.cpp control vectors need block indices 1..{n_blocks - 1}")
     make = pca_control_vector if method == "pca" else mean_difference_control_vector
     dirs = make(lm.model, lm.tokenizer, list(split.train), ids)
-    export_control_vector({k: v.numpy() for k, v in dirs.items()}, out, lm.model.config.model_type,
-                          overwrite=overwrite)
-    typer.echo(f"{method} control vector for blocks {ids[0]}..{ids[-1]} written to {out}; "
-               f"llama.cpp: --control-vector-scaled {out} C")
+    export_control_vector({k: v.numpy() for k, v in dirs.items()}, out, lm.model.config.model_type, overwrite=overwrite)
+    typer.echo(
+        f"{method} control vector for blocks {ids[0]}..{ids[-1]} written to {out}; "
+        f"llama.cpp: --control-vector-scaled {out} C"
+    )
 
 
 @app.command("align")
 def align_cmd(
     teacher: str = typer.Option("embedded:gemma3-270m", help="teacher model spec (HF dir, .gguf, embedded:…)"),
     student: str = typer.Option("embedded:smollm2", help="student model spec"),
-    manifest: Optional[Path] = typer.Option(None, help="JSONL/CSV manifest (default: the built-in tour-guide "
-                                            "manifest, 63 places, 15 held out)"),
-    template: Optional[Path] = typer.Option(None, help="JSON contrast template (default: the tour-guide template)"),
+    manifest: Path | None = typer.Option(
+        None, help="JSONL/CSV manifest (default: the built-in tour-guide manifest, 63 places, 15 held out)"
+    ),
+    template: Path | None = typer.Option(None, help="JSON contrast template (default: the tour-guide template)"),
     k: int = typer.Option(32, help="task-subspace size"),
     teacher_depth: float = typer.Option(0.6, help="teacher block to read, as a fraction of depth"),
     student_depth: float = typer.Option(0.6, help="student block to read and steer, as a fraction of depth"),
     n_suffixes: int = typer.Option(4, help="shared suffixes per manifest row"),
     coeffs: str = typer.Option("-2,-1,0,1,2", help="steering sweep, in units of the student's own direction norm"),
     steer: bool = typer.Option(True, help="measure steering effects (the slow part)"),
-    fold: Optional[str] = typer.Option(None, help="contrast whose mapped teacher direction is folded into a copy "
-                                       "of the student (e.g. N-S); written to OUT/folded"),
+    fold: str | None = typer.Option(
+        None,
+        help="contrast whose mapped teacher direction is folded into a copy "
+        "of the student (e.g. N-S); written to OUT/folded",
+    ),
     fold_coeff: float = typer.Option(1.0, help="coefficient of the folded direction (units of the own norm)"),
     seed: int = typer.Option(0),
     out: Path = typer.Option(Path("runs/align")),
     overwrite: bool = OverwriteOpt,
     allow_network: bool = typer.Option(False),
-    threads: Optional[int] = typer.Option(None),
+    threads: int | None = typer.Option(None),
 ):
     """Align a teacher's and a student's task subspaces and test the teacher's directions on the student."""
     from .adapter.model import check_output
@@ -604,14 +801,19 @@ def align_cmd(
 
     from .contrasts import TOUR_GUIDE, ContrastTemplate, load_manifest
     from .models import load_model
-    from .transfer import (TransferConfig, align, fold_check, projection_effects, steering_effects,
-                           transfer_report)
+    from .transfer import TransferConfig, align, fold_check, projection_effects, steering_effects, transfer_report
 
     t0 = time.perf_counter()
     tpl = ContrastTemplate.from_file(template) if template else TOUR_GUIDE
     rows = load_manifest(manifest, tpl)
-    cfg = TransferConfig(teacher_depth=teacher_depth, student_depth=student_depth, k=k, n_suffixes=n_suffixes,
-                         coeffs=tuple(finite_coeff(c, "--coeffs entry") for c in coeffs.split(",")), seed=seed)
+    cfg = TransferConfig(
+        teacher_depth=teacher_depth,
+        student_depth=student_depth,
+        k=k,
+        n_suffixes=n_suffixes,
+        coeffs=tuple(finite_coeff(c, "--coeffs entry") for c in coeffs.split(",")),
+        seed=seed,
+    )
     if 0.0 not in cfg.coeffs:
         raise typer.BadParameter("--coeffs must include 0")
     if fold is not None and fold not in tpl.contrasts:
@@ -632,9 +834,15 @@ def align_cmd(
     atomic_write(out / "alignment.safetensors", lambda p: save_file(tensors, str(p)))
     if fold is not None:
         res.meta["fold"] = fold_check(res, slm, fold, fold_coeff, out / "folded", rows, tpl, overwrite=overwrite)
-    res.meta.update({"teacher": teacher, "student": student, "manifest": str(manifest or "builtin:tour_guide"),
-                     "command": "ipissa " + shlex.join(sys.argv[1:]),
-                     "minutes": round((time.perf_counter() - t0) / 60, 1)})
+    res.meta.update(
+        {
+            "teacher": teacher,
+            "student": student,
+            "manifest": str(manifest or "builtin:tour_guide"),
+            "command": "ipissa " + shlex.join(sys.argv[1:]),
+            "minutes": round((time.perf_counter() - t0) / 60, 1),
+        }
+    )
     atomic_write(out / "align.json", lambda p: Path(p).write_text(json.dumps(res.to_json(), indent=2)))
     atomic_write(out / "report.md", lambda p: Path(p).write_text(transfer_report(res)))
     typer.echo((out / "report.md").read_text())
@@ -648,8 +856,9 @@ def _adapter_meta(adapter: Path) -> dict:
     from .errors import MissingFileError
 
     if not (adapter / CONFIG_NAME).is_file():
-        raise MissingFileError(f"{CONFIG_NAME} not found: not an adapter directory (from `ipissa train`: "
-                               "RUN/adapter)", path=adapter)
+        raise MissingFileError(
+            f"{CONFIG_NAME} not found: not an adapter directory (from `ipissa train`: RUN/adapter)", path=adapter
+        )
     return _read_adapter_config(adapter)
 
 
@@ -685,7 +894,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         return 130
-    except Exception as e:  # noqa: BLE001 - the CLI's one-line error boundary
+    except Exception as e:
         if debug:
             raise
         typer.echo(f"error: {_one_line(e)}", err=True)

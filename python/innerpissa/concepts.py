@@ -52,8 +52,16 @@ class Concept:
 
     def pairs(self, tokenizer: Any, n_pairs: int = 400, seed: int = 0, val_fraction: float = 0.1) -> PairSplit:
         """Training / validation contrastive pairs (``pairs.make_persona_pairs``)."""
-        return make_persona_pairs(tokenizer, self.personas, self.instruction, n_pairs, seed, val_fraction,
-                                  concept=self.name, neutral_instruction=self.neutral or None)
+        return make_persona_pairs(
+            tokenizer,
+            self.personas,
+            self.instruction,
+            n_pairs,
+            seed,
+            val_fraction,
+            concept=self.name,
+            neutral_instruction=self.neutral or None,
+        )
 
     def words_dataset(self):
         """The ``words`` readout as an ``EvalDataset`` (kind ``"words:<concept>"``, every label +1).
@@ -65,10 +73,12 @@ class Concept:
 
         if self.readout != "words":
             raise ConfigError(f"concept {self.name!r} is read on persona sets, not words", field="concept")
-        items = tuple(EvalItem(id=f"{self.name}-words:{i + 1}", question=p, label=1)
-                      for i, p in enumerate(self.prefixes))
-        return EvalDataset(name=f"{self.name}-words", kind=f"words:{self.name}", items=items,
-                           source="innerpissa/data/concepts.json")
+        items = tuple(
+            EvalItem(id=f"{self.name}-words:{i + 1}", question=p, label=1) for i, p in enumerate(self.prefixes)
+        )
+        return EvalDataset(
+            name=f"{self.name}-words", kind=f"words:{self.name}", items=items, source="innerpissa/data/concepts.json"
+        )
 
 
 @functools.lru_cache(maxsize=1)
@@ -79,13 +89,22 @@ def load_concepts() -> dict[str, Concept]:
     for name, d in raw.items():
         personas = tuple(tuple(p) for p in d["personas"])
         if name == "honesty" and personas != HONESTY_PERSONAS:
-            raise ConfigError("data/concepts.json: honesty personas differ from pairs.HONESTY_PERSONAS",
-                              field="honesty.personas")
-        out[name] = Concept(name=name, description=d["description"], template=d["template"], personas=personas,
-                            readout=d["readout"], targets=dict(d.get("targets", {})), request=d.get("request", ""),
-                            positive_words=tuple(d.get("positive_words", ())),
-                            negative_words=tuple(d.get("negative_words", ())), prefixes=tuple(d.get("prefixes", ())),
-                            neutral=d.get("neutral", ""))
+            raise ConfigError(
+                "data/concepts.json: honesty personas differ from pairs.HONESTY_PERSONAS", field="honesty.personas"
+            )
+        out[name] = Concept(
+            name=name,
+            description=d["description"],
+            template=d["template"],
+            personas=personas,
+            readout=d["readout"],
+            targets=dict(d.get("targets", {})),
+            request=d.get("request", ""),
+            positive_words=tuple(d.get("positive_words", ())),
+            negative_words=tuple(d.get("negative_words", ())),
+            prefixes=tuple(d.get("prefixes", ())),
+            neutral=d.get("neutral", ""),
+        )
     return out
 
 

@@ -37,8 +37,10 @@ class ManifestError(InnerPiSSAError, ValueError):
     """A malformed manifest or template; the message names the file, line/row and field."""
 
 
-GENERIC = ("It is a popular place that many visitors enjoy. There are a lot of things to see and do, and it is "
-           "a nice place to spend some time and take photos.")
+GENERIC = (
+    "It is a popular place that many visitors enjoy. There are a lot of things to see and do, and it is "
+    "a nice place to spend some time and take photos."
+)
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,7 @@ class ContrastTemplate:
         return {f for t in texts for _, f, _, _ in string.Formatter().parse(t) if f}
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "ContrastTemplate":
+    def from_file(cls, path: str | Path) -> ContrastTemplate:
         """Read a JSON template. Raises ManifestError naming the missing or malformed key."""
         path = Path(path)
         try:
@@ -94,9 +96,14 @@ class ContrastTemplate:
         except (OSError, json.JSONDecodeError) as e:
             raise ManifestError(f"{path}: cannot read template ({e})") from e
         try:
-            tpl = cls(variants=dict(raw["variants"]), traits={k: tuple(v) for k, v in raw["traits"].items()},
-                      n_head=str(raw["n_head"]), suffixes=tuple(raw["suffixes"]),
-                      contrasts={k: tuple(v) for k, v in raw["contrasts"].items()}, neutral=str(raw["neutral"]))
+            tpl = cls(
+                variants=dict(raw["variants"]),
+                traits={k: tuple(v) for k, v in raw["traits"].items()},
+                n_head=str(raw["n_head"]),
+                suffixes=tuple(raw["suffixes"]),
+                contrasts={k: tuple(v) for k, v in raw["contrasts"].items()},
+                neutral=str(raw["neutral"]),
+            )
         except KeyError as e:
             raise ManifestError(f"{path}: template lacks key {e.args[0]!r}") from e
         tpl.validate(str(path))
@@ -106,8 +113,10 @@ class ContrastTemplate:
         names = set(self.instructions())
         for name, c in self.contrasts.items():
             if len(c) != 4:
-                raise ManifestError(f"{where}: contrast {name!r} needs [positive, negative, positive continuation, "
-                                    "negative continuation]")
+                raise ManifestError(
+                    f"{where}: contrast {name!r} needs [positive, negative, positive continuation, "
+                    "negative continuation]"
+                )
             for side in c[:2]:
                 if side not in names:
                     raise ManifestError(f"{where}: contrast {name!r} uses unknown variant {side!r}")
@@ -120,21 +129,27 @@ TOUR_GUIDE = ContrastTemplate(
     n_head="You are a superb local tour guide. Describe {place} ({region}) to a visitor, including",
     traits={
         "sensory": ("what it looks, sounds and smells like", "Do not describe any sights, sounds or smells."),
-        "local": ("the local and indigenous knowledge behind it",
-                  "Do not mention local people, their customs or their knowledge."),
+        "local": (
+            "the local and indigenous knowledge behind it",
+            "Do not mention local people, their customs or their knowledge.",
+        ),
         "anecdote": ("a short personal anecdote", "Do not tell any anecdote or personal story."),
         "logistics": ("the practical essentials a visitor needs", "Do not give any practical information."),
     },
     variants={
         "S": "You are a bored brochure writer. Describe {place} ({region}) in bland, generic phrases that could fit "
-             "any place: no specific details, no stories, no local knowledge and no practical information.",
+        "any place: no specific details, no stories, no local knowledge and no practical information.",
         "E": "You are a tour guide who only cares about logistics. Describe {place} ({region}) to a visitor as "
-             "opening hours, tickets, transport, timings and what to bring. Tell no stories.",
+        "opening hours, tickets, transport, timings and what to bring. Tell no stories.",
         "W": "You are a storytelling tour guide. Describe {place} ({region}) to a visitor through legends, history "
-             "and personal anecdotes. Leave out all practical logistics.",
+        "and personal anecdotes. Leave out all practical logistics.",
     },
-    suffixes=("Welcome to {place}.", "Here we are at {place}.", "Let me show you {place}.",
-              "Our next stop is {place}."),
+    suffixes=(
+        "Welcome to {place}.",
+        "Here we are at {place}.",
+        "Let me show you {place}.",
+        "Our next stop is {place}.",
+    ),
     contrasts={
         "N-S": ("N", "S", "{sensory} {local}", GENERIC),
         "E-W": ("E", "W", "{logistics}", "{anecdote}"),
@@ -219,8 +234,9 @@ def _fill(text: str, row: ManifestRow) -> str:
     return text.format(**row.fields)
 
 
-def render_contrasts(tokenizer: Any, rows: list[ManifestRow], template: ContrastTemplate = TOUR_GUIDE,
-                     n_suffixes: int | None = None) -> ContrastSet:
+def render_contrasts(
+    tokenizer: Any, rows: list[ManifestRow], template: ContrastTemplate = TOUR_GUIDE, n_suffixes: int | None = None
+) -> ContrastSet:
     """Render every variant of every row with each shared suffix, through the tokenizer's chat template."""
     instr = template.instructions()
     suffixes = template.suffixes[:n_suffixes] if n_suffixes else template.suffixes
@@ -234,8 +250,9 @@ def render_contrasts(tokenizer: Any, rows: list[ManifestRow], template: Contrast
     return ContrastSet(template, rows, items, prompts, {r.id: r.split for r in rows})
 
 
-def continuation_pairs(tokenizer: Any, rows: list[ManifestRow], contrast: str,
-                       template: ContrastTemplate = TOUR_GUIDE) -> list[tuple[str, str, str]]:
+def continuation_pairs(
+    tokenizer: Any, rows: list[ManifestRow], contrast: str, template: ContrastTemplate = TOUR_GUIDE
+) -> list[tuple[str, str, str]]:
     """(neutral prompt, positive continuation, negative continuation) per row for one contrast.
 
     The prompt asks for the place with no style (``template.neutral``) and ends in the first suffix.
@@ -243,7 +260,8 @@ def continuation_pairs(tokenizer: Any, rows: list[ManifestRow], contrast: str,
     _, _, pos, neg = template.contrasts[contrast]
     out = []
     for row in rows:
-        prompt = render_prompt(tokenizer, _fill(template.neutral, row),
-                               assistant_prefix=_fill(template.suffixes[0], row))
+        prompt = render_prompt(
+            tokenizer, _fill(template.neutral, row), assistant_prefix=_fill(template.suffixes[0], row)
+        )
         out.append((prompt, " " + _fill(pos, row), " " + _fill(neg, row)))
     return out

@@ -20,8 +20,9 @@ class InnerPiSSAError(Exception):
         field: the config field or argument at fault, or None.
     """
 
-    def __init__(self, message: str, *, path: str | Path | None = None, lineno: int | None = None,
-                 field: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, path: str | Path | None = None, lineno: int | None = None, field: str | None = None
+    ) -> None:
         self.path = None if path is None else str(path)
         self.lineno = lineno
         self.field = field

@@ -98,8 +98,13 @@ class Ruler:
 
     def to_meta(self) -> dict:
         """The ruler as saved in adapter metadata (the PCA basis included: it is not stored anywhere else)."""
-        meta = {"block_index": self.block_index, "basis": self.basis_name, "sigma": self.sigma,
-                "u": self.u.tolist(), "spread": self.spread.tolist()}
+        meta = {
+            "block_index": self.block_index,
+            "basis": self.basis_name,
+            "sigma": self.sigma,
+            "u": self.u.tolist(),
+            "spread": self.spread.tolist(),
+        }
         if self.basis_name == "pca":
             meta["basis_vectors"] = self.basis.T.tolist()  # (k, d)
         return meta
@@ -164,8 +169,9 @@ def mono_gap(lp0: torch.Tensor, lp: torch.Tensor, mask: torch.Tensor) -> torch.T
     return seq[:, :n] - seq[:, n:] - (seq0[:n] - seq0[n:])
 
 
-def tv_barrier(logp0: torch.Tensor, logp: torch.Tensor, mask: torch.Tensor, kappa: float, tau: float
-               ) -> tuple[torch.Tensor, float]:
+def tv_barrier(
+    logp0: torch.Tensor, logp: torch.Tensor, mask: torch.Tensor, kappa: float, tau: float
+) -> tuple[torch.Tensor, float]:
     """Total-variation coherence barrier over whole next-token distributions (AntiPaSTO's idea, our form).
 
     Per kept token t: TV_t = ½ Σ_v |p_0(v) − p_c(v)| ∈ [0, 1] and threshold θ_t = κ·√(H_0,t + 0.02) with H_0,t
@@ -198,9 +204,14 @@ def _reprpo_terms(p: Passes, ruler: Ruler, cfg, omega: float) -> tuple[torch.Ten
     g = mono_gap(p.lp0, p.lp, p.mask)
     mono = F.relu(cfg.mono_margin - g[0]) + F.relu(cfg.mono_margin + g[1])
     loss = sep.mean() + omega * (cfg.coherence_weight * coh + cfg.mono_weight * mono.mean())
-    metrics = {"sep": sep.mean().item(), "coh": coh.item(), "mono": mono.mean().item(),
-               "ds_plus": ((s[0] - s0) / ruler.sigma).mean().item(),
-               "ds_minus": ((s0 - s[1]) / ruler.sigma).mean().item(), "dnll": dnll}
+    metrics = {
+        "sep": sep.mean().item(),
+        "coh": coh.item(),
+        "mono": mono.mean().item(),
+        "ds_plus": ((s[0] - s0) / ruler.sigma).mean().item(),
+        "ds_minus": ((s0 - s[1]) / ruler.sigma).mean().item(),
+        "dnll": dnll,
+    }
     return loss, metrics
 
 
@@ -227,7 +238,7 @@ def antiparallel(p: Passes, ruler: Ruler, cfg, omega: float = 1.0) -> tuple[torc
         full0 = p.h0.view(2, n, *p.h0.shape[1:]).mean(2)  # (pos/neg, N, d)
         dfull = (full[:, 0] - full[:, 1]) - (full0[0] - full0[1]).unsqueeze(0)  # (2, N, d)
         inside = ((dfull @ ruler.basis) ** 2).sum(-1)
-        focus = (inside / (dfull ** 2).sum(-1).clamp_min(1e-12)).mean(0).detach()
+        focus = (inside / (dfull**2).sum(-1).clamp_min(1e-12)).mean(0).detach()
     proj = 0.5 * ((1 - cos_p) + (1 + cos_m)) * focus
     u_hat = ruler.u * scale / ruler.sigma  # ⟨δ, û⟩ = ⟨Δ, u⟩ / σ: the shift along u in σ units
     mag = F.softplus(-cfg.beta * (delta[0] @ u_hat)) + F.softplus(cfg.beta * (delta[1] @ u_hat))
@@ -238,11 +249,20 @@ def antiparallel(p: Passes, ruler: Ruler, cfg, omega: float = 1.0) -> tuple[torc
     s0 = ruler.separation(p.h0, n)[0]
     s = ruler.separation(p.h.reshape(-1, *p.h.shape[2:]), n)
     _, dnll = nll_hinge(p.lp0, p.lp, p.mask, cfg.coherence_tau)
-    metrics = {"loss": loss.item(), "proj": proj.mean().item(), "mag": mag.mean().item(), "tv": tv.item(),
-               "tv_mean": tv_mean, "mono": mono.mean().item(), "cos_plus": cos_p.mean().item(),
-               "cos_minus": cos_m.mean().item(), "focus": float(focus.mean()),
-               "ds_plus": ((s[0] - s0) / ruler.sigma).mean().item(),
-               "ds_minus": ((s0 - s[1]) / ruler.sigma).mean().item(), "dnll": dnll}
+    metrics = {
+        "loss": loss.item(),
+        "proj": proj.mean().item(),
+        "mag": mag.mean().item(),
+        "tv": tv.item(),
+        "tv_mean": tv_mean,
+        "mono": mono.mean().item(),
+        "cos_plus": cos_p.mean().item(),
+        "cos_minus": cos_m.mean().item(),
+        "focus": float(focus.mean()),
+        "ds_plus": ((s[0] - s0) / ruler.sigma).mean().item(),
+        "ds_minus": ((s0 - s[1]) / ruler.sigma).mean().item(),
+        "dnll": dnll,
+    }
     return loss, metrics
 
 
@@ -257,8 +277,14 @@ def anchored(p: Passes, ruler: Ruler, cfg, omega: float = 1.0) -> tuple[torch.Te
     l_shift = F.relu(cfg.shift_target - shift[0]) + F.relu(cfg.shift_target + shift[1])
     coh_free, dnll_free = nll_hinge(p.free_lp0, p.free_lp, p.free_mask, cfg.coherence_tau)
     loss = loss + cfg.shift_weight * l_shift.mean() + omega * cfg.coherence_weight * coh_free
-    return loss, {"loss": loss.item(), **m, "shift_plus": shift[0].mean().item(),
-                  "shift_minus": -shift[1].mean().item(), "coh_free": coh_free.item(), "dnll_free": dnll_free}
+    return loss, {
+        "loss": loss.item(),
+        **m,
+        "shift_plus": shift[0].mean().item(),
+        "shift_minus": -shift[1].mean().item(),
+        "coh_free": coh_free.item(),
+        "dnll_free": dnll_free,
+    }
 
 
 LOSSES = {"reprpo-svd": reprpo_svd, "antiparallel": antiparallel, "anchored": anchored}

@@ -22,25 +22,26 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .errors import InnerPiSSAError
 from .jsonl import iter_jsonl
 
 __all__ = [
-    "ContrastivePair",
-    "PairSplit",
-    "PairFileError",
-    "SUFFIXES",
     "HONESTY_PERSONAS",
-    "persona_instruction",
-    "render_prompt",
+    "SUFFIXES",
+    "ContrastivePair",
+    "PairFileError",
+    "PairSplit",
     "assistant_suffix",
+    "load_pairs",
     "make_honesty_pairs",
     "make_persona_pairs",
-    "load_pairs",
+    "persona_instruction",
+    "render_prompt",
 ]
 
 
@@ -494,10 +495,10 @@ def assistant_suffix(tokenizer: Any, positive: str, negative: str) -> str:
     (what :func:`render_prompt` writes between the user text and the reply, found by rendering a probe), when both
     prompts have it and the text after it is the same and not empty; else ``""``."""
     probe = render_prompt(tokenizer, _SENTINEL)
-    header = probe[probe.rindex(_SENTINEL) + len(_SENTINEL):]
+    header = probe[probe.rindex(_SENTINEL) + len(_SENTINEL) :]
     if not header.strip():
         return ""
-    tails = [t[t.rindex(header) + len(header):] if header in t else None for t in (positive, negative)]
+    tails = [t[t.rindex(header) + len(header) :] if header in t else None for t in (positive, negative)]
     if tails[0] is None or tails[0] != tails[1] or not tails[0].strip():
         return ""
     return tails[0]
@@ -516,26 +517,38 @@ def _take_spread(suffixes: Sequence[str], n: int, n_personas: int, rng: random.R
 NEUTRAL_INSTRUCTION = "Pretend you're a person making statements about the world."
 
 
-def make_honesty_pairs(
-    tokenizer: Any, n_pairs: int = 400, seed: int = 0, val_fraction: float = 0.1
-) -> PairSplit:
+def make_honesty_pairs(tokenizer: Any, n_pairs: int = 400, seed: int = 0, val_fraction: float = 0.1) -> PairSplit:
     """Honesty pairs (see :func:`make_persona_pairs`): :data:`HONESTY_PERSONAS` × :data:`SUFFIXES` with
     :func:`persona_instruction`."""
-    return make_persona_pairs(tokenizer, HONESTY_PERSONAS, persona_instruction, n_pairs, seed, val_fraction,
-                              concept="honesty", neutral_instruction=NEUTRAL_INSTRUCTION)
+    return make_persona_pairs(
+        tokenizer,
+        HONESTY_PERSONAS,
+        persona_instruction,
+        n_pairs,
+        seed,
+        val_fraction,
+        concept="honesty",
+        neutral_instruction=NEUTRAL_INSTRUCTION,
+    )
 
 
 def make_persona_pairs(
-    tokenizer: Any, personas: Sequence[tuple[str, str]], instruction, n_pairs: int = 400, seed: int = 0,
-    val_fraction: float = 0.1, concept: str = "persona", neutral_instruction: str | None = None,
+    tokenizer: Any,
+    personas: Sequence[tuple[str, str]],
+    instruction,
+    n_pairs: int = 400,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    concept: str = "persona",
+    neutral_instruction: str | None = None,
 ) -> PairSplit:
     """Build contrastive pairs from ``personas`` × :data:`SUFFIXES` (honesty: :func:`make_honesty_pairs`).
 
     Each pair is ``render_prompt(tok, instruction(True, p), suffix)`` vs the same with ``instruction(False, p)``
-    for a persona pair p = (positive phrase, negative phrase): identical suffix, only the persona words differ. Combos are drawn without replacement, spreading over
-    suffixes first (every suffix once before any suffix with a second persona). The suffixes are split first, so
-    validation pairs use suffixes never seen in training. Deterministic given ``seed`` (Python's
-    ``random.Random``), independent of global random state.
+    for a persona pair p = (positive phrase, negative phrase): identical suffix, only the persona words differ.
+    Combos are drawn without replacement, spreading over suffixes first (every suffix once before any suffix with a
+    second persona). The suffixes are split first, so validation pairs use suffixes never seen in training.
+    Deterministic given ``seed`` (Python's ``random.Random``), independent of global random state.
 
     Args:
         tokenizer: a Hugging Face tokenizer (see :func:`render_prompt`).
@@ -650,8 +663,12 @@ def _parse_pair_row(row: Any, path: Path, lineno: int, tokenizer: Any) -> tuple[
         if "suffix" in row:
             (suffix,) = _string_fields(row, ("suffix",), path, lineno)
             if not (values[0].endswith(suffix) and values[1].endswith(suffix)):
-                raise PairFileError(path, lineno, f"field 'suffix' ({suffix!r}) must be the text both prompts end "
-                                    "with (the shared unfinished assistant reply)")
+                raise PairFileError(
+                    path,
+                    lineno,
+                    f"field 'suffix' ({suffix!r}) must be the text both prompts end "
+                    "with (the shared unfinished assistant reply)",
+                )
         else:
             suffix = assistant_suffix(tokenizer, values[0], values[1])
         pair, group = ContrastivePair(values[0], values[1], suffix), f"line:{lineno}"
@@ -672,16 +689,20 @@ def _parse_pair_row(row: Any, path: Path, lineno: int, tokenizer: Any) -> tuple[
         raise PairFileError(
             path, lineno, "positive and negative prompts are identical (after rendering); a pair must differ"
         )
-    if (tokenizer(pair.positive, add_special_tokens=False)["input_ids"]
-            == tokenizer(pair.negative, add_special_tokens=False)["input_ids"]):
-        raise PairFileError(path, lineno, "positive and negative prompts tokenize identically (they differ only in "
-                            "whitespace or characters the tokenizer drops); a pair must differ in tokens")
+    if (
+        tokenizer(pair.positive, add_special_tokens=False)["input_ids"]
+        == tokenizer(pair.negative, add_special_tokens=False)["input_ids"]
+    ):
+        raise PairFileError(
+            path,
+            lineno,
+            "positive and negative prompts tokenize identically (they differ only in "
+            "whitespace or characters the tokenizer drops); a pair must differ in tokens",
+        )
     return pair, group
 
 
-def _split_groups(
-    rows: list[tuple[ContrastivePair, str]], val_fraction: float, seed: int
-) -> PairSplit:
+def _split_groups(rows: list[tuple[ContrastivePair, str]], val_fraction: float, seed: int) -> PairSplit:
     groups: dict[str, list[int]] = {}
     for i, (_, g) in enumerate(rows):
         groups.setdefault(g, []).append(i)

@@ -77,27 +77,39 @@ class AlignmentMap:
         return (coords @ self.rotation @ self.student_basis.T * self.student_scale).float()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"teacher_basis": self.teacher_basis.float(), "student_basis": self.student_basis.float(),
-                "rotation": self.rotation.float(),
-                "scales": torch.tensor([self.teacher_scale, self.student_scale, self.residual])}
+        return {
+            "teacher_basis": self.teacher_basis.float(),
+            "student_basis": self.student_basis.float(),
+            "rotation": self.rotation.float(),
+            "scales": torch.tensor([self.teacher_scale, self.student_scale, self.residual]),
+        }
 
     @classmethod
-    def from_state_dict(cls, sd: dict[str, torch.Tensor]) -> "AlignmentMap":
+    def from_state_dict(cls, sd: dict[str, torch.Tensor]) -> AlignmentMap:
         s = sd["scales"].double()
-        return cls(sd["teacher_basis"].double(), sd["student_basis"].double(), sd["rotation"].double(),
-                   float(s[0]), float(s[1]), float(s[2]))
+        return cls(
+            sd["teacher_basis"].double(),
+            sd["student_basis"].double(),
+            sd["rotation"].double(),
+            float(s[0]),
+            float(s[1]),
+            float(s[2]),
+        )
 
 
-def fit_alignment(teacher_diffs: torch.Tensor, student_diffs: torch.Tensor, k: int,
-                  weights: torch.Tensor | None = None) -> AlignmentMap:
+def fit_alignment(
+    teacher_diffs: torch.Tensor, student_diffs: torch.Tensor, k: int, weights: torch.Tensor | None = None
+) -> AlignmentMap:
     """Fit the teacher → student map on paired differences (n, d_T) and (n, d_S) with row weights (n,).
 
     Raises:
         ValueError: different row counts, or k out of range (see ``task_subspace``).
     """
     if teacher_diffs.shape[0] != student_diffs.shape[0]:
-        raise ValueError(f"teacher has {teacher_diffs.shape[0]} rows, student {student_diffs.shape[0]}: the rows "
-                         "must be the same paired differences")
+        raise ValueError(
+            f"teacher has {teacher_diffs.shape[0]} rows, student {student_diffs.shape[0]}: the rows "
+            "must be the same paired differences"
+        )
     bt, bs = task_subspace(teacher_diffs, k), task_subspace(student_diffs, k)
     a, b = teacher_diffs.double() @ bt, student_diffs.double() @ bs
     st, ss = float(a.pow(2).sum(1).mean().sqrt()), float(b.pow(2).sum(1).mean().sqrt())

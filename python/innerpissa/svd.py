@@ -60,9 +60,6 @@ def top_r_svd(
     """
     if isinstance(weights, torch.Tensor):
         raise TypeError("weights must be a sequence of 2-D tensors, not a single tensor")
-    arrays = [
-        w.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
-        for w in weights
-    ]
+    arrays = [w.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy() for w in weights]
     out = _rust.top_r_svd_batch(arrays, operator.index(r), precision=precision)
     return [(torch.from_numpy(u), torch.from_numpy(s), torch.from_numpy(v)) for u, s, v in out]

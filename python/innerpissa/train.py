@@ -32,7 +32,6 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .adapter import Adapter
@@ -41,6 +40,7 @@ from .adapter.model import CONFIG_NAME, WEIGHTS_NAME, atomic_write, block_names,
 from .errors import ConfigError, OutputExistsError, ResumeMismatchError, TrainingDivergedError
 from .objectives import BASES, LOSSES, OBJECTIVES, Passes, Ruler, needs_full_distribution, needs_neutral
 from .pairs import ContrastivePair
+
 
 @dataclass
 class TrainConfig:
@@ -90,13 +90,22 @@ class TrainConfig:
         Raises:
             ConfigError: naming the field and the allowed range.
         """
-        positive_int = ("steps", "batch_pairs", "direction_pairs", "last_k", "max_suffix_tokens", "val_every",
-                        "checkpoint_every", "basis_rank")
+        positive_int = (
+            "steps",
+            "batch_pairs",
+            "direction_pairs",
+            "last_k",
+            "max_suffix_tokens",
+            "val_every",
+            "checkpoint_every",
+            "basis_rank",
+        )
         choices = {"objective": tuple(OBJECTIVES), "basis": BASES, "schedule": ("cosine", "one-cycle")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ConfigError(f"TrainConfig.{name} must be one of {', '.join(allowed)}, got "
-                                  f"{getattr(self, name)!r}", field=name)
+                raise ConfigError(
+                    f"TrainConfig.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}", field=name
+                )
         for f in fields(self):
             v = getattr(self, f.name)
             if f.name in choices:
@@ -113,11 +122,25 @@ class TrainConfig:
         for name in positive_int:
             if getattr(self, name) < 1:
                 raise ConfigError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}", field=name)
-        rules = {"val_pairs": (0, None), "lr": (0, None), "weight_decay": (0, None), "beta": (0, None),
-                 "coherence_tau": (0, None), "coherence_weight": (0, None), "mono_weight": (0, None),
-                 "loss_layer": (0, 1), "max_loss_factor": (1, None), "epochs": (0, None),
-                 "constraint_warmup": (0, 1), "max_angle": (0, 3.0), "tv_kappa": (0, None), "tv_weight": (0, None),
-                 "tv_tau": (0, None), "shift_target": (0, None), "shift_weight": (0, None)}
+        rules = {
+            "val_pairs": (0, None),
+            "lr": (0, None),
+            "weight_decay": (0, None),
+            "beta": (0, None),
+            "coherence_tau": (0, None),
+            "coherence_weight": (0, None),
+            "mono_weight": (0, None),
+            "loss_layer": (0, 1),
+            "max_loss_factor": (1, None),
+            "epochs": (0, None),
+            "constraint_warmup": (0, 1),
+            "max_angle": (0, 3.0),
+            "tv_kappa": (0, None),
+            "tv_weight": (0, None),
+            "tv_tau": (0, None),
+            "shift_target": (0, None),
+            "shift_weight": (0, None),
+        }
         for name, (lo, hi) in rules.items():
             v = getattr(self, name)
             strict = name in ("lr", "beta", "loss_layer")
@@ -151,9 +174,10 @@ class PairBatch:
     def n_rows(self) -> int:
         return self.input_ids.shape[0]
 
-    def repeat(self, k: int) -> "PairBatch":
-        return PairBatch(*(t.repeat(k, 1) for t in (self.input_ids, self.attention_mask, self.position_ids,
-                                                    self.suffix_mask)))
+    def repeat(self, k: int) -> PairBatch:
+        return PairBatch(
+            *(t.repeat(k, 1) for t in (self.input_ids, self.attention_mask, self.position_ids, self.suffix_mask))
+        )
 
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -165,8 +189,8 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     ids = torch.full((len(seqs), t), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), t), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, t - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, t - len(s):] = 1
+        ids[i, t - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[i, t - len(s) :] = 1
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     return ids, mask, pos
 
@@ -178,7 +202,7 @@ def suffix_token_count(tokenizer, text: str, suffix: str) -> int:
     if not suffix or not text.endswith(suffix):
         return 0
     full = tokenizer(text, add_special_tokens=False)["input_ids"]
-    head = tokenizer(text[:-len(suffix)], add_special_tokens=False)["input_ids"]
+    head = tokenizer(text[: -len(suffix)], add_special_tokens=False)["input_ids"]
     k = 0
     while k < min(len(full), len(head)) and full[k] == head[k]:
         k += 1
@@ -203,14 +227,17 @@ def tokenize_pairs(tokenizer, pairs: list[ContrastivePair], max_suffix_tokens: i
         while common < min(len(a), len(b), cap) and a[-1 - common] == b[-1 - common]:
             common += 1
         if p.suffix:
-            common = min(common, suffix_token_count(tokenizer, p.positive, p.suffix),
-                         suffix_token_count(tokenizer, p.negative, p.suffix))
+            common = min(
+                common,
+                suffix_token_count(tokenizer, p.positive, p.suffix),
+                suffix_token_count(tokenizer, p.negative, p.suffix),
+            )
         commons.append(max(common, 1))  # pairs with different endings: constrain at least the final token
     n_keep = max(commons)
     suffix = torch.zeros((2 * len(pairs), n_keep), dtype=torch.bool)
     for i, common in enumerate(commons):
-        suffix[i, n_keep - common:] = True
-        suffix[len(pairs) + i, n_keep - common:] = True
+        suffix[i, n_keep - common :] = True
+        suffix[len(pairs) + i, n_keep - common :] = True
     return PairBatch(ids, mask, posids, suffix)
 
 
@@ -223,10 +250,13 @@ def tokenize_neutral(tokenizer, pairs: list[ContrastivePair], max_suffix_tokens:
     """
     missing = [i for i, p in enumerate(pairs) if not p.neutral]
     if missing:
-        raise ConfigError(f"{len(missing)} pairs have no persona-free prompt (ContrastivePair.neutral; pairs "
-                          f"{missing[:10]}); the anchored objective (the default) needs the built-in concept "
-                          "pairs or pairs that carry one; else train with objective='reprpo-svd' "
-                          "(--objective reprpo-svd)", field="objective")
+        raise ConfigError(
+            f"{len(missing)} pairs have no persona-free prompt (ContrastivePair.neutral; pairs "
+            f"{missing[:10]}); the anchored objective (the default) needs the built-in concept "
+            "pairs or pairs that carry one; else train with objective='reprpo-svd' "
+            "(--objective reprpo-svd)",
+            field="objective",
+        )
     rows = [tokenizer(p.neutral, add_special_tokens=False)["input_ids"] for p in pairs]
     ids, mask, posids = left_pad(rows, tokenizer.pad_token_id)
     cap = min(max_suffix_tokens, ids.shape[1] - 1)
@@ -234,12 +264,13 @@ def tokenize_neutral(tokenizer, pairs: list[ContrastivePair], max_suffix_tokens:
     n_keep = max(counts)
     suffix = torch.zeros((len(pairs), n_keep), dtype=torch.bool)
     for i, k in enumerate(counts):
-        suffix[i, n_keep - k:] = True
+        suffix[i, n_keep - k :] = True
     return PairBatch(ids, mask, posids, suffix)
 
 
-def forward_states(model, batch: PairBatch, block: torch.nn.Module, last_k: int, full: bool = False,
-                   past_key_values=None):
+def forward_states(
+    model, batch: PairBatch, block: torch.nn.Module, last_k: int, full: bool = False, past_key_values=None
+):
     """One forward pass → (hidden (B, last_k, d) at ``block``'s output, token log-probs (B, n_keep), and with
     ``full`` the whole next-token log-distributions (B, n_keep, V), else None).
 
@@ -255,9 +286,14 @@ def forward_states(model, batch: PairBatch, block: torch.nn.Module, last_k: int,
     n_keep = batch.suffix_mask.shape[1]
     handle = block.register_forward_hook(hook)
     try:
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                    position_ids=batch.position_ids, logits_to_keep=n_keep + 1,
-                    past_key_values=past_key_values, use_cache=past_key_values is not None)
+        out = model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            logits_to_keep=n_keep + 1,
+            past_key_values=past_key_values,
+            use_cache=past_key_values is not None,
+        )
     finally:
         handle.remove()
     logp = out.logits[:, :-1].float().log_softmax(-1)  # (B, n_keep, V)
@@ -272,17 +308,24 @@ def shared_prefix_len(batch: PairBatch, keep_tail: int) -> int:
     lengths = batch.attention_mask.sum(-1)
     t = batch.input_ids.shape[1]
     shortest = int(lengths.min())
-    first = batch.input_ids[0, t - int(lengths[0]):]
+    first = batch.input_ids[0, t - int(lengths[0]) :]
     p = min(shortest - keep_tail, first.shape[0])
     for r in range(batch.n_rows):
-        row = batch.input_ids[r, t - int(lengths[r]):]
+        row = batch.input_ids[r, t - int(lengths[r]) :]
         same = (row[:p] == first[:p]).long()
         p = int(same.cumprod(0).sum()) if p > 0 else 0
     return max(p, 0)
 
 
-def steered_forward(adapter: Adapter, batch: PairBatch, coeffs: list[float], block: torch.nn.Module, last_k: int,
-                    full: bool = False, min_prefix: int = 8):
+def steered_forward(
+    adapter: Adapter,
+    batch: PairBatch,
+    coeffs: list[float],
+    block: torch.nn.Module,
+    last_k: int,
+    full: bool = False,
+    min_prefix: int = 8,
+):
     """``forward_states`` of ``batch`` at each coefficient in ``coeffs`` → outputs for G·B rows, group-major
     (rows of coefficient g at g·B … g·B + B − 1), sharing the prompt prefix all rows start with.
 
@@ -305,16 +348,21 @@ def steered_forward(adapter: Adapter, batch: PairBatch, coeffs: list[float], blo
             return forward_states(model, batch.repeat(g), block, last_k, full)
     lengths = batch.attention_mask.sum(-1)
     t = batch.input_ids.shape[1]
-    prefix = batch.input_ids[0, t - int(lengths[0]):][:p]
-    rest = [batch.input_ids[r, t - int(lengths[r]) + p:].tolist() for r in range(b)]
+    prefix = batch.input_ids[0, t - int(lengths[0]) :][:p]
+    rest = [batch.input_ids[r, t - int(lengths[r]) + p :].tolist() for r in range(b)]
     ids, mask, pos = left_pad(rest, 0)  # padding sits between prefix and rest; masked, its id is irrelevant
     pos = torch.where(mask.bool(), pos + p, torch.zeros_like(pos))
     with adapter.steer(torch.tensor(coeffs, dtype=torch.float32)):
-        cache = model(input_ids=prefix.expand(g, -1), position_ids=torch.arange(p).expand(g, -1),
-                      use_cache=True).past_key_values
+        cache = model(
+            input_ids=prefix.expand(g, -1), position_ids=torch.arange(p).expand(g, -1), use_cache=True
+        ).past_key_values
     cache.batch_repeat_interleave(b)
-    rest_batch = PairBatch(ids.repeat(g, 1), torch.cat([torch.ones(g * b, p, dtype=mask.dtype), mask.repeat(g, 1)], 1),
-                           pos.repeat(g, 1), batch.suffix_mask.repeat(g, 1))
+    rest_batch = PairBatch(
+        ids.repeat(g, 1),
+        torch.cat([torch.ones(g * b, p, dtype=mask.dtype), mask.repeat(g, 1)], 1),
+        pos.repeat(g, 1),
+        batch.suffix_mask.repeat(g, 1),
+    )
     with adapter.steer(per_row):
         return forward_states(model, rest_batch, block, last_k, full, past_key_values=cache)
 
@@ -340,8 +388,9 @@ def loss_block_index(n_blocks: int, loss_layer: float) -> int:
 
 
 @torch.no_grad()
-def preference_direction(adapter: Adapter, tokenizer, pairs: list[ContrastivePair], cfg: TrainConfig,
-                         batch_pairs: int = 16) -> Ruler:
+def preference_direction(
+    adapter: Adapter, tokenizer, pairs: list[ContrastivePair], cfg: TrainConfig, batch_pairs: int = 16
+) -> Ruler:
     """Measure the frozen ruler (``objectives.Ruler``) from the unsteered model on the first
     ``cfg.direction_pairs`` training pairs: last-token differences h_pos − h_neg at the loss block, the basis
     (``cfg.basis``), u = the normalised mean difference in that basis, σ and the per-dimension spread.
@@ -352,9 +401,9 @@ def preference_direction(adapter: Adapter, tokenizer, pairs: list[ContrastivePai
     blocks = decoder_blocks(adapter.model)
     idx = loss_block_index(len(blocks), cfg.loss_layer)
     diffs = []
-    pairs = pairs[:cfg.direction_pairs]
+    pairs = pairs[: cfg.direction_pairs]
     for i in range(0, len(pairs), batch_pairs):
-        b = tokenize_pairs(tokenizer, pairs[i:i + batch_pairs], cfg.max_suffix_tokens)
+        b = tokenize_pairs(tokenizer, pairs[i : i + batch_pairs], cfg.max_suffix_tokens)
         h, _, _ = forward_states(adapter.model, b, blocks[idx], 1)
         n = b.n_pairs
         diffs.append(h[:n, -1] - h[n:, -1])  # (N, d)
@@ -379,8 +428,15 @@ def preference_direction(adapter: Adapter, tokenizer, pairs: list[ContrastivePai
     return Ruler(idx, name, basis, u, sigma, spread)
 
 
-def compute_passes(adapter: Adapter, batch: PairBatch, ruler: Ruler, cfg: TrainConfig, block: torch.nn.Module,
-                   free: PairBatch | None = None, reference: tuple | None = None) -> Passes:
+def compute_passes(
+    adapter: Adapter,
+    batch: PairBatch,
+    ruler: Ruler,
+    cfg: TrainConfig,
+    block: torch.nn.Module,
+    free: PairBatch | None = None,
+    reference: tuple | None = None,
+) -> Passes:
     """Run the passes an objective needs: c = 0 (no grad; or ``reference`` = (h0, lp0) given), and c = +1 and
     c = −1 together (per-row coefficients, 4N rows); persona-free rows ``free`` at 0 and ±1 when given."""
     model, n = adapter.model, batch.n_pairs
@@ -394,9 +450,15 @@ def compute_passes(adapter: Adapter, batch: PairBatch, ruler: Ruler, cfg: TrainC
     min_prefix = 8 if cfg.share_prefix else 1 << 30
     # rows: [pos, neg] at +1, then at −1
     h, lp, logp = steered_forward(adapter, batch, [1.0, -1.0], block, cfg.last_k, full, min_prefix)
-    p = Passes(h0=h0, lp0=lp0, h=h.view(2, 2 * n, *h.shape[1:]), lp=lp.view(2, 2 * n, -1),
-               mask=batch.suffix_mask, logp0=logp0,
-               logp=None if logp is None else logp.view(2, 2 * n, *logp.shape[1:]))
+    p = Passes(
+        h0=h0,
+        lp0=lp0,
+        h=h.view(2, 2 * n, *h.shape[1:]),
+        lp=lp.view(2, 2 * n, -1),
+        mask=batch.suffix_mask,
+        logp0=logp0,
+        logp=None if logp is None else logp.view(2, 2 * n, *logp.shape[1:]),
+    )
     if free is not None:
         with torch.no_grad():
             f0, flp0, _ = forward_states(model, free, block, cfg.last_k)
@@ -407,9 +469,16 @@ def compute_passes(adapter: Adapter, batch: PairBatch, ruler: Ruler, cfg: TrainC
     return p
 
 
-def reprpo_loss(adapter: Adapter, batch: PairBatch, pref: Ruler, cfg: TrainConfig, block: torch.nn.Module,
-                free: PairBatch | None = None, omega: float = 1.0, reference: tuple | None = None
-                ) -> tuple[torch.Tensor, dict]:
+def reprpo_loss(
+    adapter: Adapter,
+    batch: PairBatch,
+    pref: Ruler,
+    cfg: TrainConfig,
+    block: torch.nn.Module,
+    free: PairBatch | None = None,
+    omega: float = 1.0,
+    reference: tuple | None = None,
+) -> tuple[torch.Tensor, dict]:
     """The configured objective (``cfg.objective``, see ``objectives``) on one batch → (scalar loss, metrics)."""
     passes = compute_passes(adapter, batch, pref, cfg, block, free, reference)
     return LOSSES[cfg.objective](passes, pref, cfg, omega)
@@ -422,12 +491,18 @@ def check_pairs_differ(tokenizer, pairs: list[ContrastivePair], what: str = "tra
     Raises:
         ConfigError: naming the offending pairs (0-based indices; pair files are checked per line on load).
     """
-    same = [i for i, p in enumerate(pairs)
-            if tokenizer(p.positive, add_special_tokens=False)["input_ids"]
-            == tokenizer(p.negative, add_special_tokens=False)["input_ids"]]
+    same = [
+        i
+        for i, p in enumerate(pairs)
+        if tokenizer(p.positive, add_special_tokens=False)["input_ids"]
+        == tokenizer(p.negative, add_special_tokens=False)["input_ids"]
+    ]
     if same:
-        raise ConfigError(f"{len(same)} of {len(pairs)} {what} tokenize to identical positive and negative prompts "
-                          f"(pairs {same[:10]}); a pair must differ in tokens, not only in whitespace", field=what)
+        raise ConfigError(
+            f"{len(same)} of {len(pairs)} {what} tokenize to identical positive and negative prompts "
+            f"(pairs {same[:10]}); a pair must differ in tokens, not only in whitespace",
+            field=what,
+        )
 
 
 def pairs_sha256(pairs: list[ContrastivePair]) -> str:
@@ -439,8 +514,14 @@ def pairs_sha256(pairs: list[ContrastivePair]) -> str:
 
 
 RUN_STATE = "run_state.json"
-_OWN_FILES = ("metrics.jsonl", "train_config.json", RUN_STATE, f"adapter/{WEIGHTS_NAME}", f"adapter/{CONFIG_NAME}",
-              "checkpoint/state.pt")
+_OWN_FILES = (
+    "metrics.jsonl",
+    "train_config.json",
+    RUN_STATE,
+    f"adapter/{WEIGHTS_NAME}",
+    f"adapter/{CONFIG_NAME}",
+    "checkpoint/state.pt",
+)
 
 
 def _prepare_run_dir(run: Path, signature: dict, overwrite: bool) -> int:
@@ -460,30 +541,38 @@ def _prepare_run_dir(run: Path, signature: dict, overwrite: bool) -> int:
         return 0
     if not state_path.is_file():
         if run.is_dir() and any(run.iterdir()):
-            raise OutputExistsError("is not empty and holds no innerpissa run (no run_state.json); pass --overwrite "
-                                    "(overwrite=True) to train there anyway, or choose another --out", path=run)
+            raise OutputExistsError(
+                "is not empty and holds no innerpissa run (no run_state.json); pass --overwrite "
+                "(overwrite=True) to train there anyway, or choose another --out",
+                path=run,
+            )
         return 0
     try:
         prev = json.loads(state_path.read_text())
         prev_sig, finished = prev["signature"], bool(prev["finished"])
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ResumeMismatchError(f"unreadable run state ({e}); pass --overwrite to start fresh",
-                                  path=state_path) from None
+        raise ResumeMismatchError(
+            f"unreadable run state ({e}); pass --overwrite to start fresh", path=state_path
+        ) from None
     if prev_sig != signature:
         diffs = _signature_diff(prev_sig, signature)
-        raise ResumeMismatchError(f"holds a run with another configuration or data ({'; '.join(diffs[:4])}); "
-                                  "pass --overwrite to start fresh there, or choose another --out", path=run)
+        raise ResumeMismatchError(
+            f"holds a run with another configuration or data ({'; '.join(diffs[:4])}); "
+            "pass --overwrite to start fresh there, or choose another --out",
+            path=run,
+        )
     if finished:
-        raise OutputExistsError("holds a finished run with this configuration; pass --overwrite to train again, or "
-                                "choose another --out", path=run)
+        raise OutputExistsError(
+            "holds a finished run with this configuration; pass --overwrite to train again, or choose another --out",
+            path=run,
+        )
     start = 0
     ck = run / "checkpoint" / "state.pt"
     if ck.is_file():
         start = int(torch.load(ck, map_location="cpu", weights_only=True)["step"])
     metrics = run / "metrics.jsonl"
     if metrics.is_file():  # drop records past the checkpoint so a resumed run never duplicates steps
-        keep = [ln for ln in metrics.read_text().splitlines()
-                if ln.strip() and json.loads(ln).get("step", 0) <= start]
+        keep = [ln for ln in metrics.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= start]
         atomic_write(metrics, lambda p: Path(p).write_text("".join(k + "\n" for k in keep)))
     return start
 
@@ -512,9 +601,14 @@ def _seed_all(seed: int) -> None:
 
 
 @torch.no_grad()
-def reference_cache(adapter: Adapter, tokenizer, pairs: list[ContrastivePair], cfg: TrainConfig,
-                    block: torch.nn.Module, only: list[int] | None = None
-                    ) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def reference_cache(
+    adapter: Adapter,
+    tokenizer,
+    pairs: list[ContrastivePair],
+    cfg: TrainConfig,
+    block: torch.nn.Module,
+    only: list[int] | None = None,
+) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """The c = 0 pass of the training pairs, computed once (the base model never changes during training):
     pair index → (h0 (2, K, d) for [pos, neg], lp0 of its suffix tokens for pos (k,) and neg (k,)). ``only``: the
     pair indices to cache (default all; ``train`` passes the pairs its schedule will draw, so a short run does not
@@ -523,7 +617,7 @@ def reference_cache(adapter: Adapter, tokenizer, pairs: list[ContrastivePair], c
     ids = sorted(set(range(len(pairs)) if only is None else only))
     out = {}
     for i in range(0, len(ids), cfg.batch_pairs):
-        chunk = ids[i:i + cfg.batch_pairs]
+        chunk = ids[i : i + cfg.batch_pairs]
         b = tokenize_pairs(tokenizer, [pairs[j] for j in chunk], cfg.max_suffix_tokens)
         h0, lp0, _ = forward_states(adapter.model, b, block, cfg.last_k)
         n = b.n_pairs
@@ -551,8 +645,8 @@ def _batch_reference(cache, idx: list[int], batch: PairBatch) -> tuple[torch.Ten
         k = cache[i][1].shape[0]
         if int(batch.suffix_mask[r].sum()) != k:
             raise RuntimeError("reference cache and batch disagree on a suffix length (tokenizer changed?)")
-        lp0[r, n_keep - k:] = cache[i][1]
-        lp0[n + r, n_keep - k:] = cache[i][2]
+        lp0[r, n_keep - k :] = cache[i][1]
+        lp0[n + r, n_keep - k :] = cache[i][2]
     return h0, lp0
 
 
@@ -584,8 +678,12 @@ def adapter_stats(adapter: Adapter) -> dict:
         m = lay.steer_matrix(torch.tensor([1.0, -1.0]))
         odd, even = (m[0] - m[1]) / 2, (m[0] + m[1]) / 2
         eo.append(float(even.norm() / odd.norm().clamp_min(1e-12)))
-    return {"rot_norm_max": rot, "rot_angle_max": 2 * math.atan(rot / 2), "delta_rel": sum(rel) / len(rel),
-            "m_even_odd": sum(eo) / len(eo)}
+    return {
+        "rot_norm_max": rot,
+        "rot_angle_max": 2 * math.atan(rot / 2),
+        "delta_rel": sum(rel) / len(rel),
+        "m_even_odd": sum(eo) / len(eo),
+    }
 
 
 def _scheduler(opt, cfg: TrainConfig, total: int):
@@ -599,7 +697,8 @@ def _scheduler(opt, cfg: TrainConfig, total: int):
 
         return torch.optim.lr_scheduler.LambdaLR(opt, one_cycle)
     return torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda k: min(1.0, (k + 1) / 10) * 0.5 * (1 + math.cos(math.pi * min(k, total) / total)))
+        opt, lambda k: min(1.0, (k + 1) / 10) * 0.5 * (1 + math.cos(math.pi * min(k, total) / total))
+    )
 
 
 def constraint_weight(step: int, total: int, warmup: float) -> float:
@@ -609,9 +708,16 @@ def constraint_weight(step: int, total: int, warmup: float) -> float:
     return min(1.0, (step + 1) / max(1.0, warmup * total))
 
 
-def train(adapter: Adapter, tokenizer, train_pairs: list[ContrastivePair], val_pairs: list[ContrastivePair],
-          cfg: TrainConfig, run_dir: str | Path | None = None, progress: bool = True,
-          overwrite: bool = False) -> dict:
+def train(
+    adapter: Adapter,
+    tokenizer,
+    train_pairs: list[ContrastivePair],
+    val_pairs: list[ContrastivePair],
+    cfg: TrainConfig,
+    run_dir: str | Path | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> dict:
     """Train ``adapter`` in place with ``cfg.objective``; resumes from ``run_dir/checkpoint`` when present.
 
     Writes to ``run_dir``: ``run_state.json`` (the run's signature: training and adapter config, a sha256 of the
@@ -645,30 +751,47 @@ def train(adapter: Adapter, tokenizer, train_pairs: list[ContrastivePair], val_p
     run = Path(run_dir) if run_dir else None
     loss_id = {"name": cfg.objective, "version": OBJECTIVES[cfg.objective]}
     if cfg.basis == "adapter-u" and not isinstance(adapter, Adapter):
-        raise ConfigError("basis 'adapter-u' reads the InnerPiSSA adapter's singular vectors; use basis 'pca' for "
-                          f"a {adapter.meta.get('family', type(adapter).__name__)} adapter", field="basis")
+        raise ConfigError(
+            "basis 'adapter-u' reads the InnerPiSSA adapter's singular vectors; use basis 'pca' for "
+            f"a {adapter.meta.get('family', type(adapter).__name__)} adapter",
+            field="basis",
+        )
     same_result = ("share_prefix",)  # settings that change speed, not the trained adapter
-    signature = {"train_config": {k: v for k, v in asdict(cfg).items() if k not in same_result},
-                 "adapter_config": adapter.config.to_dict(),
-                 "family": adapter.meta.get("family", "innerpissa"),
-                 "train_pairs_sha256": pairs_sha256(train_pairs), "val_pairs_sha256": pairs_sha256(val_pairs),
-                 "base_fingerprint": adapter.base_fingerprint, "loss": loss_id}
+    signature = {
+        "train_config": {k: v for k, v in asdict(cfg).items() if k not in same_result},
+        "adapter_config": adapter.config.to_dict(),
+        "family": adapter.meta.get("family", "innerpissa"),
+        "train_pairs_sha256": pairs_sha256(train_pairs),
+        "val_pairs_sha256": pairs_sha256(val_pairs),
+        "base_fingerprint": adapter.base_fingerprint,
+        "loss": loss_id,
+    }
     signature = json.loads(json.dumps(signature))  # tuples -> lists, as read back from run_state.json
     start = 0
     if run is not None:
         start = _prepare_run_dir(run, signature, overwrite)
     pref = preference_direction(adapter, tokenizer, train_pairs, cfg)
     block = decoder_blocks(model)[pref.block_index]
-    cache = None if needs_full_distribution(cfg.objective) else reference_cache(
-        adapter, tokenizer, train_pairs, cfg, block, only=scheduled_pairs(len(train_pairs), cfg, total))
-    adapter.meta.update({
-        "loss": loss_id,
-        "train_config": asdict(cfg),
-        "coeff_range": [-1.0, 1.0],
-        "preference_direction": pref.to_meta(),
-    })
-    params = list(adapter.parameters()) if not isinstance(adapter, Adapter) else \
-        [p for p in adapter.parameters() if p.requires_grad]
+    cache = (
+        None
+        if needs_full_distribution(cfg.objective)
+        else reference_cache(
+            adapter, tokenizer, train_pairs, cfg, block, only=scheduled_pairs(len(train_pairs), cfg, total)
+        )
+    )
+    adapter.meta.update(
+        {
+            "loss": loss_id,
+            "train_config": asdict(cfg),
+            "coeff_range": [-1.0, 1.0],
+            "preference_direction": pref.to_meta(),
+        }
+    )
+    params = (
+        list(adapter.parameters())
+        if not isinstance(adapter, Adapter)
+        else [p for p in adapter.parameters() if p.requires_grad]
+    )
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = _scheduler(opt, cfg, total)
     if run is not None:
@@ -706,12 +829,21 @@ def train(adapter: Adapter, tokenizer, train_pairs: list[ContrastivePair], val_p
         if cfg.max_angle > 0 and isinstance(adapter, Adapter):
             bound_rotations(adapter, cfg.max_angle)
         if not all(torch.isfinite(p).all() for p in params):
-            raise TrainingDivergedError(f"adapter parameters became non-finite at step {step + 1}; lower --lr "
-                                        f"(now {cfg.lr:g}) and rerun with --overwrite", field="lr")
-        m.update(step=step + 1, seconds=time.perf_counter() - t0, lr=sched.get_last_lr()[0], omega=omega,
-                 **(adapter_stats(adapter) if isinstance(adapter, Adapter) else adapter.stats()))
-        bar.set_postfix(loss=f"{m['loss']:.3f}", sep=f"+{m['ds_plus']:.2f}/-{m['ds_minus']:.2f}",
-                        dnll=f"{m['dnll']:.3f}")
+            raise TrainingDivergedError(
+                f"adapter parameters became non-finite at step {step + 1}; lower --lr "
+                f"(now {cfg.lr:g}) and rerun with --overwrite",
+                field="lr",
+            )
+        m.update(
+            step=step + 1,
+            seconds=time.perf_counter() - t0,
+            lr=sched.get_last_lr()[0],
+            omega=omega,
+            **(adapter_stats(adapter) if isinstance(adapter, Adapter) else adapter.stats()),
+        )
+        bar.set_postfix(
+            loss=f"{m['loss']:.3f}", sep=f"+{m['ds_plus']:.2f}/-{m['ds_minus']:.2f}", dnll=f"{m['dnll']:.3f}"
+        )
         records = [m]
         if (step + 1) % cfg.val_every == 0 or step + 1 == total:
             last_val = validate(adapter, tokenizer, val_pairs, pref, cfg, block)
@@ -722,9 +854,13 @@ def train(adapter: Adapter, tokenizer, train_pairs: list[ContrastivePair], val_p
                     f.write(json.dumps(r, allow_nan=False) + "\n")
             if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
                 (run / "checkpoint").mkdir(exist_ok=True)
-                state = {"adapter": adapter.state_dict(), "optimizer": opt.state_dict(),
-                         "scheduler": sched.state_dict(), "step": step + 1}
-                atomic_write(run / "checkpoint" / "state.pt", lambda p: torch.save(state, p))
+                state = {
+                    "adapter": adapter.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "step": step + 1,
+                }
+                atomic_write(run / "checkpoint" / "state.pt", lambda p, state=state: torch.save(state, p))
                 _write_run_state(run, signature, step + 1, False)
     if run is not None:
         adapter.save(run / "adapter")
@@ -737,9 +873,11 @@ def _check_divergence(loss: float, first: float, step: int, cfg: TrainConfig) ->
     """Raise TrainingDivergedError when ``loss`` is non-finite or > max_loss_factor × max(1, first)."""
     limit = cfg.max_loss_factor * max(1.0, first)
     if not math.isfinite(loss) or loss > limit:
-        raise TrainingDivergedError(f"training diverged at step {step}: loss {loss:.4g} (first step {first:.4g}, "
-                                    f"limit {limit:.4g}); lower --lr (now {cfg.lr:g}) and rerun with --overwrite",
-                                    field="lr")
+        raise TrainingDivergedError(
+            f"training diverged at step {step}: loss {loss:.4g} (first step {first:.4g}, "
+            f"limit {limit:.4g}); lower --lr (now {cfg.lr:g}) and rerun with --overwrite",
+            field="lr",
+        )
 
 
 def _next_batch(order: list[int], gen: random.Random, n: int, k: int) -> tuple[list[int], list[int]]:
@@ -752,14 +890,15 @@ def _next_batch(order: list[int], gen: random.Random, n: int, k: int) -> tuple[l
 
 
 @torch.no_grad()
-def validate(adapter: Adapter, tokenizer, pairs: list[ContrastivePair], pref: Ruler,
-             cfg: TrainConfig, block: torch.nn.Module) -> dict:
+def validate(
+    adapter: Adapter, tokenizer, pairs: list[ContrastivePair], pref: Ruler, cfg: TrainConfig, block: torch.nn.Module
+) -> dict:
     """Mean loss terms of ``cfg.objective`` on the first ``cfg.val_pairs`` held-out pairs (no grad, ω = 1)."""
     totals: dict[str, float] = {}
     n = 0
-    pairs = pairs[:cfg.val_pairs]
+    pairs = pairs[: cfg.val_pairs]
     for i in range(0, len(pairs), cfg.batch_pairs):
-        chunk = pairs[i:i + cfg.batch_pairs]
+        chunk = pairs[i : i + cfg.batch_pairs]
         free = tokenize_neutral(tokenizer, chunk, cfg.max_suffix_tokens) if needs_neutral(cfg.objective) else None
         _, m = reprpo_loss(adapter, tokenize_pairs(tokenizer, chunk, cfg.max_suffix_tokens), pref, cfg, block, free)
         for k, v in m.items():

@@ -23,18 +23,19 @@ import torch
 from torch import nn
 
 from .adapter.model import UnsupportedArchitectureError, decoder_blocks, hidden_size, residual_writers
+from .contrasts import TOUR_GUIDE, ContrastTemplate, ManifestRow, continuation_pairs, render_contrasts
 from .eval.datasets import NEUTRAL_TEXTS
 from .eval.engines import continuation_logprobs, text_nll
 from .eval.methods import VectorMethod, last_token_states
 from .eval.metrics import bootstrap_ci, item_slopes
-from .contrasts import TOUR_GUIDE, ContrastTemplate, ManifestRow, continuation_pairs, render_contrasts
 from .procrustes import AlignmentMap, cosine, fit_alignment
 from .train import left_pad
 
 
 @torch.no_grad()
-def continuation_logprob(model: nn.Module, tokenizer, prompts: list[str], continuations: list[str],
-                         batch_size: int = 16) -> np.ndarray:
+def continuation_logprob(
+    model: nn.Module, tokenizer, prompts: list[str], continuations: list[str], batch_size: int = 16
+) -> np.ndarray:
     """Mean per-token log-probability (nats/token) of each continuation after its prompt, (n,)."""
     rows = continuation_logprobs(model, tokenizer, prompts, continuations, batch_size)
     return np.array([total / max(n, 1) for total, n in rows])
@@ -43,8 +44,9 @@ def continuation_logprob(model: nn.Module, tokenizer, prompts: list[str], contin
 def _contrast_score(model, tokenizer, triples, batch_size: int = 16) -> np.ndarray:
     """Per row: mean log p(positive continuation) − mean log p(negative continuation), nats/token."""
     prompts = [t[0] for t in triples]
-    return (continuation_logprob(model, tokenizer, prompts, [t[1] for t in triples], batch_size)
-            - continuation_logprob(model, tokenizer, prompts, [t[2] for t in triples], batch_size))
+    return continuation_logprob(model, tokenizer, prompts, [t[1] for t in triples], batch_size) - continuation_logprob(
+        model, tokenizer, prompts, [t[2] for t in triples], batch_size
+    )
 
 
 @dataclass
@@ -99,13 +101,26 @@ class AlignResult:
     meta: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {"config": asdict(self.config), "teacher_layer": self.teacher_layer,
-                "student_layer": self.student_layer, "k": self.map.k, "residual": self.map.residual,
-                "separation": self.separation, "steering": self.steering, **self.meta}
+        return {
+            "config": asdict(self.config),
+            "teacher_layer": self.teacher_layer,
+            "student_layer": self.student_layer,
+            "k": self.map.k,
+            "residual": self.map.residual,
+            "separation": self.separation,
+            "steering": self.steering,
+            **self.meta,
+        }
 
 
-def align(teacher, student, rows: list[ManifestRow], template: ContrastTemplate = TOUR_GUIDE,
-          cfg: TransferConfig | None = None, progress=print) -> AlignResult:
+def align(
+    teacher,
+    student,
+    rows: list[ManifestRow],
+    template: ContrastTemplate = TOUR_GUIDE,
+    cfg: TransferConfig | None = None,
+    progress=print,
+) -> AlignResult:
     """Read contrasts in both models, fit the weighted Procrustes map, and measure separation on held-out rows.
 
     Args:
@@ -143,8 +158,7 @@ def align(teacher, student, rows: list[ManifestRow], template: ContrastTemplate 
             keep = [j for j in range(len(names)) if j != i]
             k_loco = min(cfg.k, len(train) * len(keep))
             wts = torch.tensor([x for j in keep for x in [cfg.weights.get(names[j], cfg.default_weight)] * len(train)])
-            loco[name] = fit_alignment(torch.cat([dt[j] for j in keep]), torch.cat([ds[j] for j in keep]), k_loco,
-                                       wts)
+            loco[name] = fit_alignment(torch.cat([dt[j] for j in keep]), torch.cat([ds[j] for j in keep]), k_loco, wts)
     gen = torch.Generator().manual_seed(cfg.seed)
     mapped, rand, sep = {}, {}, {}
     for name, (pos, neg, _, _) in template.contrasts.items():
@@ -164,16 +178,19 @@ def align(teacher, student, rows: list[ManifestRow], template: ContrastTemplate 
         }
         if name in loco:
             sep[name]["cos_heldout_loco_vs_own"] = cosine(loco[name].map(held_t), held_s)
-            sep[name]["auroc_loco"] = _auroc((s_pos @ loco[name].map(teacher_dirs[name])).numpy(),
-                                             (s_neg @ loco[name].map(teacher_dirs[name])).numpy())
+            sep[name]["auroc_loco"] = _auroc(
+                (s_pos @ loco[name].map(teacher_dirs[name])).numpy(),
+                (s_neg @ loco[name].map(teacher_dirs[name])).numpy(),
+            )
         for label, vec in (("mapped", mapped[name]), ("own", own), ("random", rand[name])):
             sep[name][f"auroc_{label}"] = _auroc((s_pos @ vec).numpy(), (s_neg @ vec).numpy())
     meta = {"n_train_items": len(train), "n_heldout_items": len(held), "contrasts": list(template.contrasts)}
     return AlignResult(cfg, lt, ls, amap, teacher_dirs, student_dirs, mapped, rand, sep, meta=meta)
 
 
-def steering_effects(result: AlignResult, student, rows: list[ManifestRow], template: ContrastTemplate = TOUR_GUIDE,
-                     progress=print) -> dict:
+def steering_effects(
+    result: AlignResult, student, rows: list[ManifestRow], template: ContrastTemplate = TOUR_GUIDE, progress=print
+) -> dict:
     """Steer the student at its block with mapped / own / random directions (equal norm = ‖own‖) over the sweep.
 
     Score per held-out row: mean log p(positive continuation) − mean log p(negative continuation), nats/token,
@@ -190,8 +207,11 @@ def steering_effects(result: AlignResult, student, rows: list[ManifestRow], temp
     for name in template.contrasts:
         triples = continuation_pairs(student.tokenizer, held_rows, name, template)
         own = result.student_dirs[name]
-        vectors = {"mapped": result.mapped_dirs[name] / result.mapped_dirs[name].norm() * own.norm(),
-                   "own": own, "random": result.random_dirs[name]}
+        vectors = {
+            "mapped": result.mapped_dirs[name] / result.mapped_dirs[name].norm() * own.norm(),
+            "own": own,
+            "random": result.random_dirs[name],
+        }
         out[name] = {}
         base = _contrast_score(student.model, student.tokenizer, triples, cfg.batch_size)  # c = 0, all methods
         for method, vec in vectors.items():
@@ -209,7 +229,8 @@ def steering_effects(result: AlignResult, student, rows: list[ManifestRow], temp
             slopes = item_slopes(a, coeffs)
             lo, hi = bootstrap_ci(slopes, seed=cfg.seed)
             out[name][method] = {
-                "slope": float(slopes.mean()), "ci": [lo, hi],
+                "slope": float(slopes.mean()),
+                "ci": [lo, hi],
                 "shift": {float(c): float((a[i] - a[i0]).mean()) for i, c in enumerate(coeffs)},
                 "dnll": {float(c): float(x) for c, x in zip(coeffs, dnll)},
                 "norm": float(vec.norm()),
@@ -218,8 +239,9 @@ def steering_effects(result: AlignResult, student, rows: list[ManifestRow], temp
     return out
 
 
-def projection_effects(result: AlignResult, student, rows: list[ManifestRow],
-                       template: ContrastTemplate = TOUR_GUIDE, progress=print) -> dict:
+def projection_effects(
+    result: AlignResult, student, rows: list[ManifestRow], template: ContrastTemplate = TOUR_GUIDE, progress=print
+) -> dict:
     """Project each trait direction out of the student (``project_out``: every residual write) and measure it.
 
     For each contrast other than N−S and E−W (the traits), with the mapped teacher direction, the student's own
@@ -239,8 +261,11 @@ def projection_effects(result: AlignResult, student, rows: list[ManifestRow],
         triples = continuation_pairs(student.tokenizer, held_rows, name, template)
         base = _contrast_score(student.model, student.tokenizer, triples)
         out[name] = {}
-        for method, vec in (("mapped", result.mapped_dirs[name]), ("own", result.student_dirs[name]),
-                            ("random", result.random_dirs[name])):
+        for method, vec in (
+            ("mapped", result.mapped_dirs[name]),
+            ("own", result.student_dirs[name]),
+            ("random", result.random_dirs[name]),
+        ):
             progress(f"projecting out {name} ({method} direction)")
             with project_out(student.model, [vec]):
                 delta = _contrast_score(student.model, student.tokenizer, triples) - base
@@ -250,8 +275,9 @@ def projection_effects(result: AlignResult, student, rows: list[ManifestRow],
     if traits:
         name = traits[0]
         text = [p + c for p, c, _ in continuation_pairs(student.tokenizer, held_rows[:4], name, template)]
-        ids, mask, posid = left_pad([student.tokenizer(t, add_special_tokens=False)["input_ids"] for t in text],
-                                    student.tokenizer.pad_token_id)
+        ids, mask, posid = left_pad(
+            [student.tokenizer(t, add_special_tokens=False)["input_ids"] for t in text], student.tokenizer.pad_token_id
+        )
 
         def logits(m):
             return m(input_ids=ids, attention_mask=mask, position_ids=posid, use_cache=False).logits[mask.bool()]
@@ -261,13 +287,16 @@ def projection_effects(result: AlignResult, student, rows: list[ManifestRow],
                 want = logits(student.model).float()
             folded = copy.deepcopy(student.model)
             fold_projection(folded, [result.mapped_dirs[name]])
-            out["_fold_check"] = {"contrast": name,
-                                  "max_abs_logit_diff": float((logits(folded).float() - want).abs().max())}
+            out["_fold_check"] = {
+                "contrast": name,
+                "max_abs_logit_diff": float((logits(folded).float() - want).abs().max()),
+            }
     result.meta["projection"] = out
     return out
 
 
 # ---- one-time weight edits ----
+
 
 def fold_addition(model: nn.Module, layer: int, vector: torch.Tensor) -> None:
     """Fold "add ``vector`` to block ``layer``'s output" into the weights, in place: a bias on its MLP down projection.
@@ -282,15 +311,17 @@ def fold_addition(model: nn.Module, layer: int, vector: torch.Tensor) -> None:
     if not hasattr(cfg, "mlp_bias"):
         raise UnsupportedArchitectureError(
             f"{type(model).__name__}: folding an addition needs an MLP that writes the residual directly and a "
-            "config with mlp_bias (Llama family); use hook-based steering for this model")
+            "config with mlp_bias (Llama family); use hook-based steering for this model"
+        )
     blocks = decoder_blocks(model)
     d = hidden_size(model)
-    for i, block in enumerate(blocks):
+    for block in blocks:
         mlp_name = residual_writers(block, d)["mlp"][0].split(".")[0]
         for lin in getattr(block, mlp_name).modules():
             if isinstance(lin, nn.Linear) and lin.bias is None:
-                lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype,
-                                                    device=lin.weight.device), requires_grad=False)
+                lin.bias = nn.Parameter(
+                    torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device), requires_grad=False
+                )
     cfg.mlp_bias = True
     _, down = residual_writers(blocks[layer], d)["mlp"]
     with torch.no_grad():
@@ -349,8 +380,16 @@ def fold_projection(model: nn.Module, directions: list[torch.Tensor]) -> None:
 
 
 @torch.no_grad()
-def fold_check(result: AlignResult, student, contrast: str, coeff: float, out_dir, rows: list[ManifestRow],
-               template: ContrastTemplate = TOUR_GUIDE, overwrite: bool = False) -> dict:
+def fold_check(
+    result: AlignResult,
+    student,
+    contrast: str,
+    coeff: float,
+    out_dir,
+    rows: list[ManifestRow],
+    template: ContrastTemplate = TOUR_GUIDE,
+    overwrite: bool = False,
+) -> dict:
     """Fold coeff·(mapped teacher direction, scaled to the own norm) into a copy of the student, save it as a
     transformers checkpoint in ``out_dir``, and compare its logits with hook-based steering on held-out prompts.
 
@@ -383,74 +422,119 @@ def fold_check(result: AlignResult, student, contrast: str, coeff: float, out_di
     def fill(tmp: Path):
         folded.save_pretrained(tmp)
         student.tokenizer.save_pretrained(tmp)
-        (tmp / "innerpissa_export.json").write_text(json.dumps({
-            "kind": "folded-transfer", "contrast": contrast, "coefficient": coeff, "block": result.student_layer,
-            "vector_norm": float(vec.norm()), "note": "mapped teacher direction added at this block as an MLP bias"},
-            indent=2))
+        (tmp / "innerpissa_export.json").write_text(
+            json.dumps(
+                {
+                    "kind": "folded-transfer",
+                    "contrast": contrast,
+                    "coefficient": coeff,
+                    "block": result.student_layer,
+                    "vector_norm": float(vec.norm()),
+                    "note": "mapped teacher direction added at this block as an MLP bias",
+                },
+                indent=2,
+            )
+        )
 
     path = atomic_dir(Path(out_dir), fill, overwrite)
     reloaded = AutoModelForCausalLM.from_pretrained(path).eval()
     diff_reloaded = float((logits(reloaded) - want).abs().max())
-    return {"contrast": contrast, "coeff": coeff, "max_abs_logit_diff_folded": diff_folded,
-            "max_abs_logit_diff_reloaded": diff_reloaded, "logit_scale": float(want.abs().max()), "path": str(path)}
+    return {
+        "contrast": contrast,
+        "coeff": coeff,
+        "max_abs_logit_diff_folded": diff_folded,
+        "max_abs_logit_diff_reloaded": diff_reloaded,
+        "logit_scale": float(want.abs().max()),
+        "path": str(path),
+    }
 
 
 def transfer_report(result: AlignResult) -> str:
     """Markdown report of ``align`` (+ ``steering_effects`` and ``fold_check`` when they ran)."""
     m = result.meta
     lines = [
-        "# Cross-model transfer report", "",
+        "# Cross-model transfer report",
+        "",
         f"Teacher `{m.get('teacher', '?')}` block {result.teacher_layer}; student `{m.get('student', '?')}` block "
         f"{result.student_layer}. Manifest `{m.get('manifest', '?')}`: {m['n_train_items']} train items, "
         f"{m['n_heldout_items']} held-out items (rows × suffixes). Task subspace k = {result.map.k}; weighted "
         f"Procrustes residual on the train differences {result.map.residual:.3f} (0 = perfect, ~2 = unrelated).",
-        "", "## Separation on held-out rows (student activations)", "",
+        "",
+        "## Separation on held-out rows (student activations)",
+        "",
         "cos(mapped, own): mapped teacher direction vs the student's own, from train rows and from held-out rows "
-        "only. LOCO: the map refitted without that contrast's rows (leave one contrast out), applied to it.", "",
+        "only. LOCO: the map refitted without that contrast's rows (leave one contrast out), applied to it.",
+        "",
         "| contrast | cos(mapped, own) train | cos held-out | cos held-out, LOCO map | AUROC mapped | AUROC LOCO "
         "| AUROC own | AUROC random |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, s in result.separation.items():
-        lines.append(f"| {name} | {s['cos_mapped_vs_own']:+.3f} | {s['cos_heldout_mapped_vs_own']:+.3f} | "
-                     f"{s.get('cos_heldout_loco_vs_own', float('nan')):+.3f} | {s['auroc_mapped']:.3f} | "
-                     f"{s.get('auroc_loco', float('nan')):.3f} | {s['auroc_own']:.3f} | {s['auroc_random']:.3f} |")
+        lines.append(
+            f"| {name} | {s['cos_mapped_vs_own']:+.3f} | {s['cos_heldout_mapped_vs_own']:+.3f} | "
+            f"{s.get('cos_heldout_loco_vs_own', float('nan')):+.3f} | {s['auroc_mapped']:.3f} | "
+            f"{s.get('auroc_loco', float('nan')):.3f} | {s['auroc_own']:.3f} | {s['auroc_random']:.3f} |"
+        )
     if result.steering:
         cs = result.config.coeffs
-        lines += ["", "## Steering the student (held-out rows)", "",
-                  "Score = mean log p(positive continuation) − mean log p(negative continuation), nats/token. "
-                  "Slope per unit c (c in units of the student's own direction norm) with 95 % bootstrap CI over "
-                  f"rows; ΔNLL on neutral text at c = {min(cs):+g} / {max(cs):+g}.", "",
-                  "| contrast | direction | slope [95 % CI] | shift at c = " + " / ".join(f"{c:+g}" for c in cs) +
-                  " | ΔNLL |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Steering the student (held-out rows)",
+            "",
+            "Score = mean log p(positive continuation) − mean log p(negative continuation), nats/token. "
+            "Slope per unit c (c in units of the student's own direction norm) with 95 % bootstrap CI over "
+            f"rows; ΔNLL on neutral text at c = {min(cs):+g} / {max(cs):+g}.",
+            "",
+            "| contrast | direction | slope [95 % CI] | shift at c = "
+            + " / ".join(f"{c:+g}" for c in cs)
+            + " | ΔNLL |",
+            "|---|---|---|---|---|",
+        ]
         for name, per in result.steering.items():
             for method, r in per.items():
                 shifts = " / ".join(f"{r['shift'][float(c)]:+.3f}" for c in cs)
-                lines.append(f"| {name} | {method} | {r['slope']:+.3f} [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}] | "
-                             f"{shifts} | {r['dnll'][float(min(cs))]:+.3f} / {r['dnll'][float(max(cs))]:+.3f} |")
+                lines.append(
+                    f"| {name} | {method} | {r['slope']:+.3f} [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}] | "
+                    f"{shifts} | {r['dnll'][float(min(cs))]:+.3f} / {r['dnll'][float(max(cs))]:+.3f} |"
+                )
     if "projection" in m:
         pr = m["projection"]
-        lines += ["", "## Projecting trait directions out of the student (held-out rows)", "",
-                  "Δ score (nats/token) when the direction is removed from every residual write; negative = the "
-                  "trait's sentence became less likely relative to generic text. 95 % bootstrap CI over rows.", "",
-                  "| trait | mapped teacher: Δ [CI], ΔNLL | own: Δ [CI], ΔNLL | random: Δ [CI], ΔNLL |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "## Projecting trait directions out of the student (held-out rows)",
+            "",
+            "Δ score (nats/token) when the direction is removed from every residual write; negative = the "
+            "trait's sentence became less likely relative to generic text. 95 % bootstrap CI over rows.",
+            "",
+            "| trait | mapped teacher: Δ [CI], ΔNLL | own: Δ [CI], ΔNLL | random: Δ [CI], ΔNLL |",
+            "|---|---|---|---|",
+        ]
         for name, per in pr.items():
             if name.startswith("_"):
                 continue
-            cells = [f"{r['delta']:+.3f} [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}], {r['dnll']:+.3f}"
-                     for r in (per["mapped"], per["own"], per["random"])]
+            cells = [
+                f"{r['delta']:+.3f} [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}], {r['dnll']:+.3f}"
+                for r in (per["mapped"], per["own"], per["random"])
+            ]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         if "_fold_check" in pr:
             fc = pr["_fold_check"]
-            lines += ["", f"Folded projection ({fc['contrast']}, mapped direction, all writers + embeddings) vs hook: "
-                      f"max |Δ logit| {fc['max_abs_logit_diff']:.2e}."]
+            lines += [
+                "",
+                f"Folded projection ({fc['contrast']}, mapped direction, all writers + embeddings) vs hook: "
+                f"max |Δ logit| {fc['max_abs_logit_diff']:.2e}.",
+            ]
     if "fold" in m:
         f = m["fold"]
-        lines += ["", "## Folded weight edit", "",
-                  f"{f['contrast']} at c = {f['coeff']:g} folded into block {result.student_layer}'s MLP bias and "
-                  f"saved to `{f['path']}`: max |Δ logit| vs hook steering {f['max_abs_logit_diff_folded']:.2e} "
-                  f"(in memory), {f['max_abs_logit_diff_reloaded']:.2e} (reloaded); logits reach "
-                  f"{f['logit_scale']:.1f}."]
+        lines += [
+            "",
+            "## Folded weight edit",
+            "",
+            f"{f['contrast']} at c = {f['coeff']:g} folded into block {result.student_layer}'s MLP bias and "
+            f"saved to `{f['path']}`: max |Δ logit| vs hook steering {f['max_abs_logit_diff_folded']:.2e} "
+            f"(in memory), {f['max_abs_logit_diff_reloaded']:.2e} (reloaded); logits reach "
+            f"{f['logit_scale']:.1f}.",
+        ]
     if "command" in m:
         lines += ["", f"Command: `{m['command']}` ({m.get('minutes', '?')} min)."]
     return "\n".join(lines) + "\n"

@@ -49,18 +49,26 @@ import itertools
 import json
 import math
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tomllib
 
 from .errors import ConfigError
 
 TUNE_DEFAULTS: dict[str, Any] = {
-    "model": None, "concept": "honesty", "seed": 0, "rungs": [0.5, 2.0], "keep": 0.34, "kl_budget": 0.05,
-    "n_target": 64, "n_other": 16, "coeffs": [-2.0, -1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0, 2.0],
-    "baselines": ["prompting", "pca", "mean-diff"], "batch_size": 32,
+    "model": None,
+    "concept": "honesty",
+    "seed": 0,
+    "rungs": [0.5, 2.0],
+    "keep": 0.34,
+    "kl_budget": 0.05,
+    "n_target": 64,
+    "n_other": 16,
+    "coeffs": [-2.0, -1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0, 2.0],
+    "baselines": ["prompting", "pca", "mean-diff"],
+    "batch_size": 32,
 }
 
 
@@ -108,9 +116,13 @@ def _split_params(params: dict[str, Any], source: str) -> tuple[dict, dict]:
         elif group == "adapter" and name in adapter_fields and name != "seed":
             ad[name] = None if name == "depth_range" and value is None else value
         else:
-            raise ConfigError(f"unknown setting {key!r}; use train.<field> ({', '.join(sorted(train_fields))}) or "
-                              f"adapter.<field> ({', '.join(sorted(adapter_fields))}); seed and epochs come from "
-                              "[tune]", path=source, field=key)
+            raise ConfigError(
+                f"unknown setting {key!r}; use train.<field> ({', '.join(sorted(train_fields))}) or "
+                f"adapter.<field> ({', '.join(sorted(adapter_fields))}); seed and epochs come from "
+                "[tune]",
+                path=source,
+                field=key,
+            )
     if "depth_range" in ad and isinstance(ad["depth_range"], list):  # TOML has no null: [start] = to L − 3
         dr = ad["depth_range"]
         ad["depth_range"] = (dr[0], dr[1] if len(dr) > 1 else None)
@@ -153,8 +165,11 @@ def load_grid(path: str | Path) -> Grid:
             raise ConfigError(f"[grid] {k} must be a non-empty list of values, got {v!r}", path=path, field=k)
         n_keys = len(k.split(","))
         if n_keys > 1 and not all(isinstance(x, list) and len(x) == n_keys for x in v):
-            raise ConfigError(f"[grid] joint axis {k} needs a list of {n_keys}-element lists (one value per key), "
-                              f"got {v!r}", path=path, field=k)
+            raise ConfigError(
+                f"[grid] joint axis {k} needs a list of {n_keys}-element lists (one value per key), got {v!r}",
+                path=path,
+                field=k,
+            )
         axes[k] = v
     grid = Grid(tune, dict(raw.get("fixed", {})), axes, str(path))
     from .adapter.config import AdapterConfig
@@ -170,8 +185,12 @@ def load_grid(path: str | Path) -> Grid:
         except TypeError as e:
             raise ConfigError(f"bad setting in trial {trial}: {e}", path=path) from None
         if trial.get("family") == "lora" and tcfg.basis != "pca":
-            raise ConfigError(f"trial {trial}: family lora needs train.basis = \"pca\" (there are no singular "
-                              "vectors to read the loss in)", path=path, field="train.basis")
+            raise ConfigError(
+                f'trial {trial}: family lora needs train.basis = "pca" (there are no singular '
+                "vectors to read the loss in)",
+                path=path,
+                field="train.basis",
+            )
     return grid
 
 
@@ -189,16 +208,27 @@ def score_row(results: dict, method: str, targets: dict[str, int]) -> dict:
     """One row of numbers for ``method`` from a dev-split ``run_suite`` result (see module docstring)."""
     m = results["methods"][method]
     ds = m["datasets"]
-    row: dict[str, Any] = {"kl_coeff": m["kl_coeff"], "budget_reached": m["budget_reached"],
-                           "kl_at_coeff": m["kl_at_coeff"], "abs_dnll": m["abs_dnll_at_budget"], "targets": {}}
+    row: dict[str, Any] = {
+        "kl_coeff": m["kl_coeff"],
+        "budget_reached": m["budget_reached"],
+        "kl_at_coeff": m["kl_at_coeff"],
+        "abs_dnll": m["abs_dnll_at_budget"],
+        "targets": {},
+    }
     signed = []
     for name, sign in targets.items():
         r = ds[name]
         signed.append(sign * r["effect"])
-        row["targets"][name] = {"sign": sign, "n_items": r["n_items"], "effect": r["effect"], "ci": r["ci"],
-                                "bias": r["bias"],
-                                "spearman": r.get("spearman"), "neg_side": r.get("effect_neg_side"),
-                                "pos_side": r.get("effect_pos_side")}
+        row["targets"][name] = {
+            "sign": sign,
+            "n_items": r["n_items"],
+            "effect": r["effect"],
+            "ci": r["ci"],
+            "bias": r["bias"],
+            "spearman": r.get("spearman"),
+            "neg_side": r.get("effect_neg_side"),
+            "pos_side": r.get("effect_pos_side"),
+        }
     others = [d for d, info in results["datasets"].items() if info["labelled"] and d not in targets]
     row["score"] = float(np.mean(signed))
     row["off_abs_bias"] = float(np.mean([abs(ds[d]["bias"]) for d in others])) if others else None
@@ -248,9 +278,19 @@ def _evaluate(ctx: _Context, methods: list, grid: Grid) -> dict:
     from .eval.suite import run_suite
 
     t = grid.tune
-    return run_suite(ctx.engine, methods, ctx.datasets, seed=t["seed"], kl_budget=t["kl_budget"],
-                     targets=ctx.targets, concept=t["concept"], progress=False, report_split="dev",
-                     splits=ctx.splits, budget_first=True)
+    return run_suite(
+        ctx.engine,
+        methods,
+        ctx.datasets,
+        seed=t["seed"],
+        kl_budget=t["kl_budget"],
+        targets=ctx.targets,
+        concept=t["concept"],
+        progress=False,
+        report_split="dev",
+        splits=ctx.splits,
+        budget_first=True,
+    )
 
 
 def _append(path: Path, row: dict) -> None:
@@ -278,11 +318,22 @@ def _run_trial(ctx: _Context, grid: Grid, params: dict, key: str, rung: int, epo
         from .adapter.model import load_adapter
 
         t1 = time.perf_counter()
-        res = _evaluate(ctx, [AdapterMethod(load_adapter(ctx.lm.model, run_dir / "adapter"),
-                                            coeffs=tuple(t["coeffs"]), name=family)], grid)
+        res = _evaluate(
+            ctx,
+            [AdapterMethod(load_adapter(ctx.lm.model, run_dir / "adapter"), coeffs=tuple(t["coeffs"]), name=family)],
+            grid,
+        )
         row = score_row(res, family, ctx.targets)
-        row.update(kind="trial", key=key, rung=rung, epochs=epochs, params=params, train_minutes=None,
-                   eval_minutes=(time.perf_counter() - t1) / 60, steps=tcfg.total_steps(len(ctx.split.train)))
+        row.update(
+            kind="trial",
+            key=key,
+            rung=rung,
+            epochs=epochs,
+            params=params,
+            train_minutes=None,
+            eval_minutes=(time.perf_counter() - t1) / 60,
+            steps=tcfg.total_steps(len(ctx.split.train)),
+        )
         return row
     if family == "lora":
         from .adapter.lora import LoRASteering
@@ -292,8 +343,9 @@ def _run_trial(ctx: _Context, grid: Grid, params: dict, key: str, rung: int, epo
         adapter = attach(ctx.lm.model, acfg, meta=meta, pairs=list(ctx.split.train), tokenizer=ctx.lm.tokenizer)
     t0 = time.perf_counter()
     try:
-        train(adapter, ctx.lm.tokenizer, list(ctx.split.train), list(ctx.split.val), tcfg, run_dir=run_dir,
-              progress=False)
+        train(
+            adapter, ctx.lm.tokenizer, list(ctx.split.train), list(ctx.split.val), tcfg, run_dir=run_dir, progress=False
+        )
     finally:
         if family == "lora":
             trained, _ = adapter.to_adapter(), adapter.remove()
@@ -303,8 +355,16 @@ def _run_trial(ctx: _Context, grid: Grid, params: dict, key: str, rung: int, epo
     t1 = time.perf_counter()
     res = _evaluate(ctx, [AdapterMethod(adapter, coeffs=tuple(t["coeffs"]), name=family)], grid)
     row = score_row(res, family, ctx.targets)
-    row.update(kind="trial", key=key, rung=rung, epochs=epochs, params=params, train_minutes=train_min,
-               eval_minutes=(time.perf_counter() - t1) / 60, steps=tcfg.total_steps(len(ctx.split.train)))
+    row.update(
+        kind="trial",
+        key=key,
+        rung=rung,
+        epochs=epochs,
+        params=params,
+        train_minutes=train_min,
+        eval_minutes=(time.perf_counter() - t1) / 60,
+        steps=tcfg.total_steps(len(ctx.split.train)),
+    )
     return row
 
 
@@ -329,14 +389,22 @@ def run_search(grid_path: str | Path, out: str | Path, data_dir=None, log=print)
             continue
         from .eval.methods import build_methods
 
-        methods = build_methods(ctx.lm.model, ctx.lm.tokenizer, None, list(ctx.split.train), t["seed"], (name,),
-                                engine=ctx.engine if hasattr(ctx.engine, "add_control_vector") else None,
-                                instruction=ctx.concept.instruction,
-                                layers=None if name == "prompting" else _vector_layers(ctx, grid))
+        methods = build_methods(
+            ctx.lm.model,
+            ctx.lm.tokenizer,
+            None,
+            list(ctx.split.train),
+            t["seed"],
+            (name,),
+            engine=ctx.engine if hasattr(ctx.engine, "add_control_vector") else None,
+            instruction=ctx.concept.instruction,
+            layers=None if name == "prompting" else _vector_layers(ctx, grid),
+        )
         t1 = time.perf_counter()
         row = score_row(_evaluate(ctx, methods, grid), name, ctx.targets)
-        row.update(kind="baseline", key=key, rung=None, params={"method": name},
-                   eval_minutes=(time.perf_counter() - t1) / 60)
+        row.update(
+            kind="baseline", key=key, rung=None, params={"method": name}, eval_minutes=(time.perf_counter() - t1) / 60
+        )
         _append(rows_path, row)
         rows.append(row)
         done[(key, None, None)] = row
@@ -352,11 +420,13 @@ def run_search(grid_path: str | Path, out: str | Path, data_dir=None, log=print)
             _append(rows_path, row)
             rows.append(row)
             done[(key, rung, epochs)] = row
-            log(f"  score {row['score']:+.3f} (C_b {row['kl_coeff']:.3g}, {(row['train_minutes'] or 0):.1f} + "
-                f"{row['eval_minutes']:.1f} min)")
+            log(
+                f"  score {row['score']:+.3f} (C_b {row['kl_coeff']:.3g}, {(row['train_minutes'] or 0):.1f} + "
+                f"{row['eval_minutes']:.1f} min)"
+            )
             write_summary(rows, out / "summary.md", grid)
         ranked = sorted(survivors, key=lambda kp: done[(kp[0], rung, epochs)]["score"], reverse=True)
-        survivors = ranked[:max(1, math.ceil(t["keep"] * len(ranked)))]
+        survivors = ranked[: max(1, math.ceil(t["keep"] * len(ranked)))]
     write_summary(rows, out / "summary.md", grid)
     return rows
 
@@ -375,18 +445,29 @@ def write_summary(rows: list[dict], path: Path, grid: Grid) -> None:
 
     t = grid.tune
     axes = grid.columns()
-    lines = [f"# Search: {t['concept']} on {t['model'] or 'embedded:smollm2'} (dev items only)", "",
-             f"Grid `{grid.source}`; seed {t['seed']}; KL budget {t['kl_budget']} nats/token; score = mean over "
-             "target sets of expected sign × balanced effect at the budget (nats).", ""]
+    lines = [
+        f"# Search: {t['concept']} on {t['model'] or 'embedded:smollm2'} (dev items only)",
+        "",
+        f"Grid `{grid.source}`; seed {t['seed']}; KL budget {t['kl_budget']} nats/token; score = mean over "
+        "target sets of expected sign × balanced effect at the budget (nats).",
+        "",
+    ]
     targets = sorted({n for r in rows for n in r.get("targets", {})})
-    head = "| " + " | ".join(["trial", *axes, "score", *[f"{n} effect [CI]" for n in targets],
-                              "bias", "ρ", "off |bias|", "C_b", "min"]) + " |"
+    head = (
+        "| "
+        + " | ".join(
+            ["trial", *axes, "score", *[f"{n} effect [CI]" for n in targets], "bias", "ρ", "off |bias|", "C_b", "min"]
+        )
+        + " |"
+    )
     sep = "|" + "---|" * (len(axes) + len(targets) + 7)
 
     def cells(r: dict) -> str:
         tg = r.get("targets", {})
-        eff = [f"{tg[n]['effect']:+.3f} [{tg[n]['ci'][0]:+.3f}, {tg[n]['ci'][1]:+.3f}]" if n in tg else "–"
-               for n in targets]
+        eff = [
+            f"{tg[n]['effect']:+.3f} [{tg[n]['ci'][0]:+.3f}, {tg[n]['ci'][1]:+.3f}]" if n in tg else "–"
+            for n in targets
+        ]
         bias = "; ".join(f"{tg[n]['bias']:+.3f}" for n in targets if n in tg)
         rho = "; ".join(f"{tg[n]['spearman']:.2f}" for n in targets if n in tg and tg[n]["spearman"] is not None)
         off = "–" if r.get("off_abs_bias") is None else f"{r['off_abs_bias']:.3f}"
@@ -394,8 +475,23 @@ def write_summary(rows: list[dict], path: Path, grid: Grid) -> None:
         name = r["key"]
         vals = [str(r["params"].get(a, "")) for a in axes] if r["kind"] == "trial" else [""] * len(axes)
         flag = "" if r["budget_reached"] else " (budget not reached)"
-        return "| " + " | ".join([name, *vals, f"{r['score']:+.3f}", *eff, bias, rho, off,
-                                  f"{r['kl_coeff']:.3g}{flag}", f"{minutes:.1f}"]) + " |"
+        return (
+            "| "
+            + " | ".join(
+                [
+                    name,
+                    *vals,
+                    f"{r['score']:+.3f}",
+                    *eff,
+                    bias,
+                    rho,
+                    off,
+                    f"{r['kl_coeff']:.3g}{flag}",
+                    f"{minutes:.1f}",
+                ]
+            )
+            + " |"
+        )
 
     base = [r for r in rows if r["kind"] == "baseline"]
     if base:
@@ -403,7 +499,13 @@ def write_summary(rows: list[dict], path: Path, grid: Grid) -> None:
     for rung, epochs in enumerate(t["rungs"]):
         rs = [r for r in rows if r["kind"] == "trial" and r["rung"] == rung]
         if rs:
-            lines += [f"## Rung {rung}: {epochs:g} epochs ({len(rs)} trials)", "", head, sep,
-                      *[cells(r) for r in sorted(rs, key=lambda r: -r["score"])], ""]
+            lines += [
+                f"## Rung {rung}: {epochs:g} epochs ({len(rs)} trials)",
+                "",
+                head,
+                sep,
+                *[cells(r) for r in sorted(rs, key=lambda r: -r["score"])],
+                "",
+            ]
     text = "\n".join(lines) + "\n"
     atomic_write(path, lambda p: Path(p).write_text(text, encoding="utf-8"))

@@ -4,5 +4,15 @@ from .config import AdapterConfig
 from .layer import InnerPiSSALayer, cayley, skew
 from .model import Adapter, UnsupportedArchitectureError, attach, decoder_blocks, find_targets, load_adapter
 
-__all__ = ["Adapter", "AdapterConfig", "InnerPiSSALayer", "UnsupportedArchitectureError", "attach", "cayley",
-           "decoder_blocks", "find_targets", "load_adapter", "skew"]
+__all__ = [
+    "Adapter",
+    "AdapterConfig",
+    "InnerPiSSALayer",
+    "UnsupportedArchitectureError",
+    "attach",
+    "cayley",
+    "decoder_blocks",
+    "find_targets",
+    "load_adapter",
+    "skew",
+]

@@ -50,6 +50,7 @@ class AdapterConfig:
         Raises:
             ConfigError: naming the field (and ``source``, e.g. the adapter_config.json path) and what is allowed.
         """
+
         def bad(field: str, want: str, got) -> ConfigError:
             return ConfigError(f"field {field!r} must be {want}, got {got!r}", path=source, field=field)
 
@@ -72,8 +73,12 @@ class AdapterConfig:
         if self.n_layers is not None and not (is_int(self.n_layers) and self.n_layers >= 1):
             raise bad("n_layers", "an integer >= 1 or null", self.n_layers)
         mods = self.modules
-        if (not isinstance(mods, (list, tuple)) or not mods or not all(isinstance(m, str) for m in mods)
-                or set(mods) - {"attn", "mlp"}):
+        if (
+            not isinstance(mods, (list, tuple))
+            or not mods
+            or not all(isinstance(m, str) for m in mods)
+            or set(mods) - {"attn", "mlp"}
+        ):
             raise bad("modules", "a non-empty list drawn from 'attn', 'mlp'", mods)
         if self.scale not in ("additive", "multiplicative"):
             raise bad("scale", "'additive' or 'multiplicative'", self.scale)
@@ -92,20 +97,22 @@ class AdapterConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict, source: str | None = None) -> "AdapterConfig":
+    def from_dict(cls, d: dict, source: str | None = None) -> AdapterConfig:
         """Build from a dict (``adapter`` of adapter_config.json); ``source`` names the file in errors.
 
         Raises:
             ConfigError: not a dict, an unknown field, or a field of the wrong type or range.
         """
         if not isinstance(d, dict):
-            raise ConfigError(f"field 'adapter' must be an object, got {type(d).__name__}", path=source,
-                              field="adapter")
+            raise ConfigError(
+                f"field 'adapter' must be an object, got {type(d).__name__}", path=source, field="adapter"
+            )
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ConfigError(f"unknown adapter field(s) {unknown}; known: {sorted(names)}", path=source,
-                              field=unknown[0])
+            raise ConfigError(
+                f"unknown adapter field(s) {unknown}; known: {sorted(names)}", path=source, field=unknown[0]
+            )
         cfg = cls.__new__(cls)
         for f in fields(cls):
             setattr(cfg, f.name, d.get(f.name, f.default))

@@ -45,8 +45,17 @@ class InnerPiSSALayer(nn.Module):
     δ (r,). All fp32; the delta is cast to the activation dtype.
     """
 
-    def __init__(self, u: torch.Tensor, s: torch.Tensor, v: torch.Tensor, *, scale: str = "additive",
-                 rotate: bool = True, init_std: float = 1e-3, generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        u: torch.Tensor,
+        s: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        scale: str = "additive",
+        rotate: bool = True,
+        init_std: float = 1e-3,
+        generator: torch.Generator | None = None,
+    ):
         super().__init__()
         r = s.shape[0]
         if u.shape[1] != r or v.shape[1] != r:

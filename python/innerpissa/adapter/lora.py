@@ -53,8 +53,7 @@ class LoRASteering:
         self.meta = dict(meta or {}, family="lora")
         self.model = model
         torch.manual_seed(config.seed)
-        peft_cfg = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, bias="none",
-                              target_modules=self.target_names)
+        peft_cfg = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, bias="none", target_modules=self.target_names)
         inject_adapter_in_model(peft_cfg, model, adapter_name=ADAPTER_NAME)
         mods = dict(model.named_modules())
         self._layers = {n: mods[n] for n in self.target_names}
@@ -109,8 +108,10 @@ class LoRASteering:
     @torch.no_grad()
     def stats(self) -> dict:
         """Training diagnostics: mean and largest ‖ΔW(1)‖_F / ‖W‖_F over targets."""
-        rel = [float(self.delta_weight(n).norm() / self._layers[n].base_layer.weight.float().norm())
-               for n in self.target_names]
+        rel = [
+            float(self.delta_weight(n).norm() / self._layers[n].base_layer.weight.float().norm())
+            for n in self.target_names
+        ]
         return {"delta_w_rel": sum(rel) / len(rel), "delta_w_rel_max": max(rel)}
 
     @torch.no_grad()

@@ -21,8 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..errors import (AdapterFileError, ConfigError, MissingFileError, NonFiniteError, OutputExistsError,
-                      finite_coeff)
+from ..errors import AdapterFileError, ConfigError, MissingFileError, NonFiniteError, OutputExistsError, finite_coeff
 from .config import AdapterConfig
 from .layer import InnerPiSSALayer
 
@@ -56,7 +55,8 @@ def check_causal_decoder(model: nn.Module) -> None:
         if getattr(cfg, flag, False) is True:
             raise UnsupportedArchitectureError(
                 f"{name}: config.{flag} is True; innerpissa needs a decoder-only causal LM (Llama, Gemma, Qwen, "
-                "Mistral families), not an encoder or encoder-decoder model")
+                "Mistral families), not an encoder or encoder-decoder model"
+            )
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
@@ -67,7 +67,7 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     """
     best: list[nn.ModuleList] = []
     for mod in model.modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > 1 and len({type(m) for m in mod}) == 1:
+        if isinstance(mod, nn.ModuleList) and len(mod) > 1 and len({type(m) for m in mod}) == 1:  # noqa: SIM102
             if any(isinstance(c, nn.Linear) for c in mod[0].modules()):
                 if not best or len(mod) > len(best[0]):
                     best = [mod]
@@ -179,8 +179,14 @@ class Adapter(nn.Module):
     (batch,) to steer each row of a batch with its own coefficient). c = 0 leaves the model bit-identical.
     """
 
-    def __init__(self, model: nn.Module, config: AdapterConfig, layers: dict[str, InnerPiSSALayer],
-                 base_fingerprint: str, meta: dict | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        config: AdapterConfig,
+        layers: dict[str, InnerPiSSALayer],
+        base_fingerprint: str,
+        meta: dict | None = None,
+    ):
         super().__init__()
         self.config = config
         self.layers = nn.ModuleDict({k.replace(".", "__"): v for k, v in layers.items()})
@@ -215,7 +221,7 @@ class Adapter(nn.Module):
         if self._merged is not None:
             raise RuntimeError("adapter is merged into the weights; call adapter.unmerge() before steer()")
         coeff = self.check_coeff(coeff)
-        is_zero = (not torch.is_tensor(coeff) and coeff == 0.0)
+        is_zero = not torch.is_tensor(coeff) and coeff == 0.0
         if is_zero:
             yield self
             return
@@ -267,9 +273,12 @@ class Adapter(nn.Module):
             biggest = abs(coeff)
         limit = RANGE_WARN_FACTOR * max(abs(x) for x in self.coeff_range)
         if biggest > limit:
-            warnings.warn(f"steering coefficient {biggest:g} is far outside the trained range {self.coeff_range} "
-                          f"(warning above |c| = {limit:g}): expect incoherent text", SteeringRangeWarning,
-                          stacklevel=3)
+            warnings.warn(
+                f"steering coefficient {biggest:g} is far outside the trained range {self.coeff_range} "
+                f"(warning above |c| = {limit:g}): expect incoherent text",
+                SteeringRangeWarning,
+                stacklevel=3,
+            )
         return coeff
 
     @torch.no_grad()
@@ -289,8 +298,9 @@ class Adapter(nn.Module):
         for name, lin in targets.items():
             w = lin.weight + self.layer(name).delta_weight(coeff).to(lin.weight.dtype)
             if not torch.isfinite(w).all():
-                raise NonFiniteError(f"merging at c={coeff:g} makes {name}.weight non-finite; use a smaller |c|",
-                                     field="coeff")
+                raise NonFiniteError(
+                    f"merging at c={coeff:g} makes {name}.weight non-finite; use a smaller |c|", field="coeff"
+                )
             new[name] = w
         self._saved = {name: lin.weight.detach().clone() for name, lin in targets.items()}
         for name, lin in targets.items():
@@ -321,8 +331,11 @@ class Adapter(nn.Module):
                 tensors[f"{name}.{key}"] = getattr(lay, key).detach().float().contiguous().cpu()
         bad = [k for k, t in tensors.items() if not torch.isfinite(t).all()]
         if bad:
-            raise NonFiniteError(f"refusing to save an adapter with non-finite tensors ({', '.join(bad[:3])}); "
-                                 "training diverged: lower the learning rate", path=out)
+            raise NonFiniteError(
+                f"refusing to save an adapter with non-finite tensors ({', '.join(bad[:3])}); "
+                "training diverged: lower the learning rate",
+                path=out,
+            )
         cfg = {
             "format": "innerpissa",
             "format_version": FORMAT_VERSION,
@@ -348,8 +361,9 @@ def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def check_output(path: str | Path, overwrite: bool = False, *, kind: str = "dir",
-                 protect: tuple[str | Path, ...] = ()) -> Path:
+def check_output(
+    path: str | Path, overwrite: bool = False, *, kind: str = "dir", protect: tuple[str | Path, ...] = ()
+) -> Path:
     """Check an output path before any compute: nothing the caller did not ask to replace gets replaced.
 
     Args:
@@ -365,20 +379,25 @@ def check_output(path: str | Path, overwrite: bool = False, *, kind: str = "dir"
     for q in protect:
         q = Path(q).expanduser().resolve()
         if p.resolve() == q:
-            raise OutputExistsError(f"output is the input directory {q} (or holds it); choose another output path",
-                                    path=p)
+            raise OutputExistsError(
+                f"output is the input directory {q} (or holds it); choose another output path", path=p
+            )
     if kind == "dir":
         if p.exists() and not p.is_dir():
             raise OutputExistsError("exists and is not a directory; choose another output path", path=p)
         if p.is_dir() and any(p.iterdir()) and not overwrite:
-            raise OutputExistsError("exists and is not empty; pass --overwrite (overwrite=True) to replace the "
-                                    "files this command writes (other files are kept), or choose another path", path=p)
+            raise OutputExistsError(
+                "exists and is not empty; pass --overwrite (overwrite=True) to replace the "
+                "files this command writes (other files are kept), or choose another path",
+                path=p,
+            )
     else:
         if p.is_dir():
             raise OutputExistsError("is a directory; the output of this format is a file", path=p)
         if p.exists() and not overwrite:
-            raise OutputExistsError("exists; pass --overwrite (overwrite=True) to replace it, or choose another "
-                                    "path", path=p)
+            raise OutputExistsError(
+                "exists; pass --overwrite (overwrite=True) to replace it, or choose another path", path=p
+            )
     return p
 
 
@@ -430,8 +449,9 @@ def atomic_dir(out: Path, fill, overwrite: bool = False) -> Path:
     return out
 
 
-def attach(model: nn.Module, config: AdapterConfig | None = None, meta: dict | None = None, pairs=None,
-           tokenizer=None) -> Adapter:
+def attach(
+    model: nn.Module, config: AdapterConfig | None = None, meta: dict | None = None, pairs=None, tokenizer=None
+) -> Adapter:
     """Create an InnerPiSSA adapter for ``model``: top-r SVD of each targeted weight (Rust/faer), small init.
 
     The model is not modified. Shapes: for a target W (d_out, d_in): U (d_out, r), S (r,), V (d_in, r). With
@@ -456,15 +476,19 @@ def attach(model: nn.Module, config: AdapterConfig | None = None, meta: dict | N
     weights = {n: lin.weight for n, lin in targets.items()}
     if config.select == "data":
         if pairs is None or tokenizer is None:
-            raise ConfigError("select='data' chooses singular components from the training pairs: pass "
-                              "attach(..., pairs=..., tokenizer=...)", field="select")
+            raise ConfigError(
+                "select='data' chooses singular components from the training pairs: pass "
+                "attach(..., pairs=..., tokenizer=...)",
+                field="select",
+            )
         bases = data_aware_components(model, targets, rank, pairs, tokenizer)
     else:
         bases = top_r_svd([w.detach().float() for w in weights.values()], rank)
     gen = torch.Generator().manual_seed(config.seed)
     layers = {
-        name: InnerPiSSALayer(u, s, v, scale=config.scale, rotate=config.rotate, init_std=config.init_std,
-                              generator=gen)
+        name: InnerPiSSALayer(
+            u, s, v, scale=config.scale, rotate=config.rotate, init_std=config.init_std, generator=gen
+        )
         for name, (u, s, v) in zip(targets, bases)
     }
     device = next(model.parameters()).device
@@ -473,8 +497,9 @@ def attach(model: nn.Module, config: AdapterConfig | None = None, meta: dict | N
 
 
 @torch.no_grad()
-def data_aware_components(model: nn.Module, targets: dict[str, nn.Linear], rank: int, pairs, tokenizer,
-                          n_pairs: int = 128) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def data_aware_components(
+    model: nn.Module, targets: dict[str, nn.Linear], rank: int, pairs, tokenizer, n_pairs: int = 128
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Per target, r singular components chosen among the top min(4r, rank(W)) by the training pairs.
 
     For a residual writer W = U diag(S) Vᵀ in block ℓ, with H₊, H₋ (n, d) the last-token outputs of block ℓ on the
@@ -496,12 +521,21 @@ def data_aware_components(model: nn.Module, targets: dict[str, nn.Linear], rank:
     hp = last_token_states(model, tokenizer, [p.positive for p in use], layers)
     hn = last_token_states(model, tokenizer, [p.negative for p in use], layers)
     out = []
-    for (name, lin), (u, s, v) in zip(targets.items(), top_r_svd(
+    for (name, _lin), (u, s, v) in zip(
+        targets.items(),
+        top_r_svd(
             [lin.weight.detach().float() for lin in targets.values()],
-            min(4 * rank, *[min(lin.weight.shape) for lin in targets.values()]))):
+            min(4 * rank, *[min(lin.weight.shape) for lin in targets.values()]),
+        ),
+    ):
         ell = block_of[name]
-        scores = torch.stack([s * (hp[ell] @ u).abs().mean(0), s * (hn[ell] @ u).abs().mean(0),
-                              s * ((hp[ell] - hn[ell]).mean(0) @ u).abs()])  # (3, R)
+        scores = torch.stack(
+            [
+                s * (hp[ell] @ u).abs().mean(0),
+                s * (hn[ell] @ u).abs().mean(0),
+                s * ((hp[ell] - hn[ell]).mean(0) @ u).abs(),
+            ]
+        )  # (3, R)
         k = math.ceil(rank / 3)
         chosen: list[int] = []
         for row in scores:  # the union of each score's top k
@@ -527,36 +561,60 @@ def _read_adapter_config(d: Path) -> dict:
     if not isinstance(cfg, dict):
         raise AdapterFileError(f"expected a JSON object, got {type(cfg).__name__}", path=cfg_path)
     if cfg.get("format", "innerpissa") != "innerpissa":
-        raise AdapterFileError(f"field 'format' is {cfg['format']!r}, not 'innerpissa': not an innerpissa adapter "
-                               "(a PEFT export loads with peft, not load_adapter)", path=cfg_path, field="format")
+        raise AdapterFileError(
+            f"field 'format' is {cfg['format']!r}, not 'innerpissa': not an innerpissa adapter "
+            "(a PEFT export loads with peft, not load_adapter)",
+            path=cfg_path,
+            field="format",
+        )
     version = cfg.get("format_version")
     if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
-        raise AdapterFileError(f"field 'format_version' is {version!r}; this innerpissa reads versions 1.."
-                               f"{FORMAT_VERSION} (upgrade innerpissa for newer adapters)", path=cfg_path,
-                               field="format_version")
+        raise AdapterFileError(
+            f"field 'format_version' is {version!r}; this innerpissa reads versions 1.."
+            f"{FORMAT_VERSION} (upgrade innerpissa for newer adapters)",
+            path=cfg_path,
+            field="format_version",
+        )
     for field in ("adapter", "target_modules", "base_fingerprint"):
         if field not in cfg:
             raise AdapterFileError(f"missing field {field!r}; re-save the adapter", path=cfg_path, field=field)
     names = cfg["target_modules"]
     if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
-        raise AdapterFileError(f"field 'target_modules' must be a non-empty list of module names, got {names!r:.80}",
-                               path=cfg_path, field="target_modules")
+        raise AdapterFileError(
+            f"field 'target_modules' must be a non-empty list of module names, got {names!r:.80}",
+            path=cfg_path,
+            field="target_modules",
+        )
     fp = cfg["base_fingerprint"]
     if not isinstance(fp, str) or len(fp) != 64 or any(ch not in "0123456789abcdef" for ch in fp):
-        raise AdapterFileError("field 'base_fingerprint' must be a sha256 hex digest (64 characters 0-9a-f)",
-                               path=cfg_path, field="base_fingerprint")
+        raise AdapterFileError(
+            "field 'base_fingerprint' must be a sha256 hex digest (64 characters 0-9a-f)",
+            path=cfg_path,
+            field="base_fingerprint",
+        )
     loss = cfg.get("loss")
     if loss is not None:
         from ..objectives import OBJECTIVES
 
-        if (not isinstance(loss, dict) or loss.get("name") not in OBJECTIVES or isinstance(loss.get("version"), bool)
-                or not isinstance(loss.get("version"), int) or not 1 <= loss["version"] <= OBJECTIVES[loss["name"]]):
+        if (
+            not isinstance(loss, dict)
+            or loss.get("name") not in OBJECTIVES
+            or isinstance(loss.get("version"), bool)
+            or not isinstance(loss.get("version"), int)
+            or not 1 <= loss["version"] <= OBJECTIVES[loss["name"]]
+        ):
             known = ", ".join(f"{k} versions 1..{v}" for k, v in OBJECTIVES.items())
-            raise AdapterFileError(f"field 'loss' is {loss!r}; this innerpissa knows {known} (upgrade innerpissa)",
-                                   path=cfg_path, field="loss")
+            raise AdapterFileError(
+                f"field 'loss' is {loss!r}; this innerpissa knows {known} (upgrade innerpissa)",
+                path=cfg_path,
+                field="loss",
+            )
     if version >= 2 and not isinstance(cfg.get("tensor_sha256"), str):
-        raise AdapterFileError("missing field 'tensor_sha256' (format version 2 stores a checksum of the tensors)",
-                               path=cfg_path, field="tensor_sha256")
+        raise AdapterFileError(
+            "missing field 'tensor_sha256' (format version 2 stores a checksum of the tensors)",
+            path=cfg_path,
+            field="tensor_sha256",
+        )
     return cfg
 
 
@@ -566,16 +624,26 @@ def _read_adapter_tensors(d: Path, cfg: dict) -> dict[str, torch.Tensor]:
     try:
         tensors = load_file(str(path))
     except Exception as e:  # safetensors raises its own error type for truncated / garbled headers
-        raise AdapterFileError(f"unreadable safetensors file ({type(e).__name__}: {e}); the file is truncated or "
-                               "corrupted: re-save or re-export the adapter", path=path) from None
+        raise AdapterFileError(
+            f"unreadable safetensors file ({type(e).__name__}: {e}); the file is truncated or "
+            "corrupted: re-save or re-export the adapter",
+            path=path,
+        ) from None
     want = cfg.get("tensor_sha256")
     if want is not None and tensor_checksum(tensors) != want:
-        raise AdapterFileError("tensor checksum differs from adapter_config.json's tensor_sha256: the file is "
-                               "corrupted (or was edited); re-save the adapter", path=path, field="tensor_sha256")
+        raise AdapterFileError(
+            "tensor checksum differs from adapter_config.json's tensor_sha256: the file is "
+            "corrupted (or was edited); re-save the adapter",
+            path=path,
+            field="tensor_sha256",
+        )
     for name, t in tensors.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
-            raise NonFiniteError(f"tensor {name!r} holds NaN or inf: the training diverged; retrain with a lower "
-                                 "learning rate", path=path, field=name)
+            raise NonFiniteError(
+                f"tensor {name!r} holds NaN or inf: the training diverged; retrain with a lower learning rate",
+                path=path,
+                field=name,
+            )
     return tensors
 
 
@@ -605,8 +673,10 @@ def load_adapter(model: nn.Module, directory: str | Path) -> Adapter:
     mods = dict(model.named_modules())
     missing = [n for n in cfg["target_modules"] if not isinstance(mods.get(n), nn.Linear)]
     if missing:
-        raise ValueError(f"{d / CONFIG_NAME}: adapter targets modules this model lacks ({missing[:3]}…): "
-                         "it was made for a different base model")
+        raise ValueError(
+            f"{d / CONFIG_NAME}: adapter targets modules this model lacks ({missing[:3]}…): "
+            "it was made for a different base model"
+        )
     weights = {n: mods[n].weight for n in cfg["target_modules"]}
     if fingerprint(weights) != cfg["base_fingerprint"]:
         raise ValueError(f"{d}: adapter was made for a different base model (weight fingerprint differs)")
@@ -623,15 +693,29 @@ def load_adapter(model: nn.Module, directory: str | Path) -> Adapter:
         expect = {"U": (d_out, r), "S": (r,), "V": (d_in, r), "theta": (r, r), "delta": (r,)}
         for key, t in zip(expect, (u, s, v, theta, delta)):
             if tuple(t.shape) != expect[key]:
-                raise AdapterFileError(f"tensor {name}.{key} has shape {tuple(t.shape)}, expected {expect[key]} "
-                                       f"(rank {r}, weight {d_out}x{d_in})", path=d / WEIGHTS_NAME,
-                                       field=f"{name}.{key}")
+                raise AdapterFileError(
+                    f"tensor {name}.{key} has shape {tuple(t.shape)}, expected {expect[key]} "
+                    f"(rank {r}, weight {d_out}x{d_in})",
+                    path=d / WEIGHTS_NAME,
+                    field=f"{name}.{key}",
+                )
         lay = InnerPiSSALayer(u, s, v, scale=config.scale, rotate=config.rotate)
         lay.theta.data.copy_(theta)
         lay.delta.data.copy_(delta)
         layers[name] = lay
-    meta = {k: v for k, v in cfg.items() if k not in
-            ("format", "format_version", "adapter", "target_modules", "base_fingerprint", "base_model_class",
-             "tensor_sha256")}
+    meta = {
+        k: v
+        for k, v in cfg.items()
+        if k
+        not in (
+            "format",
+            "format_version",
+            "adapter",
+            "target_modules",
+            "base_fingerprint",
+            "base_model_class",
+            "tensor_sha256",
+        )
+    }
     device = next(model.parameters()).device
     return Adapter(model, config, layers, cfg["base_fingerprint"], meta).to(device)

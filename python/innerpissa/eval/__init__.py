@@ -12,6 +12,22 @@ from .metrics import KL_BUDGET, summarize
 from .report import write_report
 from .suite import HONESTY_TARGETS, default_datasets, run_suite
 
-__all__ = ["AdapterMethod", "HONESTY_TARGETS", "HookMethod", "KL_BUDGET", "PromptMethod", "RustEngine", "Sweep",
-           "TorchEngine", "VectorMethod", "build_methods", "check_methods", "check_sweep_coeffs", "default_datasets",
-           "run_suite", "run_sweep", "summarize", "write_report"]
+__all__ = [
+    "HONESTY_TARGETS",
+    "KL_BUDGET",
+    "AdapterMethod",
+    "HookMethod",
+    "PromptMethod",
+    "RustEngine",
+    "Sweep",
+    "TorchEngine",
+    "VectorMethod",
+    "build_methods",
+    "check_methods",
+    "check_sweep_coeffs",
+    "default_datasets",
+    "run_suite",
+    "run_sweep",
+    "summarize",
+    "write_report",
+]

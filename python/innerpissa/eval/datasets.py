@@ -31,30 +31,31 @@ import random
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ..errors import InnerPiSSAError
 from ..jsonl import iter_jsonl
 
 __all__ = [
-    "EvalItem",
-    "EvalDataset",
-    "EvalDataError",
-    "DataDownloadError",
-    "load_mwe",
-    "load_dailydilemmas",
-    "load_truthfulqa",
-    "data_dir",
-    "fetch_dataset",
-    "split_dev_test",
-    "subsample",
-    "NEUTRAL_TEXTS",
     "DATA_DIR_ENV",
     "FRAMEWORKS",
-    "default_cache_dir",
+    "NEUTRAL_TEXTS",
+    "DataDownloadError",
+    "EvalDataError",
+    "EvalDataset",
+    "EvalItem",
+    "data_dir",
     "dataset_url",
+    "default_cache_dir",
+    "fetch_dataset",
+    "load_dailydilemmas",
+    "load_mwe",
+    "load_truthfulqa",
+    "split_dev_test",
+    "subsample",
 ]
 
 #: Environment variable naming the evaluation data directory.
@@ -211,9 +212,10 @@ def _parse_list(text: Any) -> list[str | None]:
     for el in node.elts:
         if isinstance(el, ast.Constant) and isinstance(el.value, str):
             out.append(el.value)
-        elif isinstance(el, ast.Constant) and (el.value is None or isinstance(el.value, float) and math.isnan(el.value)):
-            out.append(None)
-        elif isinstance(el, ast.Name) and el.id.lower() in ("nan", "none", "null"):
+        elif (
+            isinstance(el, ast.Constant)
+            and (el.value is None or (isinstance(el.value, float) and math.isnan(el.value)))
+        ) or (isinstance(el, ast.Name) and el.id.lower() in ("nan", "none", "null")):
             out.append(None)
         else:
             raise ValueError(f"unexpected list element {ast.unparse(el)!r}")
@@ -273,7 +275,7 @@ def _load_values_table(path: Path) -> dict[str, dict[str, str | None]]:
 
 
 def _parse_value_spec(value: str) -> tuple[str | None, str]:
-    """"honesty" -> (None, "honesty"); "virtue:Truthfulness" -> ("virtue", "truthfulness")."""
+    """ "honesty" -> (None, "honesty"); "virtue:Truthfulness" -> ("virtue", "truthfulness")."""
     if ":" in value:
         fw, _, label = value.partition(":")
         fw = fw.strip().lower()
@@ -412,7 +414,9 @@ def load_dailydilemmas(
         actions = dilemmas.setdefault(i, {})
         if action_type in actions:
             raise EvalDataError(
-                path, lineno, f"dilemma {i} has a second {action_type} row (first on line {actions[action_type].lineno})"
+                path,
+                lineno,
+                f"dilemma {i} has a second {action_type} row (first on line {actions[action_type].lineno})",
             )
         actions[action_type] = _Action(
             lineno=lineno,
@@ -467,6 +471,7 @@ def load_dailydilemmas(
 # TruthfulQA (multiple choice)
 # ---------------------------------------------------------------------------------------------------------------
 
+
 def _answers(cell: Any) -> list[str]:
     """A TruthfulQA answers cell: ``"a; b; c"`` (the original CSV), a JSON/python list string, or a list (null
     entries skipped).
@@ -481,9 +486,11 @@ def _answers(cell: Any) -> list[str]:
         return []
     text = str(cell).strip()
     if text.startswith("["):
-        if "," not in text and "' '" in text or "\" \"" in text:
-            raise ValueError("this looks like a numpy array's repr (no commas between answers); save the answer "
-                             "lists as JSON lists or ';'-separated text")
+        if ("," not in text and "' '" in text) or '" "' in text:
+            raise ValueError(
+                "this looks like a numpy array's repr (no commas between answers); save the answer "
+                "lists as JSON lists or ';'-separated text"
+            )
         return [a for a in (x.strip() if x else "" for x in _parse_list(text)) if a]
     return [a.strip() for a in text.split(";") if a.strip()]
 
@@ -515,16 +522,22 @@ def load_truthfulqa(path: str | Path, name: str = "truthfulqa") -> EvalDataset:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"TruthfulQA file not found: {path} (get TruthfulQA.csv from "
-                                "https://github.com/sylinrl/TruthfulQA and pass its path)")
+        raise FileNotFoundError(
+            f"TruthfulQA file not found: {path} (get TruthfulQA.csv from "
+            "https://github.com/sylinrl/TruthfulQA and pass its path)"
+        )
     header, rows = _read_rows(path)
     if not rows:
         raise EvalDataError(path, None, "no rows found (the file is empty)")
     cols = {" ".join(h.replace("_", " ").split()).lower(): h for h in header if h}
     missing = [c for c in ("question", "incorrect answers") if c not in cols]
     if missing or not ({"best answer", "correct answers"} & set(cols)):
-        raise EvalDataError(path, 1, "expected columns Question, Best Answer and/or Correct Answers, and Incorrect "
-                            f"Answers (TruthfulQA.csv layout); found {header}")
+        raise EvalDataError(
+            path,
+            1,
+            "expected columns Question, Best Answer and/or Correct Answers, and Incorrect "
+            f"Answers (TruthfulQA.csv layout); found {header}",
+        )
     items = []
     for lineno, row in rows:
         question = row.get(cols["question"])
@@ -541,13 +554,23 @@ def load_truthfulqa(path: str | Path, name: str = "truthfulqa") -> EvalDataset:
         true = list(dict.fromkeys(true))
         false = list(dict.fromkeys(false))
         if not true or not false:
-            raise EvalDataError(path, lineno, f"needs at least one correct and one incorrect answer; got {len(true)} "
-                                f"correct, {len(false)} incorrect")
+            raise EvalDataError(
+                path,
+                lineno,
+                f"needs at least one correct and one incorrect answer; got {len(true)} correct, {len(false)} incorrect",
+            )
         both = set(true) & set(false)
         if both:
             raise EvalDataError(path, lineno, f"answer {sorted(both)[0]!r} is listed as both correct and incorrect")
-        items.append(EvalItem(id=f"{name}:{lineno}", question=question.strip(), label=1,
-                              true_answers=tuple(true), false_answers=tuple(false)))
+        items.append(
+            EvalItem(
+                id=f"{name}:{lineno}",
+                question=question.strip(),
+                label=1,
+                true_answers=tuple(true),
+                false_answers=tuple(false),
+            )
+        )
     return EvalDataset(name=name, kind="mc", items=tuple(items), source=str(path))
 
 
@@ -635,7 +658,7 @@ def dataset_url(name: str) -> str:
         raise ValueError(f"dataset name must be a relative path without '..', got {name!r}")
     for prefix, base in _SOURCES.items():
         if name.startswith(prefix) and len(name) > len(prefix):
-            return base + name[len(prefix):]
+            return base + name[len(prefix) :]
     raise ValueError(
         f"unknown dataset {name!r}; names look like 'dailydilemmas/dilemma.csv', 'dailydilemmas/values.csv' or "
         "'anthropic_mwe/persona/<behaviour>.jsonl'"
@@ -822,10 +845,8 @@ NEUTRAL_TEXTS: tuple[str, ...] = (
     "To store fresh herbs, trim the stems and keep them upright in a glass of water in the fridge.",
     "Giraffes have seven neck vertebrae, the same number as most other mammals, but each one is very long.",
     "The bakery on the corner sells rye loaves in the morning and cinnamon rolls after noon.",
-    "Sound travels about three hundred and forty metres per second in air at room temperature, and faster in "
-    "water.",
-    "To plant a row of carrots, sow the seeds thinly in shallow drills, cover lightly with soil and keep them "
-    "moist.",
+    "Sound travels about three hundred and forty metres per second in air at room temperature, and faster in water.",
+    "To plant a row of carrots, sow the seeds thinly in shallow drills, cover lightly with soil and keep them moist.",
     "Iceland sits on the Mid-Atlantic Ridge, so it has many volcanoes, hot springs and geysers.",
     "The recipe serves four and takes about forty minutes, most of it waiting for the potatoes to roast.",
     "Clear skies overnight will let temperatures drop close to zero, so cover tender plants in the garden.",

@@ -81,8 +81,11 @@ def check_sweep_coeffs(coeffs, name: str = "coeffs") -> tuple[float, ...]:
     lonely = [c for c in cs if c != 0 and -c not in cs]
     if lonely:
         mirrored = ",".join(f"{c:g}" for c in sorted(set(cs) | {-c for c in cs}))
-        raise ConfigError(f"{name}: {', '.join(f'{c:g}' for c in lonely)} swept without the opposite sign; the "
-                          f"metrics compare +C with -C: use e.g. {mirrored}", field=name)
+        raise ConfigError(
+            f"{name}: {', '.join(f'{c:g}' for c in lonely)} swept without the opposite sign; the "
+            f"metrics compare +C with -C: use e.g. {mirrored}",
+            field=name,
+        )
     if len(cs) < 3:
         raise ConfigError(f"{name}: need at least one non-zero coefficient pair ±C, got {coeffs!r}", field=name)
     return tuple(cs)
@@ -90,9 +93,11 @@ def check_sweep_coeffs(coeffs, name: str = "coeffs") -> tuple[float, ...]:
 
 # --- prompts and answer tokens (shared by both engines) --------------------------------------------------------
 
+
 @functools.lru_cache(maxsize=8)
-def _answer_tokens_cached(tokenizer, first: tuple[str, ...], second: tuple[str, ...]
-                          ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def _answer_tokens_cached(
+    tokenizer, first: tuple[str, ...], second: tuple[str, ...]
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
     first_set, second_set = {w.lower() for w in first}, {w.lower() for w in second}
     pos, neg = [], []
     for tid in range(len(tokenizer)):
@@ -140,8 +145,9 @@ def eval_prompt(tokenizer, question: str, kind: str, user_prefix: str | None = N
     if kind.startswith("words:"):  # the item is the opening of the reply; the next token is read
         return render_prompt(tokenizer, _with_prefix(_concept(kind).request, user_prefix), assistant_prefix=question)
     prefix = "(" if kind == "ab" else ""
-    return render_prompt(tokenizer, _with_prefix(question + ANSWER_INSTRUCTION[kind], user_prefix),
-                         assistant_prefix=prefix)
+    return render_prompt(
+        tokenizer, _with_prefix(question + ANSWER_INSTRUCTION[kind], user_prefix), assistant_prefix=prefix
+    )
 
 
 def mc_texts(tokenizer, item, user_prefix: str | None = None) -> tuple[str, list[str]]:
@@ -170,8 +176,9 @@ def _tok(tokenizer, text: str, special: bool = False) -> list[int]:
     return tokenizer(text, add_special_tokens=special)["input_ids"]
 
 
-def find_budget_coeff(engine, method, neutral_texts: list[str], kl_budget: float, refine: int = 1
-                      ) -> tuple[float, bool, dict]:
+def find_budget_coeff(
+    engine, method, neutral_texts: list[str], kl_budget: float, refine: int = 1
+) -> tuple[float, bool, dict]:
     """C_b of ``method`` from the neutral texts alone: KL(p₀ ‖ p_c) at the method's swept coefficients, C_b by
     ``metrics.kl_matched_coeff`` (√KL interpolation), then ``refine`` rounds that measure KL at ±C_b and
     interpolate again among all points. No dataset item is scored.
@@ -195,8 +202,15 @@ def find_budget_coeff(engine, method, neutral_texts: list[str], kl_budget: float
     return cb, reached, {"c": cs, "kl": [points[c] for c in cs]}
 
 
-def run_sweep(engine, method, datasets: list[EvalDataset], neutral_texts: list[str], base_cache: dict | None = None,
-              progress=None, kl_budget: float | None = None) -> Sweep:
+def run_sweep(
+    engine,
+    method,
+    datasets: list[EvalDataset],
+    neutral_texts: list[str],
+    base_cache: dict | None = None,
+    progress=None,
+    kl_budget: float | None = None,
+) -> Sweep:
     """Evaluate ``method`` on every dataset and on the neutral texts over a sweep of coefficients.
 
     Without ``kl_budget`` (or for prompting, which has one dose) the sweep is ``method.coeffs``. With it the sweep
@@ -223,14 +237,22 @@ def run_sweep(engine, method, datasets: list[EvalDataset], neutral_texts: list[s
     if progress is not None:
         for c in coeffs:
             progress(method.name, c)
-    return Sweep(method.name, coeffs,
-                 {d.name: [np.asarray(p[d.name][0]).tolist() for p in points] for d in datasets},
-                 {d.name: [np.asarray(p[d.name][1]).tolist() for p in points] for d in datasets},
-                 [float(p["__nll__"]) for p in points], [float(p["__kl__"]) for p in points], method.kind,
-                 cb, reached, calib)
+    return Sweep(
+        method.name,
+        coeffs,
+        {d.name: [np.asarray(p[d.name][0]).tolist() for p in points] for d in datasets},
+        {d.name: [np.asarray(p[d.name][1]).tolist() for p in points] for d in datasets},
+        [float(p["__nll__"]) for p in points],
+        [float(p["__kl__"]) for p in points],
+        method.kind,
+        cb,
+        reached,
+        calib,
+    )
 
 
 # --- torch -----------------------------------------------------------------------------------------------------
+
 
 @dataclass
 class TorchEngine:
@@ -258,14 +280,13 @@ class TorchEngine:
         rows = continuation_logprobs(self.model, self.tokenizer, heads, bodies, max(self.batch_size // 2, 1))
         scores, k = np.zeros(len(items)), 0
         for i, (it, n) in enumerate(zip(items, sizes)):
-            part = rows[k:k + n]
+            part = rows[k : k + n]
             scores[i] = mc_score([s for s, _ in part], [m for _, m in part], len(it.true_answers))
             k += n
         return scores, np.ones(len(items))
 
     @torch.no_grad()
-    def text_stats(self, texts: list[str], steer, user_prefix: str | None, batch_size: int = 8
-                   ) -> tuple[float, float]:
+    def text_stats(self, texts: list[str], steer, user_prefix: str | None, batch_size: int = 8) -> tuple[float, float]:
         """(mean NLL, mean KL(p₀‖p_c)) per reply token of ``texts``, nats/token; ``steer`` is a context-manager
         factory for the steered pass (None: unsteered, KL = 0 without a second pass)."""
         tok, model = self.tokenizer, self.model
@@ -274,18 +295,19 @@ class TorchEngine:
         nll = kl = 0.0
         n = 0
         for i in range(0, len(texts), batch_size):
-            bodies = [_tok(tok, t) for t in texts[i:i + batch_size]]
+            bodies = [_tok(tok, t) for t in texts[i : i + batch_size]]
             keep = max(len(b) for b in bodies)
             mask = torch.zeros(len(bodies), keep, dtype=torch.bool)
             for r, b in enumerate(bodies):
-                mask[r, keep - len(b):] = True
+                mask[r, keep - len(b) :] = True
             targets = torch.tensor([[0] * (keep - len(b)) + b for b in bodies])
 
-            def logp(head, ctx):
+            def logp(head, ctx, bodies=bodies, keep=keep):
                 ids, am, pos = left_pad([head + b for b in bodies], tok.pad_token_id)
                 with ctx():
-                    out = model(input_ids=ids, attention_mask=am, position_ids=pos, logits_to_keep=keep + 1,
-                                use_cache=False).logits[:, :-1]
+                    out = model(
+                        input_ids=ids, attention_mask=am, position_ids=pos, logits_to_keep=keep + 1, use_cache=False
+                    ).logits[:, :-1]
                 return out.float().log_softmax(-1)  # (B, keep, V)
 
             lpc = logp(hc, steer) if steer is not None else logp(h0, _null)
@@ -296,17 +318,23 @@ class TorchEngine:
             n += int(mask.sum())
         return nll / max(n, 1), kl / max(n, 1)
 
-    def evaluate(self, method, coeffs: list[float], datasets: list[EvalDataset], neutral_texts: list[str]
-                 ) -> list[dict]:
+    def evaluate(
+        self, method, coeffs: list[float], datasets: list[EvalDataset], neutral_texts: list[str]
+    ) -> list[dict]:
         """One result per coefficient: {dataset: (scores, mass), "__nll__": float, "__kl__": float}."""
         out = []
         for c in coeffs:
             prefix = method.user_prefix(c)
             steer = None if c == 0 else (lambda c=c: method.steer(c))
-            with torch.inference_mode(), (method.steer(c) if c != 0 else _null()):
-                res = {d.name: self.mc_scores(d.items, prefix) if d.kind == "mc" else
-                       self.answer_scores([eval_prompt(self.tokenizer, it.question, d.kind, prefix)
-                                           for it in d.items], d.kind) for d in datasets}
+            with torch.inference_mode(), method.steer(c) if c != 0 else _null():
+                res = {
+                    d.name: self.mc_scores(d.items, prefix)
+                    if d.kind == "mc"
+                    else self.answer_scores(
+                        [eval_prompt(self.tokenizer, it.question, d.kind, prefix) for it in d.items], d.kind
+                    )
+                    for d in datasets
+                }
             with torch.inference_mode():
                 res["__nll__"], res["__kl__"] = self.text_stats(neutral_texts, steer, prefix)
             out.append(res)
@@ -320,8 +348,9 @@ def _null():
 
 
 @torch.no_grad()
-def answer_scores(model, tokenizer, prompts: list[str], kind: str = "yesno", batch_size: int = 32
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def answer_scores(
+    model, tokenizer, prompts: list[str], kind: str = "yesno", batch_size: int = 32
+) -> tuple[np.ndarray, np.ndarray]:
     """Score prompts → (log-odds (n,) in nats, answer mass (n,) in [0, 1]); batches sorted by length."""
     pos_ids, neg_ids = answer_token_sets(tokenizer, kind)
     toks = [_tok(tokenizer, p) for p in prompts]
@@ -329,10 +358,13 @@ def answer_scores(model, tokenizer, prompts: list[str], kind: str = "yesno", bat
     scores = np.zeros(len(prompts))
     mass = np.zeros(len(prompts))
     for i in range(0, len(order), batch_size):
-        idx = order[i:i + batch_size]
+        idx = order[i : i + batch_size]
         ids, mask, pos = left_pad([toks[j] for j in idx], tokenizer.pad_token_id)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1,
-                       use_cache=False).logits[:, -1].float()
+        logits = (
+            model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1, use_cache=False)
+            .logits[:, -1]
+            .float()
+        )
         logp = logits.log_softmax(-1)  # (B, V)
         lp_pos = logp[:, pos_ids].logsumexp(-1)
         lp_neg = logp[:, neg_ids].logsumexp(-1)
@@ -342,21 +374,22 @@ def answer_scores(model, tokenizer, prompts: list[str], kind: str = "yesno", bat
 
 
 @torch.no_grad()
-def continuation_logprobs(model, tokenizer, heads: list[str], bodies: list[str],
-                          batch_size: int = 16) -> list[tuple[float, int]]:
+def continuation_logprobs(
+    model, tokenizer, heads: list[str], bodies: list[str], batch_size: int = 16
+) -> list[tuple[float, int]]:
     """(sum of log p in nats, number of tokens) of each ``bodies[i]`` following ``heads[i]``.
 
     Texts are tokenized separately (no special tokens) and concatenated, left-padded, batched.
     """
     out: list[tuple[float, int]] = []
     for i in range(0, len(heads), batch_size):
-        hs = [_tok(tokenizer, h) for h in heads[i:i + batch_size]]
-        bs = [_tok(tokenizer, b) for b in bodies[i:i + batch_size]]
+        hs = [_tok(tokenizer, h) for h in heads[i : i + batch_size]]
+        bs = [_tok(tokenizer, b) for b in bodies[i : i + batch_size]]
         ids, mask, pos = left_pad([h + b for h, b in zip(hs, bs)], tokenizer.pad_token_id)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits.float()
         logp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (B, T-1)
         for r, b in enumerate(bs):
-            out.append((float(logp[r, ids.shape[1] - 1 - len(b):].sum()), len(b)))
+            out.append((float(logp[r, ids.shape[1] - 1 - len(b) :].sum()), len(b)))
     return out
 
 
@@ -368,6 +401,7 @@ def text_nll(model, tokenizer, texts: list[str], user_prefix: str | None = None,
 
 
 # --- Rust ------------------------------------------------------------------------------------------------------
+
 
 def gguf_for_spec(spec: str | None) -> Path:
     """The GGUF file behind a model spec: the embedded models, a ``.gguf`` path, or a directory holding one.
@@ -392,8 +426,10 @@ def gguf_for_spec(spec: str | None) -> Path:
         ggufs = sorted(path.glob("*.gguf"))
         if ggufs and not (path / "config.json").exists():
             return ggufs[0]
-    raise ValueError(f"--engine rust reads GGUF files; {spec!r} is not one. Use --engine torch, or convert the "
-                     "model with llama.cpp's convert_hf_to_gguf.py and pass the .gguf file")
+    raise ValueError(
+        f"--engine rust reads GGUF files; {spec!r} is not one. Use --engine torch, or convert the "
+        "model with llama.cpp's convert_hf_to_gguf.py and pass the .gguf file"
+    )
 
 
 @dataclass
@@ -450,7 +486,8 @@ class RustEngine:
     def add_control_vector(self, directions: dict[int, torch.Tensor]) -> int:
         """Register block-output directions {block ℓ: (d,)}; returns the index for ``("vector", c, index)``."""
         return self.engine.add_control_vector(
-            {int(k): np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for k, v in directions.items()})
+            {int(k): np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for k, v in directions.items()}
+        )
 
     def answer_scores(self, prompts: list[str], kind: str, branches: list[tuple]) -> tuple[np.ndarray, np.ndarray]:
         """Answer log-odds and mass, each (len(branches), len(prompts)); as ``TorchEngine.answer_scores``."""
@@ -458,8 +495,7 @@ class RustEngine:
         seqs = [_tok(self.tokenizer, p) for p in prompts]
         return self.engine.yes_no(seqs, branches, pos, neg, self.batch_size)
 
-    def mc_scores(self, items, branches: list[tuple], user_prefix: str | None = None
-                  ) -> tuple[np.ndarray, np.ndarray]:
+    def mc_scores(self, items, branches: list[tuple], user_prefix: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Multiple-choice items → (``mc_score``, mass of ones), each (len(branches), len(items)); as
         ``TorchEngine.mc_scores``."""
         seqs, starts, spans = [], [], []
@@ -479,8 +515,9 @@ class RustEngine:
                 scores[b, i] = mc_score([np.sum(r, dtype=np.float64) for r in rows], [len(r) for r in rows], n_true)
         return scores, np.ones_like(scores)
 
-    def text_stats(self, texts: list[str], branches: list[tuple], user_prefix: str | None = None
-                   ) -> list[tuple[float, float]]:
+    def text_stats(
+        self, texts: list[str], branches: list[tuple], user_prefix: str | None = None
+    ) -> list[tuple[float, float]]:
         """Per branch, (mean NLL, mean KL(p₀‖p_branch)) per reply token of ``texts``, nats/token; p₀ is the base
         model on the unprefixed request (as ``TorchEngine.text_stats``)."""
         tok = self.tokenizer
@@ -489,15 +526,21 @@ class RustEngine:
         bodies = [_tok(tok, t) for t in texts]
         seqs = [hc + b for b in bodies]
         refs = [h0 + b for b in bodies]
-        lps, kls = self.engine.token_stats(seqs, [len(hc) - 1] * len(seqs), branches,
-                                           max(self.batch_size // 4, 1), refs, [len(h0) - 1] * len(refs))
+        lps, kls = self.engine.token_stats(
+            seqs, [len(hc) - 1] * len(seqs), branches, max(self.batch_size // 4, 1), refs, [len(h0) - 1] * len(refs)
+        )
         n, total = len(seqs), sum(len(b) for b in bodies)
-        return [(-float(sum(np.sum(lps[b * n + i], dtype=np.float64) for i in range(n))) / total,
-                 float(sum(np.sum(kls[b * n + i], dtype=np.float64) for i in range(n))) / total)
-                for b in range(len(branches))]
+        return [
+            (
+                -float(sum(np.sum(lps[b * n + i], dtype=np.float64) for i in range(n))) / total,
+                float(sum(np.sum(kls[b * n + i], dtype=np.float64) for i in range(n))) / total,
+            )
+            for b in range(len(branches))
+        ]
 
-    def last_token_states(self, texts: list[str], layers: list[int], special_tokens: bool = False,
-                          branches: list[tuple] = (("base",),)) -> dict[int, np.ndarray]:
+    def last_token_states(
+        self, texts: list[str], layers: list[int], special_tokens: bool = False, branches: list[tuple] = (("base",),)
+    ) -> dict[int, np.ndarray]:
         """Decoder-block outputs at each text's last token: {ℓ: (n, d) float32} (first branch)."""
         seqs = [_tok(self.tokenizer, t, special_tokens) for t in texts]
         h = self.engine.hidden(seqs, list(layers), list(branches), self.batch_size)  # (L, B, n, d)
@@ -516,8 +559,10 @@ class RustEngine:
             if idx is None:
                 idx = self._vectors[id(method.directions)] = self.add_control_vector(method.directions)
             return [("vector", float(c), idx) if c != 0 else ("base",) for c in coeffs]
-        raise ConfigError(f"the rust engine cannot run method {method.name!r} (kind {method.kind!r}); use the "
-                          "torch engine", field="engine")
+        raise ConfigError(
+            f"the rust engine cannot run method {method.name!r} (kind {method.kind!r}); use the torch engine",
+            field="engine",
+        )
 
     def _points(self, branches: list[tuple], datasets, neutral_texts, user_prefix: str | None) -> list[dict]:
         res: list[dict] = [dict() for _ in branches]
@@ -533,8 +578,9 @@ class RustEngine:
             res[b]["__nll__"], res[b]["__kl__"] = nll, kl
         return res
 
-    def evaluate(self, method, coeffs: list[float], datasets: list[EvalDataset], neutral_texts: list[str]
-                 ) -> list[dict]:
+    def evaluate(
+        self, method, coeffs: list[float], datasets: list[EvalDataset], neutral_texts: list[str]
+    ) -> list[dict]:
         """As ``TorchEngine.evaluate``; adapter and vector coefficients share one packed pass per dataset,
         prompting runs one pass per coefficient."""
         if method.kind == "prompt":
@@ -542,8 +588,9 @@ class RustEngine:
         return self._points(self._branches(method, coeffs), datasets, neutral_texts, None)
 
 
-def mean_difference_control_vector(engine: RustEngine, pairs: list[ContrastivePair], layers: list[int]
-                                   ) -> dict[int, torch.Tensor]:
+def mean_difference_control_vector(
+    engine: RustEngine, pairs: list[ContrastivePair], layers: list[int]
+) -> dict[int, torch.Tensor]:
     """``methods.mean_difference_control_vector`` with hidden states from the Rust engine."""
     pos = engine.last_token_states([p.positive for p in pairs], layers)
     neg = engine.last_token_states([p.negative for p in pairs], layers)

@@ -19,8 +19,8 @@ start of the user turn; None except for prompting). c = 0 is the unsteered model
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -101,6 +101,7 @@ class VectorMethod:
                 if isinstance(out, tuple):
                     return (out[0] + c * vec.to(out[0].dtype),) + out[1:]
                 return out + c * vec.to(out.dtype)
+
             return hook
 
         try:
@@ -143,15 +144,25 @@ def check_methods(names) -> tuple[str, ...]:
     names = tuple(n.strip() for n in names)
     unknown = [n for n in names if n not in KNOWN_METHODS]
     if unknown or not names:
-        raise ConfigError(f"--methods: unknown method(s) {unknown or names}; choose from {', '.join(KNOWN_METHODS)}",
-                          field="methods")
+        raise ConfigError(
+            f"--methods: unknown method(s) {unknown or names}; choose from {', '.join(KNOWN_METHODS)}", field="methods"
+        )
     return names
 
 
-def build_methods(model, tokenizer, adapter: Adapter | str | None, pairs: list[ContrastivePair], seed: int,
-                  include: tuple[str, ...] = KNOWN_METHODS, layers: list[int] | None = None,
-                  adapter_coeffs=None, vector_coeffs=None, engine=None,
-                  instruction: Callable[[bool], str] | None = None) -> list:
+def build_methods(
+    model,
+    tokenizer,
+    adapter: Adapter | str | None,
+    pairs: list[ContrastivePair],
+    seed: int,
+    include: tuple[str, ...] = KNOWN_METHODS,
+    layers: list[int] | None = None,
+    adapter_coeffs=None,
+    vector_coeffs=None,
+    engine=None,
+    instruction: Callable[[bool], str] | None = None,
+) -> list:
     """The steering methods to compare, all from the same ``pairs``.
 
     Vectors (PCA, mean-difference, random) act on ``layers`` (default: the adapter's layers, or 30 %..L−3). The
@@ -168,7 +179,9 @@ def build_methods(model, tokenizer, adapter: Adapter | str | None, pairs: list[C
     include = check_methods(include)
     methods = []
     if adapter is not None and "innerpissa" in include:
-        methods.append(AdapterMethod(adapter) if adapter_coeffs is None else AdapterMethod(adapter, tuple(adapter_coeffs)))
+        methods.append(
+            AdapterMethod(adapter) if adapter_coeffs is None else AdapterMethod(adapter, tuple(adapter_coeffs))
+        )
     if "prompting" in include:
         methods.append(PromptMethod() if instruction is None else PromptMethod(instruction=instruction))
     vec_names = [n for n in ("pca", "mean-diff", "random") if n in include]
@@ -215,8 +228,9 @@ def _import_repeng():
     return repeng
 
 
-def pca_control_vector(model, tokenizer, pairs: list[ContrastivePair], layers: list[int],
-                       batch_size: int = 32) -> dict[int, torch.Tensor]:
+def pca_control_vector(
+    model, tokenizer, pairs: list[ContrastivePair], layers: list[int], batch_size: int = 32
+) -> dict[int, torch.Tensor]:
     """Train a PCA control vector with repeng (``ControlVector.train``, method ``pca_diff``) on ``pairs``.
 
     Returns unit directions per block index, (d,) fp32, signed so that +c moves toward the positive prompts.
@@ -225,16 +239,18 @@ def pca_control_vector(model, tokenizer, pairs: list[ContrastivePair], layers: l
     dataset = [repeng.DatasetEntry(positive=p.positive, negative=p.negative) for p in pairs]
     padding_side = tokenizer.padding_side
     try:
-        vec = repeng.ControlVector.train(model, tokenizer, dataset, hidden_layers=layers, batch_size=batch_size,
-                                         method="pca_diff")
+        vec = repeng.ControlVector.train(
+            model, tokenizer, dataset, hidden_layers=layers, batch_size=batch_size, method="pca_diff"
+        )
     finally:
         tokenizer.padding_side = padding_side
     return {int(k): torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in vec.directions.items()}
 
 
 @torch.no_grad()
-def last_token_states(model: torch.nn.Module, tokenizer, texts: list[str], layers: list[int],
-                      batch_size: int = 16) -> dict[int, torch.Tensor]:
+def last_token_states(
+    model: torch.nn.Module, tokenizer, texts: list[str], layers: list[int], batch_size: int = 16
+) -> dict[int, torch.Tensor]:
     """Decoder-block outputs at each text's last token: {block ℓ: (n, d) float32}. Texts are used verbatim
     (no special tokens added), left-padded, so position −1 is every row's last real token."""
     from ..train import left_pad
@@ -247,15 +263,21 @@ def last_token_states(model: torch.nn.Module, tokenizer, texts: list[str], layer
     def make_hook(ell: int):
         def hook(_m, _a, o):
             captured[ell] = (o[0] if isinstance(o, tuple) else o)[:, -1].float().cpu()
+
         return hook
 
     handles = [blocks[ell].register_forward_hook(make_hook(ell)) for ell in layers]
     try:
         for i in range(0, len(texts), batch_size):
-            seqs = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[i:i + batch_size]]
+            seqs = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[i : i + batch_size]]
             ids, mask, pos = left_pad(seqs, tokenizer.pad_token_id)
-            model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device),
-                  logits_to_keep=1, use_cache=False)
+            model(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=pos.to(device),
+                logits_to_keep=1,
+                use_cache=False,
+            )
             for ell in layers:
                 out[ell].append(captured[ell])
     finally:
@@ -264,8 +286,9 @@ def last_token_states(model: torch.nn.Module, tokenizer, texts: list[str], layer
     return {ell: torch.cat(v) for ell, v in out.items()}
 
 
-def mean_difference_control_vector(model, tokenizer, pairs: list[ContrastivePair], layers: list[int],
-                                   batch_size: int = 16) -> dict[int, torch.Tensor]:
+def mean_difference_control_vector(
+    model, tokenizer, pairs: list[ContrastivePair], layers: list[int], batch_size: int = 16
+) -> dict[int, torch.Tensor]:
     """Mean-difference (CAA) control vector: v_ℓ = mean over pairs of h_ℓ(positive) − h_ℓ(negative).
 
     h_ℓ is decoder block ℓ's output at the last prompt token (``last_token_states``). Not normalised: c = 1

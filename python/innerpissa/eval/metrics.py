@@ -68,7 +68,7 @@ def kl_matched_coeff(coeffs, kl, budget: float = KL_BUDGET) -> tuple[float, bool
     for m in mags:
         ys.append(max(float(kl[coeffs.index(m)]), float(kl[coeffs.index(-m)]), 0.0) ** 0.5)
         xs.append(m)
-    target = budget ** 0.5
+    target = budget**0.5
     for i in range(1, len(xs)):
         if ys[i] >= target:
             frac = (target - ys[i - 1]) / (ys[i] - ys[i - 1]) if ys[i] > ys[i - 1] else 1.0
@@ -88,7 +88,7 @@ def interp_rows(coeffs, values: np.ndarray, c: float) -> np.ndarray:
 def item_slopes(y: np.ndarray, x: np.ndarray) -> np.ndarray:
     """Least-squares slope of each column of y (n_x, n) against x (n_x,) → (n,)."""
     xc = x - x.mean()
-    return (xc[:, None] * (y - y.mean(0))).sum(0) / (xc ** 2).sum()
+    return (xc[:, None] * (y - y.mean(0))).sum(0) / (xc**2).sum()
 
 
 def balanced_mean(values: np.ndarray, y: np.ndarray) -> float:
@@ -131,12 +131,18 @@ def check_finite_sweep(sw: Sweep) -> None:
     for k, c in enumerate(sw.coeffs):
         for what, v in (("neutral-text NLL", sw.neutral_nll[k]), ("neutral-text KL", sw.neutral_kl[k])):
             if not np.isfinite(v):
-                raise NonFiniteError(f"method {sw.method!r}: {what} is {v} at c={c:g}; its adapter or vector holds "
-                                     "NaN/inf or |c| is far too large", field=sw.method)
+                raise NonFiniteError(
+                    f"method {sw.method!r}: {what} is {v} at c={c:g}; its adapter or vector holds "
+                    "NaN/inf or |c| is far too large",
+                    field=sw.method,
+                )
         for name, rows in sw.scores.items():
             if not np.isfinite(np.asarray(rows[k], dtype=float)).all():
-                raise NonFiniteError(f"method {sw.method!r}: non-finite answer scores on {name} at c={c:g}; its "
-                                     "adapter or vector holds NaN/inf or |c| is far too large", field=sw.method)
+                raise NonFiniteError(
+                    f"method {sw.method!r}: non-finite answer scores on {name} at c={c:g}; its "
+                    "adapter or vector holds NaN/inf or |c| is far too large",
+                    field=sw.method,
+                )
 
 
 def dataset_metrics(sw: Sweep, name: str, labels: np.ndarray, idx: np.ndarray, cb: float, seed: int = 0) -> dict:
@@ -151,7 +157,9 @@ def dataset_metrics(sw: Sweep, name: str, labels: np.ndarray, idx: np.ndarray, c
     smallest = min(abs(coeffs[coeffs != 0]))
     inside = np.abs(coeffs) <= max(cb, smallest) + 1e-12
     out = {
-        "n_items": int(len(idx)), "n_yes_matching": int((y == 1).sum()), "n_no_matching": int((y == -1).sum()),
+        "n_items": int(len(idx)),
+        "n_yes_matching": int((y == 1).sum()),
+        "n_no_matching": int((y == -1).sum()),
         "invalid_rate_c0": float((mass[list(coeffs).index(0.0)] < MIN_MASS).mean()),
         "invalid_rate_cb": float(max((mp < MIN_MASS).mean(), (mm < MIN_MASS).mean())),
     }
@@ -178,21 +186,37 @@ def dataset_metrics(sw: Sweep, name: str, labels: np.ndarray, idx: np.ndarray, c
         to_match = ((a0 <= 0) & (ap_net > 0)).sum()
         away = ((a0 > 0) & (ap_net <= 0)).sum()
         se = [balanced_se(row, yl) for row in a]
-        out.update({
-            "effect": balanced_mean(items, yl), "ci": list(balanced_ci(items, yl, seed)),
-            "effect_slope": balanced_mean(item_slopes(a[inside], coeffs[inside]), yl),
-            "effect_neg_side": balanced_mean(a0 - am, yl), "effect_pos_side": balanced_mean(ap - a0, yl),
-            "spearman": float(rho) if np.isfinite(rho) else float("nan"),
-            "flip_score": float((to_match - away) / len(yl)),
-            "curve": {"c": coeffs.tolist(), "t": (coeffs / cb).tolist(), "mean_a": mean_a.tolist(),
-                      "delta_a": (mean_a - mean_a[list(coeffs).index(0.0)]).tolist(), "se": se},
-            "item_effects": items.tolist(), "item_labels": yl.astype(int).tolist(),
-        })
+        out.update(
+            {
+                "effect": balanced_mean(items, yl),
+                "ci": list(balanced_ci(items, yl, seed)),
+                "effect_slope": balanced_mean(item_slopes(a[inside], coeffs[inside]), yl),
+                "effect_neg_side": balanced_mean(a0 - am, yl),
+                "effect_pos_side": balanced_mean(ap - a0, yl),
+                "spearman": float(rho) if np.isfinite(rho) else float("nan"),
+                "flip_score": float((to_match - away) / len(yl)),
+                "curve": {
+                    "c": coeffs.tolist(),
+                    "t": (coeffs / cb).tolist(),
+                    "mean_a": mean_a.tolist(),
+                    "delta_a": (mean_a - mean_a[list(coeffs).index(0.0)]).tolist(),
+                    "se": se,
+                },
+                "item_effects": items.tolist(),
+                "item_labels": yl.astype(int).tolist(),
+            }
+        )
     return out
 
 
-def summarize(sweeps: list[Sweep], datasets, splits: dict[str, tuple[np.ndarray, np.ndarray]], seed: int = 0,
-              kl_budget: float = KL_BUDGET, report_split: str = "test") -> dict:
+def summarize(
+    sweeps: list[Sweep],
+    datasets,
+    splits: dict[str, tuple[np.ndarray, np.ndarray]],
+    seed: int = 0,
+    kl_budget: float = KL_BUDGET,
+    report_split: str = "test",
+) -> dict:
     """Metrics for every method × dataset on the test split at each method's KL-matched coefficient.
 
     Args:
@@ -226,20 +250,29 @@ def summarize(sweeps: list[Sweep], datasets, splits: dict[str, tuple[np.ndarray,
             labels = np.array([it.label for it in d.items])
             per[d.name] = dataset_metrics(sw, d.name, labels, splits[d.name][main], cb, seed)
             if report_split == "test":
-                per[d.name]["dev"] = {k: v for k, v in dataset_metrics(sw, d.name, labels, splits[d.name][0], cb,
-                                                                       seed).items()
-                                      if k in ("effect", "ci", "bias", "bias_ci")}
+                per[d.name]["dev"] = {
+                    k: v
+                    for k, v in dataset_metrics(sw, d.name, labels, splits[d.name][0], cb, seed).items()
+                    if k in ("effect", "ci", "bias", "bias_ci")
+                }
         result[sw.method] = {
-            "coeffs": sw.coeffs, "kl_budget": kl_budget, "kl_coeff": cb, "budget_reached": reached,
-            "abs_dnll_at_budget": dnll, "kl_at_coeff": kl_at,
-            "neutral_dnll": nll.tolist(), "neutral_kl": list(sw.neutral_kl), "calibration": sw.calibration,
+            "coeffs": sw.coeffs,
+            "kl_budget": kl_budget,
+            "kl_coeff": cb,
+            "budget_reached": reached,
+            "abs_dnll_at_budget": dnll,
+            "kl_at_coeff": kl_at,
+            "neutral_dnll": nll.tolist(),
+            "neutral_kl": list(sw.neutral_kl),
+            "calibration": sw.calibration,
             "datasets": per,
         }
     return result
 
 
-def pooled_effect(per_seed_items: list[list[float]], labels: list[int] | None = None, seed: int = 0
-                  ) -> tuple[float, float, float, list[float]]:
+def pooled_effect(
+    per_seed_items: list[list[float]], labels: list[int] | None = None, seed: int = 0
+) -> tuple[float, float, float, list[float]]:
     """Balanced effect over training seeds: average each item's effect across seeds, then the class-stratified
     bootstrap over items.
 
@@ -263,15 +296,18 @@ def pool_seeds(per_seed: list[dict], seed: int = 0) -> dict:
     Returns: ``effect`` and ``ci`` from ``pooled_effect`` (items averaged over seeds, then the class-stratified
         bootstrap over items; nats), ``effect_seeds`` (each seed's balanced effect), ``bias`` (mean over seeds,
         nats) with ``bias_seeds``, ``spearman_min`` (the worst seed's ρ), the mean ``effect_neg_side`` /
-        ``effect_pos_side``, ``decision_shift_net``, invalid rates and ``flip_score`` over seeds, and ``n_seeds``. A dataset without
-        labels gets the bias fields only.
+        ``effect_pos_side``, ``decision_shift_net``, invalid rates and ``flip_score`` over seeds, and
+        ``n_seeds``. A dataset without labels gets the bias fields only.
     Raises:
         ValueError: no seeds, or seeds scored on different items.
     """
     if not per_seed:
         raise ValueError("pool_seeds needs at least one seed's metrics")
-    out: dict = {"n_seeds": len(per_seed), "n_items": per_seed[0]["n_items"],
-                 "bias_seeds": [float(m["bias"]) for m in per_seed]}
+    out: dict = {
+        "n_seeds": len(per_seed),
+        "n_items": per_seed[0]["n_items"],
+        "bias_seeds": [float(m["bias"]) for m in per_seed],
+    }
     out["bias"] = float(np.mean(out["bias_seeds"]))
     for k in ("decision_shift_net", "invalid_rate_c0", "invalid_rate_cb", "flip_score"):
         if all(k in m for m in per_seed):
@@ -283,7 +319,12 @@ def pool_seeds(per_seed: list[dict], seed: int = 0) -> dict:
         raise ValueError("pool_seeds: the seeds were scored on different items (item_labels differ)")
     eff, lo, hi, per = pooled_effect([m["item_effects"] for m in per_seed], labels, seed)
     rhos = [m["spearman"] for m in per_seed if m.get("spearman") is not None and np.isfinite(m["spearman"])]
-    out.update(effect=eff, ci=[lo, hi], effect_seeds=per, spearman_min=min(rhos) if rhos else None,
-               effect_neg_side=float(np.mean([m["effect_neg_side"] for m in per_seed])),
-               effect_pos_side=float(np.mean([m["effect_pos_side"] for m in per_seed])))
+    out.update(
+        effect=eff,
+        ci=[lo, hi],
+        effect_seeds=per,
+        spearman_min=min(rhos) if rhos else None,
+        effect_neg_side=float(np.mean([m["effect_neg_side"] for m in per_seed])),
+        effect_pos_side=float(np.mean([m["effect_pos_side"] for m in per_seed])),
+    )
     return out

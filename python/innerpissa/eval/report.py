@@ -28,59 +28,86 @@ def markdown_report(results: dict) -> str:
     methods, meta, datasets = results["methods"], results["meta"], results["datasets"]
     budget = next(iter(methods.values()))["kl_budget"] if methods else None
     lines = [
-        f"# innerpissa evaluation — {meta.get('model', '')}", "",
-        f"Command: `{meta.get('command', '')}`  ", f"Engine: {meta.get('engine')}; seed {meta.get('seed')}; "
-        f"date {meta.get('date')}.", "",
+        f"# innerpissa evaluation — {meta.get('model', '')}",
+        "",
+        f"Command: `{meta.get('command', '')}`  ",
+        f"Engine: {meta.get('engine')}; seed {meta.get('seed')}; date {meta.get('date')}.",
+        "",
         f"Every method is read at its own **KL-matched coefficient** C_b, where the mean per-token KL(p₀ ‖ p_c) of "
         f"next-token distributions on the neutral texts (worse of ±c) reaches the budget **{budget} nats/token**. "
-        "Per test item, the label-aligned log-odds a = y·s (y = +1 when \"Yes\"/(A) is the dataset's behaviour) "
+        'Per test item, the label-aligned log-odds a = y·s (y = +1 when "Yes"/(A) is the dataset\'s behaviour) '
         "at ±C_b gives (a(+C_b) − a(−C_b))/2; the **balanced effect** averages it with equal weight per label class "
         "(a uniform Yes/No shift gives exactly 0), the **bias** is the same half-difference of the raw first-option "
         "log-odds s. 95 % CIs: bootstrap over items within label classes. Units: nats of log-odds per unit t = c/C_b. "
         "Flip score: items crossing to the matching answer between 0 and +C_b minus those crossing away, net of "
         "the median shift. Budget-first sweeps (methods with a coefficient grid): the grid below is swept on the "
         "neutral texts only to find C_b (√KL interpolated, then measured at ±C_b); items are scored at 0, ±C_b/2 "
-        "and ±C_b, so every method is read exactly at its budget.", "",
-        "## Methods at the common budget", "",
+        "and ±C_b, so every method is read exactly at its budget.",
+        "",
+        "## Methods at the common budget",
+        "",
         "| method | swept c | C_b | KL at ±C_b | \\|ΔNLL\\| at ±C_b | KL at largest swept \\|c\\| |",
-        "|---|---|---|---|---|---|"]
+        "|---|---|---|---|---|---|",
+    ]
     for name, m in methods.items():
-        flag = "" if m["budget_reached"] else (" (over budget)" if m["kl_at_coeff"] > m["kl_budget"] else
-                                                " (budget not reached in the sweep)")
+        flag = (
+            ""
+            if m["budget_reached"]
+            else (" (over budget)" if m["kl_at_coeff"] > m["kl_budget"] else " (budget not reached in the sweep)")
+        )
         cal = m.get("calibration")  # budget-first: the grid was swept on the neutral texts only
         swept = cal["c"] if cal else m["coeffs"]
         top_kl = max(cal["kl"]) if cal else max(m["neutral_kl"])
-        lines.append(f"| {name} | {', '.join(f'{c:.3g}' for c in swept)} | {m['kl_coeff']:.3g} | "
-                     f"{m['kl_at_coeff']:.3f}{flag} | {m['abs_dnll_at_budget']:.3f} | {top_kl:.3f} |")
+        lines.append(
+            f"| {name} | {', '.join(f'{c:.3g}' for c in swept)} | {m['kl_coeff']:.3g} | "
+            f"{m['kl_at_coeff']:.3f}{flag} | {m['abs_dnll_at_budget']:.3f} | {top_kl:.3f} |"
+        )
     lab = [d for d, info in datasets.items() if info["labelled"]]
     unl = [d for d, info in datasets.items() if not info["labelled"]]
     for d in lab:
         info = datasets[d]
         want = info.get("expected_sign")
-        lines += ["", f"## {d}" + (" (target)" if want else " (off-target)"), "",
-                  f"{info['n_test']} test items " + (
-                      f"({info.get('n_test_yes', '?')} Yes-matching, {info.get('n_test_no', '?')} No-matching)"
-                      if info.get("kind") in ("yesno", "ab", None) else
-                      "(one label class: the score is the true-minus-false answer gap, so bias = effect)"
-                      if info.get("kind") == "mc" else
-                      "(one label class: no answer format, so bias = effect)") + f" of {info['n_items']}"
-                  + (f"; a more {info.get('concept', 'steered')} model should show sign {want:+d}" if want else ""),
-                  "", "| method | balanced effect [95 % CI] | bias [95 % CI] | flip score | ρ | − side / + side | "
-                  "invalid c=0 → ±C_b |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"## {d}" + (" (target)" if want else " (off-target)"),
+            "",
+            f"{info['n_test']} test items "
+            + (
+                f"({info.get('n_test_yes', '?')} Yes-matching, {info.get('n_test_no', '?')} No-matching)"
+                if info.get("kind") in ("yesno", "ab", None)
+                else "(one label class: the score is the true-minus-false answer gap, so bias = effect)"
+                if info.get("kind") == "mc"
+                else "(one label class: no answer format, so bias = effect)"
+            )
+            + f" of {info['n_items']}"
+            + (f"; a more {info.get('concept', 'steered')} model should show sign {want:+d}" if want else ""),
+            "",
+            "| method | balanced effect [95 % CI] | bias [95 % CI] | flip score | ρ | − side / + side | "
+            "invalid c=0 → ±C_b |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for name, m in methods.items():
             r = m["datasets"][d]
-            lines.append(f"| {name} | {_ci(r, 'effect', 'ci')} | {_ci(r, 'bias', 'bias_ci')} | "
-                         f"{_f(r.get('flip_score'))} | {_f(r.get('spearman'))} | {_f(r.get('effect_neg_side'))} / "
-                         f"{_f(r.get('effect_pos_side'))} | {r['invalid_rate_c0']:.2f} → {r['invalid_rate_cb']:.2f} |")
+            lines.append(
+                f"| {name} | {_ci(r, 'effect', 'ci')} | {_ci(r, 'bias', 'bias_ci')} | "
+                f"{_f(r.get('flip_score'))} | {_f(r.get('spearman'))} | {_f(r.get('effect_neg_side'))} / "
+                f"{_f(r.get('effect_pos_side'))} | {r['invalid_rate_c0']:.2f} → {r['invalid_rate_cb']:.2f} |"
+            )
     if unl:
-        lines += ["", "## Unlabelled sets: decision shift at ±C_b", "",
-                  "| dataset | method | bias | mean \\|Δs\\| | net of median shift | net flip rate |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Unlabelled sets: decision shift at ±C_b",
+            "",
+            "| dataset | method | bias | mean \\|Δs\\| | net of median shift | net flip rate |",
+            "|---|---|---|---|---|---|",
+        ]
         for d in unl:
             for name, m in methods.items():
                 r = m["datasets"][d]
-                lines.append(f"| {d} | {name} | {_f(r['bias'])} | {r['mean_abs_shift']:.2f} | "
-                             f"{r['decision_shift_net']:.2f} | {r['flip_rate_net']:.2f} |")
+                lines.append(
+                    f"| {d} | {name} | {_f(r['bias'])} | {r['mean_abs_shift']:.2f} | "
+                    f"{r['decision_shift_net']:.2f} | {r['flip_rate_net']:.2f} |"
+                )
     return "\n".join(lines) + "\n"
 
 

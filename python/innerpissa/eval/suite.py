@@ -1,9 +1,10 @@
 """The evaluation suite: datasets, methods, sweeps, metrics — one function the CLI and scripts call.
 
 Default datasets: the DailyDilemmas situations (unlabelled: decision shift), TruthfulQA multiple choice when its
-file is given, and the Anthropic model-written-eval persona files, each a label-balanced seeded subset (its own draw per dataset) split 50/50 into dev and test items,
-stratified by label. Target sets of the honesty concept and the sign a more honest model should show on
-"agreement with the set's behaviour" are in ``HONESTY_TARGETS``; the other persona sets measure side effects.
+file is given, and the Anthropic model-written-eval persona files, each a label-balanced seeded subset (its own
+draw per dataset) split 50/50 into dev and test items, stratified by label. Target sets of the honesty concept and
+the sign a more honest model should show on "agreement with the set's behaviour" are in ``HONESTY_TARGETS``; the
+other persona sets measure side effects.
 """
 
 from __future__ import annotations
@@ -15,8 +16,16 @@ from pathlib import Path
 import numpy as np
 
 from ..concepts import get_concept
-from .datasets import (NEUTRAL_TEXTS, EvalDataset, data_dir, load_dailydilemmas, load_mwe, load_truthfulqa,
-                       split_dev_test, subsample)
+from .datasets import (
+    NEUTRAL_TEXTS,
+    EvalDataset,
+    data_dir,
+    load_dailydilemmas,
+    load_mwe,
+    load_truthfulqa,
+    split_dev_test,
+    subsample,
+)
 from .engines import BUDGET_POINTS, run_sweep
 from .metrics import KL_BUDGET, summarize
 
@@ -24,10 +33,18 @@ from .metrics import KL_BUDGET, summarize
 HONESTY_TARGETS = dict(get_concept("honesty").targets)
 
 
-def default_datasets(root: str | Path | None = None, n_target: int = 64, n_other: int = 16, n_dd: int = 48,
-                     seed: int = 0, dd_file: str | Path | None = None, dd_value: str | None = None,
-                     mwe_files: list[str | Path] | None = None, targets: dict[str, int] = HONESTY_TARGETS,
-                     truthfulqa: str | Path | None = None) -> list[EvalDataset]:
+def default_datasets(
+    root: str | Path | None = None,
+    n_target: int = 64,
+    n_other: int = 16,
+    n_dd: int = 48,
+    seed: int = 0,
+    dd_file: str | Path | None = None,
+    dd_value: str | None = None,
+    mwe_files: list[str | Path] | None = None,
+    targets: dict[str, int] = HONESTY_TARGETS,
+    truthfulqa: str | Path | None = None,
+) -> list[EvalDataset]:
     """Label-balanced seeded subsets: n_target items of each target set, n_other of each other persona set,
     n_dd DailyDilemmas situations; each dataset gets its own draw (``subsample(..., name=dataset)``).
 
@@ -53,14 +70,21 @@ def default_datasets(root: str | Path | None = None, n_target: int = 64, n_other
         n = n_target if tqa.name in targets else n_other
         out.append(dataclasses.replace(tqa, items=subsample(tqa.items, n, seed, name=tqa.name)))
     dd = load_dailydilemmas(dd_file or base / "dailydilemmas" / "dilemma.csv", value=dd_value)
-    out.append(dataclasses.replace(dd, name="dailydilemmas", items=subsample(dd.items, n_dd, seed,
-                                                                             name="dailydilemmas")))
+    out.append(
+        dataclasses.replace(dd, name="dailydilemmas", items=subsample(dd.items, n_dd, seed, name="dailydilemmas"))
+    )
     return out
 
 
-def concept_datasets(concept, root: str | Path | None = None, n_target: int = 64, n_other: int = 16, n_dd: int = 48,
-                     seed: int = 0, truthfulqa: str | Path | None = None
-                     ) -> tuple[list[EvalDataset], dict[str, int]]:
+def concept_datasets(
+    concept,
+    root: str | Path | None = None,
+    n_target: int = 64,
+    n_other: int = 16,
+    n_dd: int = 48,
+    seed: int = 0,
+    truthfulqa: str | Path | None = None,
+) -> tuple[list[EvalDataset], dict[str, int]]:
     """The datasets that read ``concept`` (a ``concepts.Concept``) and its side effects, and their expected signs.
 
     A ``persona-sets`` concept is read on its target persona files (n_target each); a ``words`` concept on its own
@@ -72,8 +96,9 @@ def concept_datasets(concept, root: str | Path | None = None, n_target: int = 64
         (datasets, targets): targets maps each target dataset's name to its expected sign.
     """
     targets = dict(concept.targets)
-    datasets = default_datasets(root, n_target=n_target, n_other=n_other, n_dd=n_dd, seed=seed, targets=targets,
-                                truthfulqa=truthfulqa)
+    datasets = default_datasets(
+        root, n_target=n_target, n_other=n_other, n_dd=n_dd, seed=seed, targets=targets, truthfulqa=truthfulqa
+    )
     targets = {k: v for k, v in targets.items() if any(d.name == k for d in datasets)}
     if concept.readout == "words":
         words = concept.words_dataset()
@@ -88,15 +113,28 @@ def dataset_splits(datasets: list[EvalDataset], seed: int) -> dict[str, tuple[np
     for d in datasets:
         dev, test = split_dev_test(d.items, seed, name=d.name)
         ids = {it.id: i for i, it in enumerate(d.items)}
-        splits[d.name] = (np.array([ids[it.id] for it in dev], dtype=int),
-                          np.array([ids[it.id] for it in test], dtype=int))
+        splits[d.name] = (
+            np.array([ids[it.id] for it in dev], dtype=int),
+            np.array([ids[it.id] for it in test], dtype=int),
+        )
     return splits
 
 
-def run_suite(engine, methods: list, datasets: list[EvalDataset], seed: int = 0, kl_budget: float = KL_BUDGET,
-              meta: dict | None = None, progress: bool = True, targets: dict[str, int] = HONESTY_TARGETS,
-              concept: str = "honest", neutral_texts: tuple[str, ...] = NEUTRAL_TEXTS, report_split: str = "test",
-              splits: dict[str, tuple[np.ndarray, np.ndarray]] | None = None, budget_first: bool = False) -> dict:
+def run_suite(
+    engine,
+    methods: list,
+    datasets: list[EvalDataset],
+    seed: int = 0,
+    kl_budget: float = KL_BUDGET,
+    meta: dict | None = None,
+    progress: bool = True,
+    targets: dict[str, int] = HONESTY_TARGETS,
+    concept: str = "honest",
+    neutral_texts: tuple[str, ...] = NEUTRAL_TEXTS,
+    report_split: str = "test",
+    splits: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    budget_first: bool = False,
+) -> dict:
     """Sweep every method on every dataset with ``engine`` (``TorchEngine`` or ``RustEngine``), then compute
     metrics on the test split (``report_split="dev"``: the dev split, for searches) at each method's
     KL-matched coefficient. ``splits`` (dataset → (dev indices, test indices)) replaces the seeded stratified
@@ -116,29 +154,48 @@ def run_suite(engine, methods: list, datasets: list[EvalDataset], seed: int = 0,
     kl_budget = check_budget(kl_budget)
     splits = splits if splits is not None else dataset_splits(datasets, seed)
     n_points = 1 + 2 * len(BUDGET_POINTS)
-    bar = tqdm(total=sum(n_points if budget_first and m.kind != "prompt" else len(m.coeffs) for m in methods),
-               desc="eval", disable=not progress)
+    bar = tqdm(
+        total=sum(n_points if budget_first and m.kind != "prompt" else len(m.coeffs) for m in methods),
+        desc="eval",
+        disable=not progress,
+    )
 
     def tick(name, c):
         bar.set_postfix(method=name, c=c)
         bar.update(1)
 
     base_cache: dict = {}
-    sweeps = [run_sweep(engine, m, datasets, list(neutral_texts), base_cache, tick,
-                        kl_budget if budget_first else None) for m in methods]
+    sweeps = [
+        run_sweep(engine, m, datasets, list(neutral_texts), base_cache, tick, kl_budget if budget_first else None)
+        for m in methods
+    ]
     bar.close()
     summary = summarize(sweeps, datasets, splits, seed, kl_budget, report_split)
     info = {}
     for d in datasets:
         labels = np.array([it.label for it in d.items])
         test = splits[d.name][1]
-        info[d.name] = {"n_items": len(d.items), "n_dev": int(len(splits[d.name][0])), "n_test": int(len(test)),
-                        "n_test_yes": int((labels[test] == 1).sum()), "n_test_no": int((labels[test] == -1).sum()),
-                        "kind": d.kind, "source": d.source, "labelled": bool((labels != 0).any()),
-                        "expected_sign": targets.get(d.name), "concept": concept}
+        info[d.name] = {
+            "n_items": len(d.items),
+            "n_dev": int(len(splits[d.name][0])),
+            "n_test": int(len(test)),
+            "n_test_yes": int((labels[test] == 1).sum()),
+            "n_test_no": int((labels[test] == -1).sum()),
+            "kind": d.kind,
+            "source": d.source,
+            "labelled": bool((labels != 0).any()),
+            "expected_sign": targets.get(d.name),
+            "concept": concept,
+        }
     return {
-        "meta": {"seed": seed, "date": datetime.date.today().isoformat(), "engine": engine.name,
-                 "kl_budget": kl_budget, "report_split": report_split, **(meta or {})},
+        "meta": {
+            "seed": seed,
+            "date": datetime.date.today().isoformat(),
+            "engine": engine.name,
+            "kl_budget": kl_budget,
+            "report_split": report_split,
+            **(meta or {}),
+        },
         "datasets": info,
         "methods": summary,
         "raw": [dataclasses.asdict(s) for s in sweeps],

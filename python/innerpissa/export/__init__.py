@@ -19,21 +19,49 @@ from pathlib import Path
 import numpy as np
 
 from ..adapter.model import Adapter, atomic_write, check_output
-from .gguf_io import (GGUFExportError, architecture, read_field, write_control_vector_gguf, write_lora_gguf,
-                      write_merged_gguf)
+from .gguf_io import (
+    GGUFExportError,
+    architecture,
+    read_field,
+    write_control_vector_gguf,
+    write_lora_gguf,
+    write_merged_gguf,
+)
 from .hf import export_merged_hf, export_peft_lora, lora_factors, provenance
 from .onnx_export import export_onnx_live, export_onnx_merged, onnx_logits
 from .poly import PolyFit, exact_at, fit_adapter, fit_polynomial, is_linear
 
 __all__ = [
-    "GGUFExportError", "LiveLoRA", "PolyFit", "exact_at", "export_control_vector", "export_llama_lora",
-    "export_llama_lora_live", "export_merged_gguf", "export_merged_hf", "export_onnx_live", "export_onnx_merged",
-    "export_peft_lora", "fit_adapter", "fit_polynomial", "gguf_architecture", "onnx_logits", "resolve_base_gguf",
+    "GGUFExportError",
+    "LiveLoRA",
+    "PolyFit",
+    "exact_at",
+    "export_control_vector",
+    "export_llama_lora",
+    "export_llama_lora_live",
+    "export_merged_gguf",
+    "export_merged_hf",
+    "export_onnx_live",
+    "export_onnx_merged",
+    "export_peft_lora",
+    "fit_adapter",
+    "fit_polynomial",
+    "gguf_architecture",
+    "onnx_logits",
+    "resolve_base_gguf",
 ]
 
 # transformers model_type → llama.cpp general.architecture, for LoRA files made without a base GGUF at hand
-_ARCH_BY_MODEL_TYPE = {"llama": "llama", "mistral": "llama", "gemma3_text": "gemma3", "gemma3": "gemma3",
-                       "gemma2": "gemma2", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3"}
+_ARCH_BY_MODEL_TYPE = {
+    "llama": "llama",
+    "mistral": "llama",
+    "gemma3_text": "gemma3",
+    "gemma3": "gemma3",
+    "gemma2": "gemma2",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "phi3": "phi3",
+}
 
 
 def resolve_base_gguf(adapter: Adapter, base_gguf: str | Path | None = None) -> Path:
@@ -82,13 +110,20 @@ def gguf_architecture(adapter: Adapter, base_gguf: str | Path | None = None) -> 
         cfg = getattr(cfg, "text_config", cfg)
         arch = _ARCH_BY_MODEL_TYPE.get(cfg.model_type)
         if arch is None:
-            raise GGUFExportError(f"no llama.cpp architecture known for model_type {cfg.model_type!r}; "
-                                  "pass --base-gguf") from None
+            raise GGUFExportError(
+                f"no llama.cpp architecture known for model_type {cfg.model_type!r}; pass --base-gguf"
+            ) from None
         return arch, int(cfg.num_hidden_layers)
 
 
-def export_merged_gguf(adapter: Adapter, coeff: float, out: str | Path, base_gguf: str | Path | None = None,
-                       tensor_type: str = "same", overwrite: bool = False) -> dict[str, str]:
+def export_merged_gguf(
+    adapter: Adapter,
+    coeff: float,
+    out: str | Path,
+    base_gguf: str | Path | None = None,
+    tensor_type: str = "same",
+    overwrite: bool = False,
+) -> dict[str, str]:
     """GGUF of the base model with W(c) written into the adapted tensors (see ``gguf_io.write_merged_gguf``).
 
     Returns {GGUF tensor name: type written}; with ``tensor_type="same"`` a K-quant input (e.g. Q4_K) cannot be
@@ -98,13 +133,19 @@ def export_merged_gguf(adapter: Adapter, coeff: float, out: str | Path, base_ggu
     check_output(out, overwrite, kind="file")
     base = resolve_base_gguf(adapter, base_gguf)
     deltas = {n: adapter.layer(n).delta_weight(coeff).detach().cpu().numpy() for n in adapter.target_names}
-    return write_merged_gguf(base, out, deltas, adapter.model.config, tensor_type=tensor_type,
-                             metadata={"coefficient": float(coeff), "base_fingerprint": adapter.base_fingerprint,
-                                       "kind": "merged"})
+    return write_merged_gguf(
+        base,
+        out,
+        deltas,
+        adapter.model.config,
+        tensor_type=tensor_type,
+        metadata={"coefficient": float(coeff), "base_fingerprint": adapter.base_fingerprint, "kind": "merged"},
+    )
 
 
-def export_llama_lora(adapter: Adapter, coeff: float, out: str | Path, base_gguf: str | Path | None = None,
-                      overwrite: bool = False) -> Path:
+def export_llama_lora(
+    adapter: Adapter, coeff: float, out: str | Path, base_gguf: str | Path | None = None, overwrite: bool = False
+) -> Path:
     """llama.cpp LoRA GGUF exact at ``coeff``: lora_a = Vᵀ, lora_b = U·M(c), alpha = r; load with scale 1.
 
     An existing ``out`` needs ``overwrite``."""
@@ -112,9 +153,14 @@ def export_llama_lora(adapter: Adapter, coeff: float, out: str | Path, base_gguf
     check_output(out, overwrite, kind="file")
     arch, n_blocks = gguf_architecture(adapter, base_gguf)
     factors = {n: (a.numpy(), b.numpy()) for n, (a, b) in lora_factors(adapter, exact_at(adapter, coeff)).items()}
-    return write_lora_gguf(out, arch, n_blocks, factors, adapter.model.config,
-                           metadata={"coefficient": float(coeff), "kind": "lora-exact",
-                                     "base_fingerprint": adapter.base_fingerprint})
+    return write_lora_gguf(
+        out,
+        arch,
+        n_blocks,
+        factors,
+        adapter.model.config,
+        metadata={"coefficient": float(coeff), "kind": "lora-exact", "base_fingerprint": adapter.base_fingerprint},
+    )
 
 
 @dataclass
@@ -143,10 +189,16 @@ class LiveLoRA:
         return " ".join(f"--lora-scaled {f} {s:.6g}" for f, s in zip(self.files, self.scales(c)))
 
 
-def export_llama_lora_live(adapter: Adapter, out_dir: str | Path, c_range: tuple[float, float] = (-2.0, 2.0),
-                           degree: int | None = None, tol: float = 1e-3,
-                           base_gguf: str | Path | None = None,
-                           fits: dict[str, PolyFit] | None = None, overwrite: bool = False) -> LiveLoRA:
+def export_llama_lora_live(
+    adapter: Adapter,
+    out_dir: str | Path,
+    c_range: tuple[float, float] = (-2.0, 2.0),
+    degree: int | None = None,
+    tol: float = 1e-3,
+    base_gguf: str | Path | None = None,
+    fits: dict[str, PolyFit] | None = None,
+    overwrite: bool = False,
+) -> LiveLoRA:
     """LoRA GGUFs whose sum, applied with scales c, c², …, c^K, gives M̂(c) ≈ M(c) over ``c_range``.
 
     The degree is the smallest K ≤ 8 whose worst relative error is ≤ ``tol`` unless given; ``fits`` from
@@ -166,24 +218,57 @@ def export_llama_lora_live(adapter: Adapter, out_dir: str | Path, c_range: tuple
         ms = {n: f.matrices[k] for n, f in fits.items()}
         factors = {n: (a.numpy(), b.numpy()) for n, (a, b) in lora_factors(adapter, ms).items()}
         name = "lora.gguf" if k_deg == 1 else f"lora.p{k + 1}.gguf"
-        files.append(write_lora_gguf(out_dir / name, arch, n_blocks, factors, adapter.model.config, metadata={
-            "kind": "lora-live", "power": k + 1, "degree": k_deg, "c_min": float(c_range[0]),
-            "c_max": float(c_range[1]), "max_rel_error": rel, "exact": exact,
-            "base_fingerprint": adapter.base_fingerprint}))
-    live = LiveLoRA(files=files, exact=exact, c_range=(float(c_range[0]), float(c_range[1])), max_rel_error=rel,
-                    max_abs_error=absm, fits=fits)
-    info = provenance(adapter, None, "lora-live", files=[f.name for f in files], scales="c**k for file k",
-                      degree=k_deg, exact=exact, c_range=list(live.c_range), max_rel_error=rel, max_abs_error=absm,
-                      example=f"llama-cli -m BASE.gguf {live.llama_cli_args(1.0)}")
+        files.append(
+            write_lora_gguf(
+                out_dir / name,
+                arch,
+                n_blocks,
+                factors,
+                adapter.model.config,
+                metadata={
+                    "kind": "lora-live",
+                    "power": k + 1,
+                    "degree": k_deg,
+                    "c_min": float(c_range[0]),
+                    "c_max": float(c_range[1]),
+                    "max_rel_error": rel,
+                    "exact": exact,
+                    "base_fingerprint": adapter.base_fingerprint,
+                },
+            )
+        )
+    live = LiveLoRA(
+        files=files,
+        exact=exact,
+        c_range=(float(c_range[0]), float(c_range[1])),
+        max_rel_error=rel,
+        max_abs_error=absm,
+        fits=fits,
+    )
+    info = provenance(
+        adapter,
+        None,
+        "lora-live",
+        files=[f.name for f in files],
+        scales="c**k for file k",
+        degree=k_deg,
+        exact=exact,
+        c_range=list(live.c_range),
+        max_rel_error=rel,
+        max_abs_error=absm,
+        example=f"llama-cli -m BASE.gguf {live.llama_cli_args(1.0)}",
+    )
     atomic_write(out_dir / "live_lora.json", lambda p: Path(p).write_text(json.dumps(info, indent=2)))
     return live
 
 
-def export_control_vector(directions: dict[int, "np.ndarray"], out: str | Path, model_hint: str,
-                          overwrite: bool = False) -> Path:
+def export_control_vector(
+    directions: dict[int, np.ndarray], out: str | Path, model_hint: str, overwrite: bool = False
+) -> Path:
     """Control-vector GGUF for activation-addition baselines (PCA, mean difference); see ``gguf_io``.
 
     An existing ``out`` needs ``overwrite``."""
     check_output(out, overwrite, kind="file")
-    return write_control_vector_gguf(out, {k: np.asarray(v, dtype=np.float32) for k, v in directions.items()},
-                                     model_hint)
+    return write_control_vector_gguf(
+        out, {k: np.asarray(v, dtype=np.float32) for k, v in directions.items()}, model_hint
+    )

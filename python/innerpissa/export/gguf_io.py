@@ -140,8 +140,14 @@ def quantize_as(w: np.ndarray, qtype) -> tuple[np.ndarray, object]:
         return w.astype(np.float32), T.F32
 
 
-def write_merged_gguf(base_gguf: str | Path, out: str | Path, deltas: dict[str, np.ndarray], model_config,
-                      tensor_type: str = "same", metadata: dict[str, object] | None = None) -> dict[str, str]:
+def write_merged_gguf(
+    base_gguf: str | Path,
+    out: str | Path,
+    deltas: dict[str, np.ndarray],
+    model_config,
+    tensor_type: str = "same",
+    metadata: dict[str, object] | None = None,
+) -> dict[str, str]:
     """Copy ``base_gguf`` to ``out`` with W ← dequant(W) + ΔW for each module in ``deltas``.
 
     Args:
@@ -231,8 +237,14 @@ def dequantize_gguf(src: str | Path, out: str | Path) -> Path:
     return _atomic_gguf(Path(out), write)
 
 
-def write_lora_gguf(out: str | Path, arch: str, n_blocks: int, factors: dict[str, tuple[np.ndarray, np.ndarray]],
-                    model_config, metadata: dict[str, object] | None = None) -> Path:
+def write_lora_gguf(
+    out: str | Path,
+    arch: str,
+    n_blocks: int,
+    factors: dict[str, tuple[np.ndarray, np.ndarray]],
+    model_config,
+    metadata: dict[str, object] | None = None,
+) -> Path:
     """Write a llama.cpp LoRA adapter GGUF with alpha = r, so ``--lora-scaled FILE s`` applies s·B·A exactly.
 
     Args:

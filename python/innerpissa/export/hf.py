@@ -24,9 +24,16 @@ def provenance(adapter: Adapter, coeff: float | None, kind: str, **extra) -> dic
     """What an exported artefact was made from (written next to it as ``innerpissa_export.json``)."""
     from .. import __version__
 
-    return {"kind": kind, "coefficient": coeff, "innerpissa_version": __version__,
-            "base_model": adapter.meta.get("base_model"), "base_fingerprint": adapter.base_fingerprint,
-            "adapter": adapter.config.to_dict(), "target_modules": adapter.target_names, **extra}
+    return {
+        "kind": kind,
+        "coefficient": coeff,
+        "innerpissa_version": __version__,
+        "base_model": adapter.meta.get("base_model"),
+        "base_fingerprint": adapter.base_fingerprint,
+        "adapter": adapter.config.to_dict(),
+        "target_modules": adapter.target_names,
+        **extra,
+    }
 
 
 def export_merged_hf(adapter: Adapter, tokenizer, coeff: float, out: str | Path, overwrite: bool = False) -> Path:
@@ -78,10 +85,19 @@ def export_peft_lora(adapter: Adapter, coeff: float, out: str | Path, overwrite:
         tensors[f"base_model.model.{name}.lora_A.weight"] = a
         tensors[f"base_model.model.{name}.lora_B.weight"] = b
     cfg = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank, "lora_dropout": 0.0,
-        "bias": "none", "fan_in_fan_out": False, "target_modules": list(adapter.target_names),
-        "base_model_name_or_path": adapter.meta.get("base_model"), "inference_mode": True,
-        "init_lora_weights": True, "use_rslora": False, "use_dora": False,
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": rank,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "target_modules": list(adapter.target_names),
+        "base_model_name_or_path": adapter.meta.get("base_model"),
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
     }
 
     def fill(tmp: Path):

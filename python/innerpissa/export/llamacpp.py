@@ -58,13 +58,27 @@ class LlamaCppRunner:
     Use as a context manager (``with LlamaCppRunner(...) as r:``) or call ``close()``.
     """
 
-    def __init__(self, model_path: str | Path, loras: list[tuple[str | Path, float]] = (),
-                 control_vector: tuple[str | Path, float] | None = None, n_ctx: int = 512, n_threads: int = 2):
+    def __init__(
+        self,
+        model_path: str | Path,
+        loras: list[tuple[str | Path, float]] = (),
+        control_vector: tuple[str | Path, float] | None = None,
+        n_ctx: int = 512,
+        n_threads: int = 2,
+    ):
         llama_cpp = _llama_cpp()
         self._lib = llama_cpp
-        self.llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=n_ctx, logits_all=True, verbose=False,
-                                   n_threads=n_threads, n_threads_batch=n_threads, n_batch=n_ctx,
-                                   type_k=0, type_v=0)  # F32 KV cache: no F16 rounding in the comparison
+        self.llm = llama_cpp.Llama(
+            model_path=str(model_path),
+            n_ctx=n_ctx,
+            logits_all=True,
+            verbose=False,
+            n_threads=n_threads,
+            n_threads_batch=n_threads,
+            n_batch=n_ctx,
+            type_k=0,
+            type_v=0,
+        )  # F32 KV cache: no F16 rounding in the comparison
         self._adapters = []
         if loras:
             for path, _ in loras:
@@ -94,7 +108,7 @@ class LlamaCppRunner:
     def close(self) -> None:
         self.llm.close()
 
-    def __enter__(self) -> "LlamaCppRunner":
+    def __enter__(self) -> LlamaCppRunner:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -17,8 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..adapter.model import Adapter
-from ..adapter.model import atomic_dir, check_output
+from ..adapter.model import Adapter, atomic_dir, check_output
 from .hf import provenance
 from .poly import PolyFit
 
@@ -66,15 +65,26 @@ def _example(model: nn.Module):
 
 
 def _export(module: nn.Module, args: tuple, names: list[str], path: Path) -> None:
-    dyn = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
-           "logits": {0: "batch", 1: "seq"}}
+    dyn = {
+        "input_ids": {0: "batch", 1: "seq"},
+        "attention_mask": {0: "batch", 1: "seq"},
+        "logits": {0: "batch", 1: "seq"},
+    }
     model = module.model
     prev = getattr(model.config, "_attn_implementation", None) or "sdpa"
     model.set_attn_implementation("eager")  # the same maths as sdpa, as plain ops the tracer records
     try:
         with torch.no_grad():
-            torch.onnx.export(module, args, str(path), input_names=names, output_names=["logits"],
-                              dynamic_axes=dyn, opset_version=17, dynamo=False)
+            torch.onnx.export(
+                module,
+                args,
+                str(path),
+                input_names=names,
+                output_names=["logits"],
+                dynamic_axes=dyn,
+                opset_version=17,
+                dynamo=False,
+            )
     finally:
         model.set_attn_implementation(prev)
 
@@ -86,11 +96,13 @@ def export_onnx_merged(adapter: Adapter, coeff: float, out: str | Path, overwrit
     """
     coeff = adapter.check_coeff(coeff)
     check_output(out, overwrite)
+
     def fill(tmp: Path):
         adapter.merge(coeff)
         try:
-            _export(_LogitsOnly(adapter.model), _example(adapter.model), ["input_ids", "attention_mask"],
-                    tmp / ONNX_NAME)
+            _export(
+                _LogitsOnly(adapter.model), _example(adapter.model), ["input_ids", "attention_mask"], tmp / ONNX_NAME
+            )
         finally:
             adapter.unmerge()
         (tmp / "innerpissa_export.json").write_text(json.dumps(provenance(adapter, coeff, "onnx-merged"), indent=2))
@@ -125,11 +137,21 @@ def export_onnx_live(adapter: Adapter, fits: dict[str, PolyFit], out: str | Path
 
     def fill(tmp: Path):
         ids, mask = _example(model)
-        _export(_LogitsOnly(model, powers, degree), (ids, mask, torch.tensor(0.5)),
-                ["input_ids", "attention_mask", "coefficient"], tmp / ONNX_NAME)
-        info = provenance(adapter, None, "onnx-live", degree=degree, c_range=list(worst.c_range),
-                          max_rel_error=worst.max_rel_error,
-                          max_abs_error=max(f.max_abs_error for f in fits.values()))
+        _export(
+            _LogitsOnly(model, powers, degree),
+            (ids, mask, torch.tensor(0.5)),
+            ["input_ids", "attention_mask", "coefficient"],
+            tmp / ONNX_NAME,
+        )
+        info = provenance(
+            adapter,
+            None,
+            "onnx-live",
+            degree=degree,
+            c_range=list(worst.c_range),
+            max_rel_error=worst.max_rel_error,
+            max_abs_error=max(f.max_abs_error for f in fits.values()),
+        )
         (tmp / "innerpissa_export.json").write_text(json.dumps(info, indent=2))
 
     try:
@@ -139,15 +161,18 @@ def export_onnx_live(adapter: Adapter, fits: dict[str, PolyFit], out: str | Path
             setattr(parent, child, lin)
 
 
-def onnx_logits(path: str | Path, input_ids: np.ndarray, attention_mask: np.ndarray,
-                coefficient: float | None = None) -> np.ndarray:
+def onnx_logits(
+    path: str | Path, input_ids: np.ndarray, attention_mask: np.ndarray, coefficient: float | None = None
+) -> np.ndarray:
     """Run an exported graph with onnxruntime on the CPU; returns logits (B, T, vocab) float32."""
     import onnxruntime as ort
 
     path = Path(path)
     sess = ort.InferenceSession(str(path / ONNX_NAME if path.is_dir() else path), providers=["CPUExecutionProvider"])
-    feeds = {"input_ids": np.asarray(input_ids, dtype=np.int64),
-             "attention_mask": np.asarray(attention_mask, dtype=np.int64)}
+    feeds = {
+        "input_ids": np.asarray(input_ids, dtype=np.int64),
+        "attention_mask": np.asarray(attention_mask, dtype=np.int64),
+    }
     if coefficient is not None:
         feeds["coefficient"] = np.asarray(coefficient, dtype=np.float32)
     return sess.run(["logits"], feeds)[0]

@@ -90,12 +90,14 @@ def _fit(layer: InnerPiSSALayer, c_range, degree: int, nodes, target, check, exa
     norm = np.linalg.norm(exact.reshape(len(check), -1), axis=1)
     nz = norm > 0
     rel = float((err[nz] / norm[nz]).max()) if nz.any() else 0.0
-    return PolyFit(matrices=mats, c_range=(float(c_range[0]), float(c_range[1])), max_rel_error=rel,
-                   max_abs_error=float(err.max()))
+    return PolyFit(
+        matrices=mats, c_range=(float(c_range[0]), float(c_range[1])), max_rel_error=rel, max_abs_error=float(err.max())
+    )
 
 
-def fit_polynomial(layer: InnerPiSSALayer, c_range: tuple[float, float], degree: int,
-                   n_fit: int = 257, n_check: int = 1001) -> PolyFit:
+def fit_polynomial(
+    layer: InnerPiSSALayer, c_range: tuple[float, float], degree: int, n_fit: int = 257, n_check: int = 1001
+) -> PolyFit:
     """Least-squares fit of M(c) ≈ Σ_{k=1..degree} c^k M_k on ``n_fit`` Chebyshev points of ``c_range``.
 
     The error is then measured on ``n_check`` evenly spaced points (plus the range ends), in float64.
@@ -104,12 +106,14 @@ def fit_polynomial(layer: InnerPiSSALayer, c_range: tuple[float, float], degree:
         ValueError: an empty range or a degree < 1.
     """
     nodes, check = _grids(c_range, n_fit, n_check)
-    return _fit(layer, c_range, degree, nodes, exact_steer_matrices(layer, nodes), check,
-                exact_steer_matrices(layer, check))
+    return _fit(
+        layer, c_range, degree, nodes, exact_steer_matrices(layer, nodes), check, exact_steer_matrices(layer, check)
+    )
 
 
-def fit_adapter(adapter, c_range: tuple[float, float], degree: int | None = None, max_degree: int = 8,
-                tol: float = 1e-3) -> dict[str, PolyFit]:
+def fit_adapter(
+    adapter, c_range: tuple[float, float], degree: int | None = None, max_degree: int = 8, tol: float = 1e-3
+) -> dict[str, PolyFit]:
     """Fit every layer of ``adapter`` with one common degree.
 
     With ``degree=None`` the smallest K ≤ ``max_degree`` whose worst layer's relative error is ≤ ``tol`` is used
@@ -117,12 +121,15 @@ def fit_adapter(adapter, c_range: tuple[float, float], degree: int | None = None
     Returns {target module name: PolyFit}.
     """
     nodes, check = _grids(c_range, 257, 1001)
-    exact = {n: (exact_steer_matrices(adapter.layer(n), nodes), exact_steer_matrices(adapter.layer(n), check))
-             for n in adapter.target_names}
+    exact = {
+        n: (exact_steer_matrices(adapter.layer(n), nodes), exact_steer_matrices(adapter.layer(n), check))
+        for n in adapter.target_names
+    }
 
     def fit_all(k: int) -> dict[str, PolyFit]:
-        return {n: _fit(adapter.layer(n), c_range, k, nodes, exact[n][0], check, exact[n][1])
-                for n in adapter.target_names}
+        return {
+            n: _fit(adapter.layer(n), c_range, k, nodes, exact[n][0], check, exact[n][1]) for n in adapter.target_names
+        }
 
     if degree is not None:
         return fit_all(degree)

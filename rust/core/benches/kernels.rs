@@ -104,9 +104,11 @@ fn bench_matmul(c: &mut Criterion) {
     let q4_1 = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
     // The de-quantized reference holds exactly the Q4_1 weights, as the engine's f32 mode does on that GGUF.
     let f32_w = q4_1.dequantize(&Device::Cpu).unwrap();
-    let dense = Linear::from_qtensor(QTensor::quantize(&f32_w, GgmlDType::F32).unwrap(), WeightMode::F32, &Device::Cpu).unwrap();
+    let dense = Linear::from_qtensor(QTensor::quantize(&f32_w, GgmlDType::F32).unwrap(), WeightMode::F32, &Device::Cpu)
+        .unwrap();
     let native = Linear::from_qtensor(q4_1, WeightMode::Native, &Device::Cpu).unwrap();
-    let q8 = Linear::from_qtensor(QTensor::quantize(&f32_w, GgmlDType::F32).unwrap(), WeightMode::Q8_0, &Device::Cpu).unwrap();
+    let q8 = Linear::from_qtensor(QTensor::quantize(&f32_w, GgmlDType::F32).unwrap(), WeightMode::Q8_0, &Device::Cpu)
+        .unwrap();
     let candle_f32 = QMatMul::Tensor(f32_w.clone());
     let mut g = c.benchmark_group("matmul");
     for rows in ROWS {

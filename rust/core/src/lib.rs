@@ -6,7 +6,4 @@
 pub mod engine;
 pub mod svd;
 
-pub use svd::{
-    top_r_svd, top_r_svd_batch, top_r_svd_with_par, BatchError, MatrixView, Precision, SvdError,
-    TopRSvd,
-};
+pub use svd::{top_r_svd, top_r_svd_batch, top_r_svd_with_par, BatchError, MatrixView, Precision, SvdError, TopRSvd};

@@ -107,11 +107,7 @@ pub enum SvdError {
     /// `r` must satisfy `1 <= r <= min(d_out, d_in)`.
     InvalidRank { r: usize, d_out: usize, d_in: usize },
     /// `data.len() != d_out * d_in`.
-    ShapeMismatch {
-        len: usize,
-        d_out: usize,
-        d_in: usize,
-    },
+    ShapeMismatch { len: usize, d_out: usize, d_in: usize },
     /// The matrix contains NaN or ±inf.
     NonFinite,
     /// faer's iterative solver did not converge.
@@ -129,11 +125,9 @@ impl fmt::Display for SvdError {
                 d_out,
                 d_in
             ),
-            SvdError::ShapeMismatch { len, d_out, d_in } => write!(
-                f,
-                "buffer of length {len} does not hold a {d_out}x{d_in} matrix ({} elements)",
-                d_out * d_in
-            ),
+            SvdError::ShapeMismatch { len, d_out, d_in } => {
+                write!(f, "buffer of length {len} does not hold a {d_out}x{d_in} matrix ({} elements)", d_out * d_in)
+            }
             SvdError::NonFinite => write!(f, "matrix contains NaN or infinite values"),
             SvdError::NoConvergence => write!(f, "SVD did not converge"),
         }
@@ -162,11 +156,7 @@ impl std::error::Error for BatchError {}
 fn validate(w: &MatrixView<'_>, r: usize) -> Result<(), SvdError> {
     let MatrixView { data, d_out, d_in } = *w;
     if d_out.checked_mul(d_in) != Some(data.len()) {
-        return Err(SvdError::ShapeMismatch {
-            len: data.len(),
-            d_out,
-            d_in,
-        });
+        return Err(SvdError::ShapeMismatch { len: data.len(), d_out, d_in });
     }
     if r == 0 || r > d_out.min(d_in) {
         return Err(SvdError::InvalidRank { r, d_out, d_in });
@@ -187,12 +177,7 @@ pub fn top_r_svd(w: MatrixView<'_>, r: usize, precision: Precision) -> Result<To
 }
 
 /// Like [`top_r_svd`], with an explicit faer parallelism setting.
-pub fn top_r_svd_with_par(
-    w: MatrixView<'_>,
-    r: usize,
-    par: Par,
-    precision: Precision,
-) -> Result<TopRSvd, SvdError> {
+pub fn top_r_svd_with_par(w: MatrixView<'_>, r: usize, par: Par, precision: Precision) -> Result<TopRSvd, SvdError> {
     validate(&w, r)?;
     compute(w, r, par, precision)
 }
@@ -204,11 +189,7 @@ pub fn top_r_svd_with_par(
 /// is identical to what [`top_r_svd`] returns for that matrix up to the last
 /// bits of floating point (faer's blocking can differ between sequential and
 /// parallel runs).
-pub fn top_r_svd_batch(
-    ws: &[MatrixView<'_>],
-    r: usize,
-    precision: Precision,
-) -> Result<Vec<TopRSvd>, BatchError> {
+pub fn top_r_svd_batch(ws: &[MatrixView<'_>], r: usize, precision: Precision) -> Result<Vec<TopRSvd>, BatchError> {
     for (index, w) in ws.iter().enumerate() {
         validate(w, r).map_err(|error| BatchError { index, error })?;
     }
@@ -216,17 +197,11 @@ pub fn top_r_svd_batch(
     let tag = |index: usize| move |error: SvdError| BatchError { index, error };
     if threads > 1 && ws.len() >= threads {
         // Outer parallelism only: one sequential faer SVD per rayon task.
-        ws.par_iter()
-            .enumerate()
-            .map(|(i, w)| compute(*w, r, Par::Seq, precision).map_err(tag(i)))
-            .collect()
+        ws.par_iter().enumerate().map(|(i, w)| compute(*w, r, Par::Seq, precision).map_err(tag(i))).collect()
     } else {
         // Few matrices: parallelise inside each decomposition instead.
         let par = pool_par();
-        ws.iter()
-            .enumerate()
-            .map(|(i, w)| compute(*w, r, par, precision).map_err(tag(i)))
-            .collect()
+        ws.iter().enumerate().map(|(i, w)| compute(*w, r, par, precision).map_err(tag(i))).collect()
     }
 }
 
@@ -260,12 +235,7 @@ impl Work for f64 {
 }
 
 /// Assumes `validate` passed.
-fn compute(
-    w: MatrixView<'_>,
-    r: usize,
-    par: Par,
-    precision: Precision,
-) -> Result<TopRSvd, SvdError> {
+fn compute(w: MatrixView<'_>, r: usize, par: Par, precision: Precision) -> Result<TopRSvd, SvdError> {
     match precision {
         Precision::F32 => compute_in::<f32>(w, r, par),
         Precision::F64 => compute_in::<f64>(w, r, par),
@@ -283,25 +253,10 @@ fn compute_in<T: Work>(w: MatrixView<'_>, r: usize, par: Par) -> Result<TopRSvd,
     let mut s = faer::diag::Diag::<T>::zeros(k);
     let mut p = Mat::<T>::zeros(d_in, k); // left vectors of W^T = V of W
     let mut q = Mat::<T>::zeros(d_out, k); // right vectors of W^T = U of W
-    let req = faer_svd::svd_scratch::<T>(
-        d_in,
-        d_out,
-        ComputeSvdVectors::Thin,
-        ComputeSvdVectors::Thin,
-        par,
-        default(),
-    );
+    let req = faer_svd::svd_scratch::<T>(d_in, d_out, ComputeSvdVectors::Thin, ComputeSvdVectors::Thin, par, default());
     let mut buf = MemBuffer::new(req);
-    faer_svd::svd(
-        a.as_ref(),
-        s.as_mut(),
-        Some(p.as_mut()),
-        Some(q.as_mut()),
-        par,
-        MemStack::new(&mut buf),
-        default(),
-    )
-    .map_err(|_| SvdError::NoConvergence)?;
+    faer_svd::svd(a.as_ref(), s.as_mut(), Some(p.as_mut()), Some(q.as_mut()), par, MemStack::new(&mut buf), default())
+        .map_err(|_| SvdError::NoConvergence)?;
     drop(buf);
 
     let s: Vec<f64> = s.column_vector().iter().map(|x| x.to_f64()).collect();
@@ -336,14 +291,7 @@ fn compute_in<T: Work>(w: MatrixView<'_>, r: usize, par: Par) -> Result<TopRSvd,
         }
         s_out.push(s[src].max(0.0) as f32);
     }
-    Ok(TopRSvd {
-        d_out,
-        d_in,
-        r,
-        u: u_out,
-        s: s_out,
-        v: v_out,
-    })
+    Ok(TopRSvd { d_out, d_in, r, u: u_out, s: s_out, v: v_out })
 }
 
 #[cfg(test)]
@@ -383,10 +331,7 @@ mod tests {
     }
 
     fn frob(x: &[f32]) -> f64 {
-        x.iter()
-            .map(|&v| (v as f64) * (v as f64))
-            .sum::<f64>()
-            .sqrt()
+        x.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>().sqrt()
     }
 
     /// `W - U diag(S) V^T` in f64, returned as f32 for `frob`.
@@ -410,9 +355,7 @@ mod tests {
         let mut worst = 0f64;
         for a in 0..r {
             for b in 0..r {
-                let dot: f64 = (0..rows)
-                    .map(|i| x[i * r + a] as f64 * x[i * r + b] as f64)
-                    .sum();
+                let dot: f64 = (0..rows).map(|i| x[i * r + a] as f64 * x[i * r + b] as f64).sum();
                 let target = if a == b { 1.0 } else { 0.0 };
                 worst = worst.max((dot - target).abs());
             }
@@ -420,16 +363,7 @@ mod tests {
         worst
     }
 
-    const SHAPES: &[(usize, usize)] = &[
-        (40, 40),
-        (64, 24),
-        (24, 64),
-        (150, 7),
-        (7, 150),
-        (1, 9),
-        (9, 1),
-        (130, 140),
-    ];
+    const SHAPES: &[(usize, usize)] = &[(40, 40), (64, 24), (24, 64), (150, 7), (7, 150), (1, 9), (9, 1), (130, 140)];
     const PRECISIONS: [Precision; 2] = [Precision::F64, Precision::F32];
 
     /// Tolerance relative to ‖W‖ (or to 1 for orthonormality).
@@ -451,10 +385,7 @@ mod tests {
                 let w = random(m, n, seed as u64);
                 let d = svd(&w, m, n, m.min(n), p);
                 let rel = frob(&residual(&w, &d)) / frob(&w);
-                assert!(
-                    rel < tol(p),
-                    "{p:?} {m}x{n}: relative reconstruction error {rel}"
-                );
+                assert!(rel < tol(p), "{p:?} {m}x{n}: relative reconstruction error {rel}");
             }
         }
     }
@@ -468,14 +399,8 @@ mod tests {
                     let d = svd(&w, m, n, r, p);
                     assert_eq!((d.u.len(), d.s.len(), d.v.len()), (m * r, r, n * r));
                     // f32 outputs: even exact vectors are rounded to ~6e-8.
-                    assert!(
-                        orthonormality_defect(&d.u, m, r) < 10.0 * tol(p),
-                        "{p:?} U {m}x{n} r={r}"
-                    );
-                    assert!(
-                        orthonormality_defect(&d.v, n, r) < 10.0 * tol(p),
-                        "{p:?} V {m}x{n} r={r}"
-                    );
+                    assert!(orthonormality_defect(&d.u, m, r) < 10.0 * tol(p), "{p:?} U {m}x{n} r={r}");
+                    assert!(orthonormality_defect(&d.v, n, r) < 10.0 * tol(p), "{p:?} V {m}x{n} r={r}");
                 }
             }
         }
@@ -500,17 +425,10 @@ mod tests {
                 let k = m.min(n);
                 let w = decaying(m, n, 300 + seed as u64);
                 let full = svd(&w, m, n, k, p);
-                for r in [1, 2, k / 3, k / 2, k - 1, k]
-                    .into_iter()
-                    .filter(|&r| r >= 1 && r <= k)
-                {
+                for r in [1, 2, k / 3, k / 2, k - 1, k].into_iter().filter(|&r| r >= 1 && r <= k) {
                     let d = svd(&w, m, n, r, p);
                     let err = frob(&residual(&w, &d));
-                    let tail: f64 = full.s[r..]
-                        .iter()
-                        .map(|&x| (x as f64).powi(2))
-                        .sum::<f64>()
-                        .sqrt();
+                    let tail: f64 = full.s[r..].iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
                     assert!(
                         (err - tail).abs() <= 10.0 * tol(p) * frob(&w),
                         "{p:?} {m}x{n} r={r}: err {err} vs tail {tail}"
@@ -546,10 +464,7 @@ mod tests {
             let d = svd(&w, 3, 5, 3, p);
             assert_eq!(d.s, vec![3.0, 2.0, 1.0]);
             // u_0 = e_0 with positive sign, so v_0 = -e_1.
-            assert!(
-                (d.u[0] - 1.0).abs() < 1e-7 && (d.v[3] + 1.0).abs() < 1e-7,
-                "{d:?}"
-            );
+            assert!((d.u[0] - 1.0).abs() < 1e-7 && (d.v[3] + 1.0).abs() < 1e-7, "{d:?}");
         }
     }
 
@@ -562,10 +477,7 @@ mod tests {
                 let d = svd(&w, m, n, r, p);
                 for c in 0..r {
                     let col: Vec<f32> = (0..m).map(|i| d.u[i * r + c]).collect();
-                    let big =
-                        col.iter()
-                            .copied()
-                            .fold(0f32, |acc, x| if x.abs() > acc.abs() { x } else { acc });
+                    let big = col.iter().copied().fold(0f32, |acc, x| if x.abs() > acc.abs() { x } else { acc });
                     assert!(big > 0.0, "{p:?} {m}x{n} column {c}: {col:?}");
                 }
             }
@@ -575,16 +487,8 @@ mod tests {
     #[test]
     fn batch_matches_single() {
         let shapes = [(30, 20), (20, 30), (25, 25), (40, 10), (12, 12)];
-        let data: Vec<Vec<f32>> = shapes
-            .iter()
-            .enumerate()
-            .map(|(s, &(m, n))| random(m, n, 500 + s as u64))
-            .collect();
-        let views: Vec<MatrixView<'_>> = data
-            .iter()
-            .zip(shapes)
-            .map(|(d, (m, n))| MatrixView::new(d, m, n))
-            .collect();
+        let data: Vec<Vec<f32>> = shapes.iter().enumerate().map(|(s, &(m, n))| random(m, n, 500 + s as u64)).collect();
+        let views: Vec<MatrixView<'_>> = data.iter().zip(shapes).map(|(d, (m, n))| MatrixView::new(d, m, n)).collect();
         let r = 5;
         for p in PRECISIONS {
             let batch = top_r_svd_batch(&views, r, p).unwrap();
@@ -609,36 +513,19 @@ mod tests {
         for r in [0, 5, 100] {
             assert_eq!(
                 top_r_svd(MatrixView::new(&w, 4, 6), r, Precision::F64),
-                Err(SvdError::InvalidRank {
-                    r,
-                    d_out: 4,
-                    d_in: 6
-                })
+                Err(SvdError::InvalidRank { r, d_out: 4, d_in: 6 })
             );
         }
         assert_eq!(
             top_r_svd(MatrixView::new(&w, 5, 6), 2, Precision::F64),
-            Err(SvdError::ShapeMismatch {
-                len: 24,
-                d_out: 5,
-                d_in: 6
-            })
+            Err(SvdError::ShapeMismatch { len: 24, d_out: 5, d_in: 6 })
         );
         let mut bad = w.clone();
         bad[3] = f32::NAN;
-        assert_eq!(
-            top_r_svd(MatrixView::new(&bad, 4, 6), 2, Precision::F64),
-            Err(SvdError::NonFinite)
-        );
+        assert_eq!(top_r_svd(MatrixView::new(&bad, 4, 6), 2, Precision::F64), Err(SvdError::NonFinite));
         let views = [MatrixView::new(&w, 4, 6), MatrixView::new(&bad, 4, 6)];
         let e = top_r_svd_batch(&views, 2, Precision::F64).unwrap_err();
-        assert_eq!(
-            e,
-            BatchError {
-                index: 1,
-                error: SvdError::NonFinite
-            }
-        );
+        assert_eq!(e, BatchError { index: 1, error: SvdError::NonFinite });
         assert!(e.to_string().starts_with("matrix 1:"));
         assert!(top_r_svd(MatrixView::new(&[], 0, 3), 1, Precision::F64).is_err());
     }

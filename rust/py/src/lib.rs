@@ -31,11 +31,7 @@ fn guard<T>(body: impl FnOnce() -> PyResult<T>) -> PyResult<T> {
     })
 }
 
-type SvdTuple<'py> = (
-    Bound<'py, PyArray2<f32>>,
-    Bound<'py, PyArray1<f32>>,
-    Bound<'py, PyArray2<f32>>,
-);
+type SvdTuple<'py> = (Bound<'py, PyArray2<f32>>, Bound<'py, PyArray1<f32>>, Bound<'py, PyArray2<f32>>);
 
 /// A 2-D float32 input, borrowed when C-contiguous, copied otherwise.
 struct Input<'py> {
@@ -54,12 +50,9 @@ impl Input<'_> {
 }
 
 fn input<'py>(obj: &Bound<'py, PyAny>, what: &str) -> PyResult<Input<'py>> {
-    let array: PyReadonlyArrayDyn<'py, f32> = obj.extract().map_err(|_| {
-        PyTypeError::new_err(format!(
-            "{what}: expected a numpy float32 array, got {}",
-            describe(obj)
-        ))
-    })?;
+    let array: PyReadonlyArrayDyn<'py, f32> = obj
+        .extract()
+        .map_err(|_| PyTypeError::new_err(format!("{what}: expected a numpy float32 array, got {}", describe(obj))))?;
     if array.ndim() != 2 {
         return Err(PyValueError::new_err(format!(
             "{what}: expected a 2-D array, got {} dimension(s) with shape {:?}",
@@ -70,11 +63,7 @@ fn input<'py>(obj: &Bound<'py, PyAny>, what: &str) -> PyResult<Input<'py>> {
     // The core wants row-major data. `as_slice` also accepts Fortran order,
     // so test C-contiguity explicitly; anything else is copied in logical
     // (row-major) order.
-    let copy = if array.is_c_contiguous() {
-        None
-    } else {
-        Some(array.as_array().iter().copied().collect())
-    };
+    let copy = if array.is_c_contiguous() { None } else { Some(array.as_array().iter().copied().collect()) };
     Ok(Input { array, copy })
 }
 
@@ -88,20 +77,15 @@ fn describe(obj: &Bound<'_, PyAny>) -> String {
 /// Negative ranks are refused here (they do not fit a `usize`); zero and
 /// too-large ranks are refused by the core, whose message names the shape.
 fn rank(r: i64) -> PyResult<usize> {
-    usize::try_from(r).map_err(|_| {
-        PyValueError::new_err(format!(
-            "r must satisfy 1 <= r <= min(d_out, d_in), got r={r}"
-        ))
-    })
+    usize::try_from(r)
+        .map_err(|_| PyValueError::new_err(format!("r must satisfy 1 <= r <= min(d_out, d_in), got r={r}")))
 }
 
 fn precision(name: &str) -> PyResult<Precision> {
     match name {
         "float64" | "f64" => Ok(Precision::F64),
         "float32" | "f32" => Ok(Precision::F32),
-        _ => Err(PyValueError::new_err(format!(
-            "precision must be 'float64' or 'float32', got {name:?}"
-        ))),
+        _ => Err(PyValueError::new_err(format!("precision must be 'float64' or 'float32', got {name:?}"))),
     }
 }
 
@@ -128,19 +112,12 @@ fn to_numpy<'py>(py: Python<'py>, d: TopRSvd) -> SvdTuple<'py> {
 /// TypeError for non-float32 input.
 #[pyfunction]
 #[pyo3(signature = (w, r, *, precision = "float64"))]
-fn top_r_svd<'py>(
-    py: Python<'py>,
-    w: &Bound<'py, PyAny>,
-    r: i64,
-    precision: &str,
-) -> PyResult<SvdTuple<'py>> {
+fn top_r_svd<'py>(py: Python<'py>, w: &Bound<'py, PyAny>, r: i64, precision: &str) -> PyResult<SvdTuple<'py>> {
     guard(|| {
         let (r, p) = (rank(r)?, self::precision(precision)?);
         let x = input(w, "w")?;
         let view = x.view();
-        let out = py
-            .detach(|| svd::top_r_svd(view, r, p))
-            .map_err(|e| svd_err("", &e))?;
+        let out = py.detach(|| svd::top_r_svd(view, r, p)).map_err(|e| svd_err("", &e))?;
         Ok(to_numpy(py, out))
     })
 }
@@ -160,11 +137,7 @@ fn top_r_svd_batch<'py>(
 ) -> PyResult<Vec<SvdTuple<'py>>> {
     guard(|| {
         let (r, p) = (rank(r)?, self::precision(precision)?);
-        let inputs = ws
-            .iter()
-            .enumerate()
-            .map(|(i, w)| input(w, &format!("ws[{i}]")))
-            .collect::<PyResult<Vec<_>>>()?;
+        let inputs = ws.iter().enumerate().map(|(i, w)| input(w, &format!("ws[{i}]"))).collect::<PyResult<Vec<_>>>()?;
         let views: Vec<MatrixView<'_>> = inputs.iter().map(Input::view).collect();
         let out = py
             .detach(|| svd::top_r_svd_batch(&views, r, p))
@@ -183,13 +156,10 @@ fn engine_err(e: EngineError) -> PyErr {
 
 /// A branch spec from Python: ("base",), ("adapter", c) or ("vector", c, index).
 fn steer(spec: &Bound<'_, PyAny>) -> PyResult<Steer> {
-    let t: Vec<Bound<'_, PyAny>> = spec.extract().map_err(|_| {
-        PyTypeError::new_err("a branch is a tuple: ('base',), ('adapter', c) or ('vector', c, index)")
-    })?;
-    let kind: String = t
-        .first()
-        .ok_or_else(|| PyValueError::new_err("empty branch tuple"))?
-        .extract()?;
+    let t: Vec<Bound<'_, PyAny>> = spec
+        .extract()
+        .map_err(|_| PyTypeError::new_err("a branch is a tuple: ('base',), ('adapter', c) or ('vector', c, index)"))?;
+    let kind: String = t.first().ok_or_else(|| PyValueError::new_err("empty branch tuple"))?.extract()?;
     match (kind.as_str(), t.len()) {
         ("base", 1) => Ok(Steer::Base),
         ("adapter", 2) => Ok(Steer::Adapter(t[1].extract::<f64>()?)),
@@ -276,10 +246,8 @@ impl PyEngine {
     /// add_control_vector({block: direction (d,) float32}) -> index for ("vector", c, index) branches.
     fn add_control_vector(&mut self, directions: HashMap<usize, PyReadonlyArray1<'_, f32>>) -> PyResult<usize> {
         guard(|| {
-            let mut dirs: Vec<(usize, Vec<f32>)> = directions
-                .into_iter()
-                .map(|(l, v)| (l, v.as_array().iter().copied().collect()))
-                .collect();
+            let mut dirs: Vec<(usize, Vec<f32>)> =
+                directions.into_iter().map(|(l, v)| (l, v.as_array().iter().copied().collect())).collect();
             dirs.sort_by_key(|d| d.0);
             self.inner.add_control_vector(ControlVector { directions: dirs }).map_err(engine_err)
         })
@@ -307,9 +275,7 @@ impl PyEngine {
     ) -> PyResult<(Bound<'py, PyArray2<f64>>, Bound<'py, PyArray2<f64>>)> {
         guard(|| {
             let br = steers(&branches)?;
-            let (s, m) = py
-                .detach(|| self.inner.yes_no(&seqs, &br, &pos_ids, &neg_ids, batch))
-                .map_err(engine_err)?;
+            let (s, m) = py.detach(|| self.inner.yes_no(&seqs, &br, &pos_ids, &neg_ids, batch)).map_err(engine_err)?;
             let shape = (br.len(), seqs.len());
             Ok((
                 Array2::from_shape_vec(shape, s).expect("b*n").into_pyarray(py),
@@ -331,9 +297,7 @@ impl PyEngine {
     ) -> PyResult<Vec<Bound<'py, PyArray1<f32>>>> {
         guard(|| {
             let br = steers(&branches)?;
-            let out = py
-                .detach(|| self.inner.token_logprobs(&seqs, &starts, &br, batch))
-                .map_err(engine_err)?;
+            let out = py.detach(|| self.inner.token_logprobs(&seqs, &starts, &br, batch)).map_err(engine_err)?;
             Ok(out.into_iter().map(|v| v.into_pyarray(py)).collect())
         })
     }
@@ -370,9 +334,8 @@ impl PyEngine {
         guard(|| {
             let br = steers(&branches)?;
             let refs = (ref_seqs.as_deref().unwrap_or(&seqs), ref_starts.as_deref().unwrap_or(&starts));
-            let (lp, kl) = py
-                .detach(|| self.inner.token_stats(&seqs, &starts, &br, batch, Some(refs)))
-                .map_err(engine_err)?;
+            let (lp, kl) =
+                py.detach(|| self.inner.token_stats(&seqs, &starts, &br, batch, Some(refs))).map_err(engine_err)?;
             let arrays = |v: Vec<Vec<f32>>| v.into_iter().map(|a| a.into_pyarray(py)).collect();
             Ok((arrays(lp), arrays(kl)))
         })
@@ -397,9 +360,7 @@ impl PyEngine {
             let out = py
                 .detach(|| self.inner.hidden(&seqs, &layers, &br, batch, positions.as_deref()))
                 .map_err(engine_err)?;
-            Ok(Array4::from_shape_vec((layers.len(), br.len(), seqs.len(), d), out)
-                .expect("l*b*n*d")
-                .into_pyarray(py))
+            Ok(Array4::from_shape_vec((layers.len(), br.len(), seqs.len(), d), out).expect("l*b*n*d").into_pyarray(py))
         })
     }
 }

@@ -67,7 +67,8 @@ pub fn parse_target(name: &str) -> Result<(usize, Writer)> {
         .ok_or_else(|| EngineError::Format(format!("adapter target {name:?}: no decoder block index in the name")))?;
     let last = parts.last().copied().unwrap_or("");
     let attn = parts.iter().any(|p| p.contains("attn") || p.contains("attention"));
-    let known = ["o_proj", "out_proj", "down_proj", "dense", "c_proj", "fc2", "dense_4h_to_h", "attn_output", "ffn_down"];
+    let known =
+        ["o_proj", "out_proj", "down_proj", "dense", "c_proj", "fc2", "dense_4h_to_h", "attn_output", "ffn_down"];
     if !known.contains(&last) {
         return Err(EngineError::Format(format!(
             "adapter target {name:?}: not a residual writer the Rust engine knows ({known:?})"
@@ -78,7 +79,9 @@ pub fn parse_target(name: &str) -> Result<(usize, Writer)> {
 
 /// The `base_fingerprint` value if it is a sha256 hex digest (64 lowercase hex digits), else what is wrong.
 fn check_fingerprint(v: &serde_json::Value) -> std::result::Result<String, String> {
-    let s = v.as_str().ok_or_else(|| format!("must be a string (a sha256 hex digest), got {}", char_prefix(&v.to_string(), 80)))?;
+    let s = v
+        .as_str()
+        .ok_or_else(|| format!("must be a string (a sha256 hex digest), got {}", char_prefix(&v.to_string(), 80)))?;
     if s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
         Ok(s.to_owned())
     } else {
@@ -110,7 +113,8 @@ impl LowRankAdapter {
                 return Err(EngineError::Io(format!("{} not found: not an innerpissa adapter directory", p.display())));
             }
         }
-        let text = std::fs::read_to_string(&cfg_path).map_err(|e| EngineError::Io(format!("{}: {e}", cfg_path.display())))?;
+        let text =
+            std::fs::read_to_string(&cfg_path).map_err(|e| EngineError::Io(format!("{}: {e}", cfg_path.display())))?;
         let cfg: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| EngineError::Format(format!("{}: invalid JSON ({e})", cfg_path.display())))?;
         let field = |k: &str| {
@@ -224,7 +228,11 @@ impl LowRankLayer {
         let s_new: Vec<f64> = (0..r)
             .map(|i| {
                 let (s, d) = (self.s[i] as f64, self.delta[i] as f64);
-                if multiplicative { s * (c * d).exp() } else { s + c * d }
+                if multiplicative {
+                    s * (c * d).exp()
+                } else {
+                    s + c * d
+                }
             })
             .collect();
         // R(c)ᵀ
@@ -288,14 +296,16 @@ impl LowRankLayer {
         let block = rows.div_ceil(rayon::current_num_threads()).max(16);
         let ut = MatRef::from_row_major_slice(&self.u, d_out, r).transpose();
         let pr = MatRef::from_row_major_slice(p, d_in, r);
-        x[..rows * d_in].par_chunks(block * d_in).zip(out[..rows * d_out].par_chunks_mut(block * d_out)).for_each(|(xb, ob)| {
-            let n = xb.len() / d_in;
-            let mut xp = vec![0f32; n * r];
-            let xr = MatRef::from_row_major_slice(xb, n, d_in);
-            gemm_par(MatMut::from_row_major_slice_mut(&mut xp, n, r), xr, pr, false, Par::Seq);
-            let o = MatMut::from_row_major_slice_mut(ob, n, d_out);
-            gemm_par(o, MatRef::from_row_major_slice(&xp, n, r), ut, true, Par::Seq);
-        });
+        x[..rows * d_in].par_chunks(block * d_in).zip(out[..rows * d_out].par_chunks_mut(block * d_out)).for_each(
+            |(xb, ob)| {
+                let n = xb.len() / d_in;
+                let mut xp = vec![0f32; n * r];
+                let xr = MatRef::from_row_major_slice(xb, n, d_in);
+                gemm_par(MatMut::from_row_major_slice_mut(&mut xp, n, r), xr, pr, false, Par::Seq);
+                let o = MatMut::from_row_major_slice_mut(ob, n, d_out);
+                gemm_par(o, MatRef::from_row_major_slice(&xp, n, r), ut, true, Par::Seq);
+            },
+        );
     }
 }
 

@@ -147,7 +147,9 @@ impl Engine {
         let device = match device {
             "cpu" => Device::Cpu,
             "cuda" => Device::new_cuda(0).map_err(|e| {
-                EngineError::Input(format!("device 'cuda' unavailable ({e}); build with the cuda feature on a CUDA machine"))
+                EngineError::Input(format!(
+                    "device 'cuda' unavailable ({e}); build with the cuda feature on a CUDA machine"
+                ))
             })?,
             other => return Err(EngineError::Input(format!("device must be 'cpu' or 'cuda', got {other:?}"))),
         };
@@ -159,7 +161,12 @@ impl Engine {
     pub fn set_adapter(&mut self, adapter: LowRankAdapter) -> Result<()> {
         for l in &adapter.layers {
             let blk = self.model.blocks.get(l.block).ok_or_else(|| {
-                EngineError::Input(format!("adapter layer {} targets block {} of a {}-block model", l.name, l.block, self.model.blocks.len()))
+                EngineError::Input(format!(
+                    "adapter layer {} targets block {} of a {}-block model",
+                    l.name,
+                    l.block,
+                    self.model.blocks.len()
+                ))
             })?;
             let lin = match l.writer {
                 Writer::Attn => &blk.o,
@@ -238,12 +245,24 @@ impl Engine {
         Ok(match *s {
             Steer::Base => usize::MAX,
             Steer::Adapter(c) => {
-                let a = self.adapter.as_ref().ok_or_else(|| EngineError::Input("an adapter branch needs an adapter (set_adapter)".into()))?;
-                if c == 0.0 { usize::MAX } else { a.first_block() }
+                let a = self
+                    .adapter
+                    .as_ref()
+                    .ok_or_else(|| EngineError::Input("an adapter branch needs an adapter (set_adapter)".into()))?;
+                if c == 0.0 {
+                    usize::MAX
+                } else {
+                    a.first_block()
+                }
             }
             Steer::Vector { index, coeff } => {
-                let v = self.vectors.get(index).ok_or_else(|| EngineError::Input(format!("no control vector {index}")))?;
-                if coeff == 0.0 { usize::MAX } else { v.directions.iter().map(|d| d.0).min().unwrap_or(usize::MAX) }
+                let v =
+                    self.vectors.get(index).ok_or_else(|| EngineError::Input(format!("no control vector {index}")))?;
+                if coeff == 0.0 {
+                    usize::MAX
+                } else {
+                    v.directions.iter().map(|d| d.0).min().unwrap_or(usize::MAX)
+                }
             }
         })
     }
@@ -277,7 +296,15 @@ impl Engine {
     }
 
     /// One packed pass over `seqs` for every branch. `read[i]` = (from, to) positions to return.
-    fn run(&self, seqs: &[&[u32]], read: &[(usize, usize)], branches: &[Steer], side: &SideFactors, capture: &[usize], need_final: bool) -> Result<RunOut> {
+    fn run(
+        &self,
+        seqs: &[&[u32]],
+        read: &[(usize, usize)],
+        branches: &[Steer],
+        side: &SideFactors,
+        capture: &[usize],
+        need_final: bool,
+    ) -> Result<RunOut> {
         let cfg = &self.model.cfg;
         let (d, n, nbr) = (cfg.d_model, seqs.len(), branches.len());
         if n == 0 || nbr == 0 {
@@ -289,7 +316,10 @@ impl Engine {
             }
             let (a, b) = read[i];
             if a > b || b > s.len() {
-                return Err(EngineError::Input(format!("sequence {i}: read range {a}..{b} outside its {} tokens", s.len())));
+                return Err(EngineError::Input(format!(
+                    "sequence {i}: read range {a}..{b} outside its {} tokens",
+                    s.len()
+                )));
             }
         }
         if let Some(&l) = capture.iter().find(|&&l| l >= cfg.n_layer) {
@@ -449,19 +479,40 @@ impl Engine {
     }
 
     /// Δy = (x P) Uᵀ added to each branch's rows of `out` (x: the writer's input rows).
-    fn side_path(&self, factors: &Option<(&LowRankLayer, Vec<Option<Vec<f32>>>)>, input: &[f32], out: &mut [f32], nb: usize, rows: usize) -> Result<()> {
+    fn side_path(
+        &self,
+        factors: &Option<(&LowRankLayer, Vec<Option<Vec<f32>>>)>,
+        input: &[f32],
+        out: &mut [f32],
+        nb: usize,
+        rows: usize,
+    ) -> Result<()> {
         let Some((layer, per)) = factors else { return Ok(()) };
         let (d_in, d_out) = (layer.d_in, layer.d_out);
         for b in 0..nb {
             let Some(p) = &per[b] else { continue };
-            layer.apply_side(p, &input[b * rows * d_in..(b + 1) * rows * d_in], rows, &mut out[b * rows * d_out..(b + 1) * rows * d_out]);
+            layer.apply_side(
+                p,
+                &input[b * rows * d_in..(b + 1) * rows * d_in],
+                rows,
+                &mut out[b * rows * d_out..(b + 1) * rows * d_out],
+            );
         }
         Ok(())
     }
 
     /// Causal attention over the packed layout (softmax in f32). q (N, H·hd), k/v (N, H_kv·hd) → (N, H·hd).
     #[allow(clippy::too_many_arguments)]
-    fn attention(&self, q: &[f32], k: &[f32], v: &[f32], lay: &Layout, nb: usize, window: Option<usize>, out: &mut [f32]) {
+    fn attention(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        lay: &Layout,
+        nb: usize,
+        window: Option<usize>,
+        out: &mut [f32],
+    ) {
         let cfg = &self.model.cfg;
         let (nh, nkv, hd) = (cfg.n_head, cfg.n_kv_head, cfg.head_dim);
         let mut units = Vec::new();
@@ -471,7 +522,13 @@ impl Engine {
                 units.push(Unit { row: base, len: lay.prefix, pre_row: base, pre_len: 0, p0: 0 });
             }
             for i in 0..lay.starts.len() {
-                units.push(Unit { row: base + lay.starts[i], len: lay.lens[i], pre_row: base, pre_len: lay.prefix, p0: lay.prefix });
+                units.push(Unit {
+                    row: base + lay.starts[i],
+                    len: lay.lens[i],
+                    pre_row: base,
+                    pre_len: lay.prefix,
+                    p0: lay.prefix,
+                });
             }
         }
         let mut slices: Vec<&mut [f32]> = Vec::with_capacity(units.len());
@@ -519,7 +576,11 @@ impl Engine {
                         for (j, s) in row.iter_mut().enumerate() {
                             let (kpos, causal) =
                                 if j < u.pre_len { (j, true) } else { (u.p0 + j - u.pre_len, j - u.pre_len <= t) };
-                            *s = if causal && window.is_none_or(|w| qpos - kpos < w) { *s * scale } else { f32::NEG_INFINITY };
+                            *s = if causal && window.is_none_or(|w| qpos - kpos < w) {
+                                *s * scale
+                            } else {
+                                f32::NEG_INFINITY
+                            };
                             m = m.max(*s);
                         }
                         let mut z = 0f32;
@@ -556,7 +617,14 @@ impl Engine {
     ///
     /// score = logsumexp(log p[pos]) − logsumexp(log p[neg]) (nats); mass = p(pos) + p(neg).
     /// Returns (scores, mass), each (branches, n) row-major. `batch`: sequences per packed pass.
-    pub fn yes_no(&self, seqs: &[Vec<u32>], branches: &[Steer], pos: &[u32], neg: &[u32], batch: usize) -> Result<(Vec<f64>, Vec<f64>)> {
+    pub fn yes_no(
+        &self,
+        seqs: &[Vec<u32>],
+        branches: &[Steer],
+        pos: &[u32],
+        neg: &[u32],
+        batch: usize,
+    ) -> Result<(Vec<f64>, Vec<f64>)> {
         let (n, nbr, v) = (seqs.len(), branches.len(), self.model.cfg.vocab);
         if pos.is_empty() || neg.is_empty() {
             return Err(EngineError::Input("answer token sets must be non-empty".into()));
@@ -610,7 +678,13 @@ impl Engine {
 
     /// log p(token at position t+1 | tokens ≤ t) for t in `from[i]..len−1`, per branch and sequence: a list of
     /// (branches × n) vectors (row-major: branch b, sequence i at b·n + i), nats.
-    pub fn token_logprobs(&self, seqs: &[Vec<u32>], from: &[usize], branches: &[Steer], batch: usize) -> Result<Vec<Vec<f32>>> {
+    pub fn token_logprobs(
+        &self,
+        seqs: &[Vec<u32>],
+        from: &[usize],
+        branches: &[Steer],
+        batch: usize,
+    ) -> Result<Vec<Vec<f32>>> {
         Ok(self.token_pass(seqs, from, branches, batch, None)?.0)
     }
 
@@ -650,7 +724,11 @@ impl Engine {
         }
         if let Some((rs, rf)) = refs {
             if rs.len() != n || rf.len() != n {
-                return Err(EngineError::Input(format!("{} reference sequences and {} reference starts for {n} sequences", rs.len(), rf.len())));
+                return Err(EngineError::Input(format!(
+                    "{} reference sequences and {} reference starts for {n} sequences",
+                    rs.len(),
+                    rf.len()
+                )));
             }
             for i in 0..n {
                 if rs[i].is_empty() {
@@ -660,7 +738,10 @@ impl Engine {
                 if a.1 - a.0 != b.1 - b.0 {
                     return Err(EngineError::Input(format!(
                         "sequence {i}: {} positions to read after start {} but its reference has {} after start {}",
-                        a.1 - a.0, from[i], b.1 - b.0, rf[i]
+                        a.1 - a.0,
+                        from[i],
+                        b.1 - b.0,
+                        rf[i]
                     )));
                 }
             }
@@ -672,7 +753,8 @@ impl Engine {
         let mut kls = vec![Vec::new(); if refs.is_some() { nbr * n } else { 0 }];
         let side = self.side_factors(branches)?;
         // The base branch of the pass itself serves as reference when the references are the sequences.
-        let own = refs.filter(|&(rs, rf)| rs == seqs && rf == from).and(branches.iter().position(|b| *b == Steer::Base));
+        let own =
+            refs.filter(|&(rs, rf)| rs == seqs && rf == from).and(branches.iter().position(|b| *b == Steer::Base));
         let base_side = self.side_factors(&[Steer::Base])?;
         let chunk = ((1 << 24) / v.max(1) + 1).max(1);
         for idx in Self::batches(seqs, batch) {
@@ -748,14 +830,25 @@ impl Engine {
     /// # Errors
     /// [`EngineError::Input`] if `positions` has another length than `seqs` or a position is past its sequence's
     /// end, a layer is out of range, or a sequence is empty.
-    pub fn hidden(&self, seqs: &[Vec<u32>], layers: &[usize], branches: &[Steer], batch: usize, positions: Option<&[usize]>) -> Result<Vec<f32>> {
+    pub fn hidden(
+        &self,
+        seqs: &[Vec<u32>],
+        layers: &[usize],
+        branches: &[Steer],
+        batch: usize,
+        positions: Option<&[usize]>,
+    ) -> Result<Vec<f32>> {
         let (n, nbr, d) = (seqs.len(), branches.len(), self.model.cfg.d_model);
         if let Some(p) = positions {
             if p.len() != n {
                 return Err(EngineError::Input(format!("positions has {} entries for {n} sequences", p.len())));
             }
             if let Some(i) = (0..n).find(|&i| p[i] >= seqs[i].len()) {
-                return Err(EngineError::Input(format!("positions[{i}] = {} is past sequence {i}'s {} tokens", p[i], seqs[i].len())));
+                return Err(EngineError::Input(format!(
+                    "positions[{i}] = {} is past sequence {i}'s {} tokens",
+                    p[i],
+                    seqs[i].len()
+                )));
             }
         }
         let mut res = vec![0f32; layers.len() * nbr * n * d];

@@ -15,8 +15,8 @@ use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use std::sync::Arc;
 
 use candle_core::{Device, Module, Tensor};
-use faer::{Accum, MatMut, MatRef};
 pub(crate) use faer::Par;
+use faer::{Accum, MatMut, MatRef};
 
 use super::{EngineError, Result};
 
@@ -45,9 +45,7 @@ impl WeightMode {
             "f32" | "dequantize" | "dequantized" => Ok(Self::F32),
             "native" | "gguf" => Ok(Self::Native),
             "q8_0" | "q8" | "int8" => Ok(Self::Q8_0),
-            _ => Err(EngineError::Input(format!(
-                "weights must be 'f32', 'native' or 'q8_0', got {s:?}"
-            ))),
+            _ => Err(EngineError::Input(format!("weights must be 'f32', 'native' or 'q8_0', got {s:?}"))),
         }
     }
 }
@@ -103,9 +101,7 @@ fn meta_usize(md: &std::collections::HashMap<String, gguf_file::Value>, key: &st
         Some(V::I32(x)) if *x >= 0 => Some(*x as usize),
         Some(V::I64(x)) if *x >= 0 => Some(*x as usize),
         Some(other) => {
-            return Err(EngineError::Format(format!(
-                "metadata {key}: expected a non-negative integer, got {other:?}"
-            )))
+            return Err(EngineError::Format(format!("metadata {key}: expected a non-negative integer, got {other:?}")))
         }
     })
 }
@@ -116,11 +112,7 @@ fn meta_f32(md: &std::collections::HashMap<String, gguf_file::Value>, key: &str)
         None => None,
         Some(V::F32(x)) => Some(*x),
         Some(V::F64(x)) => Some(*x as f32),
-        Some(other) => {
-            return Err(EngineError::Format(format!(
-                "metadata {key}: expected a float, got {other:?}"
-            )))
-        }
+        Some(other) => return Err(EngineError::Format(format!("metadata {key}: expected a float, got {other:?}"))),
     })
 }
 
@@ -129,12 +121,7 @@ impl ModelConfig {
         let md = &content.metadata;
         let arch_name = match md.get("general.architecture") {
             Some(gguf_file::Value::String(s)) => s.clone(),
-            _ => {
-                return Err(EngineError::Format(format!(
-                    "{}: metadata general.architecture missing",
-                    path.display()
-                )))
-            }
+            _ => return Err(EngineError::Format(format!("{}: metadata general.architecture missing", path.display()))),
         };
         let arch = match arch_name.as_str() {
             "llama" => Arch::Llama,
@@ -269,7 +256,9 @@ impl ModelConfig {
         // Blocks present in the file: bounds the per-block loop below by the file's own size.
         let mut present = std::collections::BTreeSet::new();
         for name in content.tensor_infos.keys() {
-            if let Some(i) = name.strip_prefix("blk.").and_then(|r| r.split('.').next()).and_then(|i| i.parse::<usize>().ok()) {
+            if let Some(i) =
+                name.strip_prefix("blk.").and_then(|r| r.split('.').next()).and_then(|i| i.parse::<usize>().ok())
+            {
                 present.insert(i);
             }
         }
@@ -360,7 +349,8 @@ pub fn matmul_nt(y: &mut [f32], x: &[f32], w: &[f32], m: usize, k: usize, n: usi
 
 /// y (m, n) (+)= a (m, k) · b (k, n) for faer views (any strides), on the rayon pool.
 pub(crate) fn gemm(y: MatMut<'_, f32>, a: MatRef<'_, f32>, b: MatRef<'_, f32>, accumulate: bool) {
-    let par = if a.nrows() * a.ncols() * b.ncols() < 1 << 18 { Par::Seq } else { Par::rayon(rayon::current_num_threads()) };
+    let par =
+        if a.nrows() * a.ncols() * b.ncols() < 1 << 18 { Par::Seq } else { Par::rayon(rayon::current_num_threads()) };
     gemm_par(y, a, b, accumulate, par);
 }
 
@@ -659,9 +649,8 @@ fn sum_sq(x: &[f32]) -> f32 {
 /// computes them (inverse frequencies base^(−2i/d) in f32, angle = position · inv_freq in f32).
 pub(crate) fn rope_tables(base: f32, head_dim: usize, n_pos: usize) -> (Vec<f32>, Vec<f32>) {
     let half = head_dim / 2;
-    let inv: Vec<f32> = (0..half)
-        .map(|i| (1.0 / (base as f64).powf((2 * i) as f64 / head_dim as f64)) as f32)
-        .collect();
+    let inv: Vec<f32> =
+        (0..half).map(|i| (1.0 / (base as f64).powf((2 * i) as f64 / head_dim as f64)) as f32).collect();
     let mut cos = vec![0f32; n_pos * half];
     let mut sin = vec![0f32; n_pos * half];
     for p in 0..n_pos {
@@ -676,7 +665,14 @@ pub(crate) fn rope_tables(base: f32, head_dim: usize, n_pos: usize) -> (Vec<f32>
 
 /// Apply rope in place to rows (n, heads·head_dim) at `positions` (n). Interleaved pairs (2i, 2i+1) or NEOX
 /// pairs (i, i + d/2).
-pub(crate) fn apply_rope(x: &mut [f32], heads: usize, head_dim: usize, positions: &[usize], tables: &(Vec<f32>, Vec<f32>), neox: bool) {
+pub(crate) fn apply_rope(
+    x: &mut [f32],
+    heads: usize,
+    head_dim: usize,
+    positions: &[usize],
+    tables: &(Vec<f32>, Vec<f32>),
+    neox: bool,
+) {
     use rayon::prelude::*;
     let half = head_dim / 2;
     let w = heads * head_dim;
@@ -697,7 +693,16 @@ pub(crate) fn apply_rope(x: &mut [f32], heads: usize, head_dim: usize, positions
 /// The parts of a block the engine drives step by step.
 impl Block {
     /// q, k, v of norm(x) (with Gemma's per-head q/k norms) into the buffers (their first n rows).
-    pub(crate) fn attn_in(&self, x: &[f32], n: usize, eps: f32, h: &mut [f32], q: &mut [f32], k: &mut [f32], v: &mut [f32]) -> Result<()> {
+    pub(crate) fn attn_in(
+        &self,
+        x: &[f32],
+        n: usize,
+        eps: f32,
+        h: &mut [f32],
+        q: &mut [f32],
+        k: &mut [f32],
+        v: &mut [f32],
+    ) -> Result<()> {
         let h = &mut h[..x.len()];
         h.copy_from_slice(x);
         rms_norm_rows(h, &self.attn_norm, eps);
@@ -720,7 +725,16 @@ impl Block {
     }
 
     /// MLP input act(gate(h)) ⊙ up(h), h = norm(x), into `g` (n, d_ff); `h`, `u` are scratch.
-    pub(crate) fn mlp_in(&self, x: &[f32], n: usize, eps: f32, arch: Arch, h: &mut [f32], g: &mut [f32], u: &mut [f32]) -> Result<()> {
+    pub(crate) fn mlp_in(
+        &self,
+        x: &[f32],
+        n: usize,
+        eps: f32,
+        arch: Arch,
+        h: &mut [f32],
+        g: &mut [f32],
+        u: &mut [f32],
+    ) -> Result<()> {
         use rayon::prelude::*;
         let h = &mut h[..x.len()];
         h.copy_from_slice(x);
@@ -761,7 +775,6 @@ impl Block {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -784,7 +797,8 @@ mod tests {
         }
         let mut tensor_infos = HashMap::new();
         let mut add = |name: String, dims: &[usize]| {
-            tensor_infos.insert(name, TensorInfo { ggml_dtype: GgmlDType::F32, shape: Shape::from(dims.to_vec()), offset: 0 });
+            tensor_infos
+                .insert(name, TensorInfo { ggml_dtype: GgmlDType::F32, shape: Shape::from(dims.to_vec()), offset: 0 });
         };
         add("token_embd.weight".into(), &[10, 16]);
         add("output_norm.weight".into(), &[16]);
@@ -840,7 +854,13 @@ mod tests {
 
     #[test]
     fn zero_or_missing_sizes_are_refused() {
-        for k in ["block_count", "embedding_length", "feed_forward_length", "attention.head_count", "attention.head_count_kv"] {
+        for k in [
+            "block_count",
+            "embedding_length",
+            "feed_forward_length",
+            "attention.head_count",
+            "attention.head_count_kv",
+        ] {
             let msg = refused(&[(k, Some(Value::U32(0)))]);
             assert!(msg.contains(&format!("llama.{k} is 0")), "{msg}");
         }
