@@ -662,6 +662,12 @@ def load_adapter(model: nn.Module, directory: str | Path) -> Adapter:
             shapes and values differs).
     """
     d = Path(directory)
+    if not (d / CONFIG_NAME).is_file() and (d / "steering_config.json").is_file():
+        raise MissingFileError(
+            "holds an adapter of another family (steering_config.json): load it with "
+            "innerpissa.adapter.families.load_steering",
+            path=d,
+        )
     for f in (CONFIG_NAME, WEIGHTS_NAME):
         if not (d / f).is_file():
             raise MissingFileError(f"{f} not found: not an innerpissa adapter directory", path=d)
