@@ -111,3 +111,48 @@ def test_innerpissa_loader_names_the_family_loader(tmp_path):
     st.remove()
     with pytest.raises(MissingFileError, match="load_steering"):
         load_adapter(model, tmp_path / "a")
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_sublayer_roles_are_found_by_structure(arch):
+    from innerpissa.adapter.model import find_targets
+
+    model = MODELS[arch]()
+    names = {
+        role: [n.split(".")[-1] for n in find_targets(model, AdapterConfig(modules=(role,), depth_range=(0.5, 0.5)))]
+        for role in ("q", "k", "v", "o", "gate", "up", "down", "attn", "mlp")
+    }
+    assert names == {
+        "q": ["q_proj"],
+        "k": ["k_proj"],
+        "v": ["v_proj"],
+        "o": ["o_proj"],
+        "gate": ["gate_proj"],
+        "up": ["up_proj"],
+        "down": ["down_proj"],
+        "attn": ["o_proj"],
+        "mlp": ["down_proj"],
+    }
+    readers = find_targets(model, AdapterConfig(modules=("readers",), depth_range=(0.5, 0.5)))
+    assert [n.split(".")[-1] for n in readers] == ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"]
+    both = find_targets(model, AdapterConfig(modules=("writers", "readers"), depth_range=(0.5, 0.5)))
+    assert len(both) == 7
+
+
+def test_family_on_reader_sublayers_is_exact_at_zero():
+    model = tiny_llama()
+    ids = _ids()
+    base = model(ids).logits
+    st = PeftSteering(model, "lora", AdapterConfig(rank=4, modules=("q", "up")))
+    _perturb(st)
+    with st.steer(0.0):
+        assert torch.equal(model(ids).logits, base)
+    with st.steer(1.0):
+        assert (model(ids).logits - base).abs().max() > 1e-4
+
+
+def test_bad_module_role_is_refused():
+    from innerpissa.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="modules"):
+        AdapterConfig(modules=("qq",))

@@ -7,6 +7,9 @@ from dataclasses import asdict, dataclass, fields
 
 from ..errors import ConfigError
 
+#: values of ``AdapterConfig.modules``: sublayer roles and groups (``adapter.model.sublayers``)
+MODULE_CHOICES = ("attn", "mlp", "o", "down", "q", "k", "v", "gate", "up", "writers", "readers")
+
 
 @dataclass
 class AdapterConfig:
@@ -18,8 +21,10 @@ class AdapterConfig:
         depth_range: (start, stop) as fractions of depth; adapted layers are those from round(start·L) up to
             L−3 when stop is None, else up to round(stop·L) (inclusive). Default (0.3, None).
         n_layers: adapt this many evenly spaced layers of the range; ``None`` adapts all of them.
-        modules: which residual writers to adapt in each block: ``"attn"`` (attention output projection)
-            and/or ``"mlp"`` (MLP down projection). Found by structure, not by name.
+        modules: which linear layers of each block to adapt, found by structure, not by name: the residual
+            writers ``"attn"`` (attention output projection, alias ``"o"``) and ``"mlp"`` (MLP down projection,
+            alias ``"down"``); the readers ``"q"``, ``"k"``, ``"v"``, ``"gate"``, ``"up"``; and the groups
+            ``"writers"`` (o, down) and ``"readers"`` (q, k, v, gate, up). Default: the two writers.
         scale: ``"additive"`` (S + cδ, default) or ``"multiplicative"`` (S ⊙ exp(cδ)).
         rotate: learn the Cayley rotation of V (``False`` leaves only the singular-value offset, which makes
             M(c) = c·diag(δ) exactly linear in c).
@@ -77,9 +82,9 @@ class AdapterConfig:
             not isinstance(mods, (list, tuple))
             or not mods
             or not all(isinstance(m, str) for m in mods)
-            or set(mods) - {"attn", "mlp"}
+            or set(mods) - set(MODULE_CHOICES)
         ):
-            raise bad("modules", "a non-empty list drawn from 'attn', 'mlp'", mods)
+            raise bad("modules", f"a non-empty list drawn from {', '.join(map(repr, MODULE_CHOICES))}", mods)
         if self.scale not in ("additive", "multiplicative"):
             raise bad("scale", "'additive' or 'multiplicative'", self.scale)
         if not isinstance(self.rotate, bool):

@@ -125,6 +125,58 @@ def residual_writers(block: nn.Module, d_model: int) -> dict[str, tuple[str, nn.
     return found
 
 
+#: sublayer groups of ``AdapterConfig.modules``, and the aliases of the two residual writers
+ROLE_GROUPS = {
+    "writers": ("o", "down"),
+    "readers": ("q", "k", "v", "gate", "up"),
+    "attn": ("o",),
+    "mlp": ("down",),
+}
+ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def sublayers(block: nn.Module, d_model: int) -> dict[str, tuple[str, nn.Linear]]:
+    """Every linear layer of one decoder block by role, found by structure (``residual_writers`` first).
+
+    Roles: ``o`` and ``down``, the residual writers; ``q``, ``k``, ``v``, the attention child's linears that read
+    d_model, in registration order (transformers registers q, k, v, o in that order); ``gate`` and ``up``, the MLP
+    child's linears that read d_model (``gate`` only when there are two; a gateless MLP has ``up`` alone).
+
+    Returns:
+        ``{role: (name relative to the block, linear)}``.
+    Raises:
+        UnsupportedArchitectureError: as ``residual_writers``, or an attention child without exactly three readers
+            (fused q/k/v projections are not split).
+    """
+    writers = residual_writers(block, d_model)
+    out = {"o": writers["attn"], "down": writers["mlp"]}
+    for kind, roles in (("attn", ("q", "k", "v")), ("mlp", ("gate", "up"))):
+        child_name = writers[kind][0].split(".")[0]
+        child = getattr(block, child_name)
+        readers = [
+            (f"{child_name}.{n}", m)
+            for n, m in child.named_modules()
+            if isinstance(m, nn.Linear) and m.in_features == d_model and f"{child_name}.{n}" != writers[kind][0]
+        ]
+        if kind == "attn" and len(readers) != 3:
+            raise UnsupportedArchitectureError(
+                f"decoder block {type(block).__name__}: {len(readers)} attention input projections, expected "
+                "separate q, k and v"
+            )
+        if kind == "mlp" and len(readers) not in (1, 2):
+            raise UnsupportedArchitectureError(
+                f"decoder block {type(block).__name__}: {len(readers)} MLP input projections, expected gate and up"
+            )
+        out.update(zip(roles[-len(readers) :], readers))
+    return out
+
+
+def expand_modules(modules) -> list[str]:
+    """``AdapterConfig.modules`` → sublayer roles in block order (q, k, v, o, gate, up, down), groups expanded."""
+    want = {r for m in modules for r in ROLE_GROUPS.get(m, (m,))}
+    return [r for r in ROLES if r in want]
+
+
 def select_layers(n_layers_total: int, config: AdapterConfig) -> list[int]:
     """Indices of adapted blocks: round(start·L) … (L−3 or round(stop·L)), optionally thinned evenly."""
     start_f, stop_f = config.depth_range
@@ -148,17 +200,29 @@ def block_names(model: nn.Module) -> list[str]:
 
 
 def find_targets(model: nn.Module, config: AdapterConfig) -> dict[str, nn.Linear]:
-    """Map of full module name → linear layer to adapt, in depth order."""
+    """Map of full module name → linear layer to adapt (``config.modules`` roles of the selected blocks), in depth
+    order and, within a block, in the order q, k, v, o, gate, up, down.
+
+    Raises:
+        UnsupportedArchitectureError: a requested role that the blocks do not have (e.g. ``gate`` in a gateless
+            MLP).
+    """
     blocks = decoder_blocks(model)
     names = block_names(model)
     d_model = hidden_size(model)
     targets: dict[str, nn.Linear] = {}
+    roles = expand_modules(config.modules)
     for i in select_layers(len(blocks), config):
-        writers = residual_writers(blocks[i], d_model)
-        for kind in ("attn", "mlp"):
-            if kind in config.modules:
-                rel, lin = writers[kind]
-                targets[f"{names[i]}.{rel}"] = lin
+        if set(roles) <= {"o", "down"}:  # the default: no need to find (or require) the readers
+            writers = residual_writers(blocks[i], d_model)
+            found = {"o": writers["attn"], "down": writers["mlp"]}
+        else:
+            found = sublayers(blocks[i], d_model)
+        for role in roles:
+            if role not in found:
+                raise UnsupportedArchitectureError(f"decoder block {i} has no {role!r} projection")
+            rel, lin = found[role]
+            targets[f"{names[i]}.{rel}"] = lin
     return targets
 
 
