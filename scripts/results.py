@@ -43,6 +43,12 @@ TRAINED = ("innerpissa", "lora")
 BASELINES = ("prompting", "pca", "mean-diff", "random")
 
 
+#: TrainConfig fields added after results were first computed, with the value that reproduces the older recipe:
+#: left out of the recipe hash at that value, so finished runs keep their directory.
+ADDED_LATER = {"direction": "mean-diff", "fisher_damping": 1e-5}
+_UNSET = object()
+
+
 def slug(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", spec)
 
@@ -63,7 +69,11 @@ def recipe(args):
     tcfg = TrainConfig(**kw)
     acfg = AdapterConfig()
     ident = {
-        "train": {k: v for k, v in dataclasses.asdict(tcfg).items() if k not in ("seed", "share_prefix")},
+        "train": {
+            k: v
+            for k, v in dataclasses.asdict(tcfg).items()
+            if k not in ("seed", "share_prefix") and ADDED_LATER.get(k, _UNSET) != v
+        },
         "adapter": {k: v for k, v in dataclasses.asdict(acfg).items() if k != "seed"},
     }
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True, default=list).encode()).hexdigest()[:8]

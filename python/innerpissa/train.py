@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from .adapter import Adapter
 from .adapter.layer import skew
 from .adapter.model import CONFIG_NAME, WEIGHTS_NAME, atomic_write, block_names, decoder_blocks
+from .directions import DIRECTIONS, fisher_direction, pca_direction
 from .errors import ConfigError, OutputExistsError, ResumeMismatchError, TrainingDivergedError
 from .objectives import BASES, LOSSES, OBJECTIVES, Passes, Ruler, needs_full_distribution, needs_neutral
 from .pairs import ContrastivePair
@@ -80,6 +81,8 @@ class TrainConfig:
     shift_target: float = 0.5  # anchored: persona-free shift at c = ±1, in σ units
     shift_weight: float = 1.0
     share_prefix: bool = True  # run the prompt prefix all rows share once per coefficient (same result, faster)
+    direction: str = "mean-diff"  # the ruler's u in its basis: directions.DIRECTIONS
+    fisher_damping: float = 1e-5  # direction "fisher": λ relative to the mean eigenvalue of the Fisher matrix
 
     def __post_init__(self) -> None:
         self.validate()
@@ -100,7 +103,12 @@ class TrainConfig:
             "checkpoint_every",
             "basis_rank",
         )
-        choices = {"objective": tuple(OBJECTIVES), "basis": BASES, "schedule": ("cosine", "one-cycle")}
+        choices = {
+            "objective": tuple(OBJECTIVES),
+            "basis": BASES,
+            "schedule": ("cosine", "one-cycle"),
+            "direction": DIRECTIONS,
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(
@@ -140,10 +148,11 @@ class TrainConfig:
             "tv_tau": (0, None),
             "shift_target": (0, None),
             "shift_weight": (0, None),
+            "fisher_damping": (0, None),
         }
         for name, (lo, hi) in rules.items():
             v = getattr(self, name)
-            strict = name in ("lr", "beta", "loss_layer")
+            strict = name in ("lr", "beta", "loss_layer", "fisher_damping")
             if (v <= lo if strict else v < lo) or (hi is not None and v > hi):
                 rng = f"{'>' if strict else '>='} {lo}" + (f" and <= {hi}" if hi is not None else "")
                 raise ConfigError(f"TrainConfig.{name} must be {rng}, got {v}", field=name)
@@ -393,7 +402,9 @@ def preference_direction(
 ) -> Ruler:
     """Measure the frozen ruler (``objectives.Ruler``) from the unsteered model on the first
     ``cfg.direction_pairs`` training pairs: last-token differences h_pos − h_neg at the loss block, the basis
-    (``cfg.basis``), u = the normalised mean difference in that basis, σ and the per-dimension spread.
+    (``cfg.basis``), the unit direction u in that basis (``cfg.direction``: the mean difference, the first principal
+    component of the differences, or the natural-gradient direction of ``gap_gradients``; see ``directions``),
+    σ and the per-dimension spread.
 
     Raises:
         ValueError: positive and negative prompts give identical hidden states.
@@ -417,15 +428,54 @@ def preference_direction(
     else:
         name = _basis_for_block(adapter, idx)
         basis = adapter.layer(name).U.detach().clone()  # (d, r)
+    proj = diffs_t @ basis  # (n, k)
     coords = basis.T @ mean_diff
     if coords.norm() == 0:
         raise ValueError("positive and negative prompts give identical hidden states: pairs do not differ")
-    u = coords / coords.norm()
-    proj = diffs_t @ basis  # (n, k)
+    if cfg.direction == "pca":
+        u = pca_direction(proj)
+    elif cfg.direction == "fisher":
+        chunks = [pairs[i : i + batch_pairs] for i in range(0, len(pairs), batch_pairs)]
+        grads = torch.cat(
+            [
+                gap_gradients(adapter.model, tokenize_pairs(tokenizer, c, cfg.max_suffix_tokens), blocks[idx], basis)
+                for c in chunks
+            ]
+        )
+        u = fisher_direction(grads, proj, cfg.fisher_damping)
+    else:  # mean difference (directions.mean_difference, written out as before for bit-identical rulers)
+        u = coords / coords.norm()
     spread = proj.std(0) if proj.shape[0] > 1 else proj.abs()[0]
     spread = spread.clamp_min(max(0.1 * float(spread.median()), 1e-6))
     sigma = abs(float((proj @ u).mean()))
     return Ruler(idx, name, basis, u, sigma, spread)
+
+
+def gap_gradients(model, batch: PairBatch, block: torch.nn.Module, basis: torch.Tensor) -> torch.Tensor:
+    """Per-pair gradients of the log-likelihood gap with respect to a shift of the residual stream.
+
+    gap_i(z) = log p(suffix_i | pos_i) − log p(suffix_i | neg_i) (nats, summed over the suffix tokens) when B z is
+    added to ``block``'s output at every position of both prompts of pair i; returns ∂gap_i/∂z at z = 0, shape
+    (N, k) for a basis B (d, k). One backward pass: pair i's shift reaches only pair i's rows.
+    """
+    n = batch.n_pairs
+    z = torch.zeros(n, basis.shape[1], dtype=basis.dtype, requires_grad=True)
+
+    def shift(_m, _a, out):
+        add = (z @ basis.T).repeat(2, 1)[:, None, :]  # rows [pos; neg] share their pair's shift, (2N, 1, d)
+        if isinstance(out, tuple):
+            return (out[0] + add.to(out[0].dtype), *out[1:])
+        return out + add.to(out.dtype)
+
+    handle = block.register_forward_hook(shift)
+    try:
+        with torch.enable_grad():
+            _, lp, _ = forward_states(model, batch, block, 1)
+            total = (lp * batch.suffix_mask).sum(-1)  # (2N,)
+            (grad,) = torch.autograd.grad((total[:n] - total[n:]).sum(), z)
+    finally:
+        handle.remove()
+    return grad.detach().float()
 
 
 def compute_passes(
