@@ -722,6 +722,25 @@ def tune_cmd(
     typer.echo(f"summary written to {out / 'summary.md'}")
 
 
+@app.command("ablate")
+def ablate_cmd(
+    grid: Path = typer.Option(..., help='ablation grid (TOML, split = "test"; e.g. docs/ablations.toml)'),
+    out: Path = typer.Option(Path("runs/ablate"), help="rows.jsonl, runs/, summary.md, ablations.png; resumable"),
+    doc: Path | None = typer.Option(None, help="also write the report here (e.g. docs/ablations.md)"),
+    data_dir: Path | None = EvalOpts["data_dir"],
+    threads: int | None = typer.Option(None, help="torch threads (default: all cores)"),
+):
+    """Ablation bench: adapter families × sublayers × preference directions × training seeds, on test items."""
+    from .ablate import run_ablation
+    from .tune import load_grid
+
+    if load_grid(grid).tune["split"] != "test":  # a bad grid fails before the model loads
+        raise typer.BadParameter(f'{grid}: an ablation reports test items; set split = "test" in [tune]')
+    _setup(False, threads)
+    run_ablation(grid, out, data_dir, doc=doc, log=typer.echo)
+    typer.echo(f"summary written to {out / 'summary.md'}")
+
+
 @app.command("control-vector")
 def control_vector_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="output .gguf"),

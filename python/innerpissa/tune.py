@@ -69,7 +69,14 @@ TUNE_DEFAULTS: dict[str, Any] = {
     "coeffs": [-2.0, -1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0, 2.0],
     "baselines": ["prompting", "pca", "mean-diff"],
     "batch_size": 32,
+    "split": "dev",
+    "train_seeds": None,
 }
+
+#: adapter families a trial can train: InnerPiSSA, LoRA (``adapter/lora.py``) and the PEFT families of
+#: ``adapter/families.py`` (evaluated with the torch engine: the Rust engine runs InnerPiSSA-format adapters only)
+PEFT_ONLY = ("dora", "delora", "oft", "boft", "psoft", "road", "ia3")
+FAMILY_CHOICES = ("innerpissa", "lora", *PEFT_ONLY)
 
 
 @dataclasses.dataclass
@@ -107,8 +114,10 @@ def _split_params(params: dict[str, Any], source: str) -> tuple[dict, dict]:
     tr, ad = {}, {}
     for key, value in params.items():
         if key == "family":
-            if value not in ("innerpissa", "lora"):
-                raise ConfigError(f"family must be 'innerpissa' or 'lora', got {value!r}", path=source, field=key)
+            if value not in FAMILY_CHOICES:
+                raise ConfigError(
+                    f"family must be one of {', '.join(FAMILY_CHOICES)}, got {value!r}", path=source, field=key
+                )
             continue
         group, _, name = key.partition(".")
         if group == "train" and name in train_fields and name not in ("seed", "epochs", "steps"):
@@ -159,6 +168,15 @@ def load_grid(path: str | Path) -> Grid:
         raise ConfigError(f"[tune] rungs must be a list of epochs > 0, got {rungs!r}", path=path, field="rungs")
     if not (isinstance(tune["keep"], (int, float)) and 0 < tune["keep"] <= 1):
         raise ConfigError(f"[tune] keep must be in (0, 1], got {tune['keep']!r}", path=path, field="keep")
+    if tune["split"] not in ("dev", "test"):
+        raise ConfigError(f"[tune] split must be 'dev' or 'test', got {tune['split']!r}", path=path, field="split")
+    seeds = tune["train_seeds"]
+    if seeds is not None and not (
+        isinstance(seeds, list) and seeds and all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)
+    ):
+        raise ConfigError(
+            f"[tune] train_seeds must be a non-empty list of integers, got {seeds!r}", path=path, field="train_seeds"
+        )
     axes = {}
     for k, v in raw.get("grid", {}).items():
         if not isinstance(v, list) or not v:
@@ -184,9 +202,10 @@ def load_grid(path: str | Path) -> Grid:
             AdapterConfig(**ad)
         except TypeError as e:
             raise ConfigError(f"bad setting in trial {trial}: {e}", path=path) from None
-        if trial.get("family") == "lora" and tcfg.basis != "pca":
+        family = trial.get("family", "innerpissa")
+        if family != "innerpissa" and tcfg.basis != "pca":
             raise ConfigError(
-                f'trial {trial}: family lora needs train.basis = "pca" (there are no singular '
+                f'trial {trial}: family {family} needs train.basis = "pca" (there are no singular '
                 "vectors to read the loss in)",
                 path=path,
                 field="train.basis",
@@ -198,10 +217,21 @@ def load_grid(path: str | Path) -> Grid:
 SCORING_KEYS = ("model", "concept", "seed", "kl_budget", "coeffs", "n_target", "n_other")
 
 
-def trial_key(params: dict[str, Any], tune: dict[str, Any]) -> str:
-    """12 hex digits identifying a trial: its settings and the [tune] settings that change its score."""
+def trial_key(params: dict[str, Any], tune: dict[str, Any], train_seed: int | None = None) -> str:
+    """12 hex digits identifying a trial: its settings, the [tune] settings that change its score, and the
+    training seed when it differs from ``seed`` (so the keys of single-seed dev searches stay as they were); the
+    test split adds itself."""
     ident = {"params": params, **{k: tune[k] for k in SCORING_KEYS}}
+    if train_seed is not None and train_seed != tune["seed"]:
+        ident["train_seed"] = train_seed
+    if tune.get("split", "dev") != "dev":
+        ident["split"] = tune["split"]
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def train_seeds(tune: dict[str, Any]) -> list[int]:
+    """The training seeds of every trial: ``train_seeds``, or the one data ``seed``."""
+    return list(tune["train_seeds"]) if tune.get("train_seeds") else [tune["seed"]]
 
 
 def score_row(results: dict, method: str, targets: dict[str, int]) -> dict:
@@ -263,23 +293,24 @@ def _context(grid: Grid, data_dir) -> _Context:
         engine = TorchEngine(lm.model, lm.tokenizer, t["batch_size"])
     datasets, targets = concept_datasets(concept, data_dir, t["n_target"], t["n_other"], 0, t["seed"])
     datasets = [d for d in datasets if any(it.label for it in d.items)]  # labelled sets only (no decision shift)
-    dev_only: list[EvalDataset] = []
+    dev_only: list[EvalDataset] = []  # the items of the chosen split (dev for searches, test for ablations)
+    part = 0 if t.get("split", "dev") == "dev" else 1
     for d in datasets:
-        dev_idx = dataset_splits([d], t["seed"])[d.name][0]
-        if len(dev_idx) == 0:  # too few items for a dev half (n_other < 4)
+        idx = dataset_splits([d], t["seed"])[d.name][part]
+        if len(idx) == 0:  # too few items for a dev half (n_other < 4)
             continue
-        dev_only.append(dataclasses.replace(d, items=tuple(d.items[i] for i in dev_idx)))
+        dev_only.append(dataclasses.replace(d, items=tuple(d.items[i] for i in idx)))
     splits = {d.name: (np.arange(len(d.items)), np.zeros(0, dtype=int)) for d in dev_only}
     split = concept.pairs(lm.tokenizer, seed=t["seed"])
     return _Context(lm, engine, split, dev_only, splits, targets, concept)
 
 
-def _evaluate(ctx: _Context, methods: list, grid: Grid) -> dict:
+def _evaluate(ctx: _Context, methods: list, grid: Grid, engine=None) -> dict:
     from .eval.suite import run_suite
 
     t = grid.tune
     return run_suite(
-        ctx.engine,
+        engine or ctx.engine,
         methods,
         ctx.datasets,
         seed=t["seed"],
@@ -299,61 +330,76 @@ def _append(path: Path, row: dict) -> None:
         f.flush()
 
 
-def _run_trial(ctx: _Context, grid: Grid, params: dict, key: str, rung: int, epochs: float, out: Path) -> dict:
-    from .adapter.model import attach
+def _trainable(adapter) -> int:
+    return sum(p.numel() for p in adapter.parameters() if p.requires_grad)
+
+
+def _run_trial(
+    ctx: _Context, grid: Grid, params: dict, key: str, rung: int, epochs: float, out: Path, train_seed: int
+) -> dict:
+    from .adapter.config import AdapterConfig
+    from .adapter.model import attach, expand_modules
     from .eval.methods import AdapterMethod
     from .train import TrainConfig, train
 
     t = grid.tune
     tr, ad = _split_params(params, grid.source)
-    from .adapter.config import AdapterConfig
-
-    acfg = AdapterConfig(**ad, seed=t["seed"])
-    tcfg = TrainConfig(**tr, epochs=float(epochs), seed=t["seed"])
+    acfg = AdapterConfig(**ad, seed=train_seed)
+    tcfg = TrainConfig(**tr, epochs=float(epochs), seed=train_seed)
     meta = {"base_model": ctx.lm.spec, "concept": t["concept"], "pairs": f"builtin:{t['concept']}"}
     family = params.get("family", "innerpissa")
     run_dir = out / "runs" / key / f"rung{rung}"
     state = run_dir / "run_state.json"
-    if state.is_file() and json.loads(state.read_text()).get("finished"):  # trained, but its row was not written
+    finished = state.is_file() and json.loads(state.read_text()).get("finished")
+    engine = None  # the search's engine (Rust where the model is a GGUF it runs) ...
+    if family in PEFT_ONLY or not set(expand_modules(acfg.modules)) <= {"o", "down"}:
+        from .eval.engines import TorchEngine
+
+        # ... which runs InnerPiSSA-format adapters on residual writers only
+        engine = TorchEngine(ctx.lm.model, ctx.lm.tokenizer, t["batch_size"])
+    train_min = None
+    t0 = time.perf_counter()
+    if family in PEFT_ONLY:
+        from .adapter.families import PeftSteering, load_steering
+
+        if finished:  # trained, but its row was not written
+            adapter = load_steering(ctx.lm.model, run_dir / "adapter")
+        else:
+            adapter = PeftSteering(ctx.lm.model, family, acfg, meta)
+    elif finished:
         from .adapter.model import load_adapter
 
-        t1 = time.perf_counter()
-        res = _evaluate(
-            ctx,
-            [AdapterMethod(load_adapter(ctx.lm.model, run_dir / "adapter"), coeffs=tuple(t["coeffs"]), name=family)],
-            grid,
-        )
-        row = score_row(res, family, ctx.targets)
-        row.update(
-            kind="trial",
-            key=key,
-            rung=rung,
-            epochs=epochs,
-            params=params,
-            train_minutes=None,
-            eval_minutes=(time.perf_counter() - t1) / 60,
-            steps=tcfg.total_steps(len(ctx.split.train)),
-        )
-        return row
-    if family == "lora":
+        adapter = load_adapter(ctx.lm.model, run_dir / "adapter")
+    elif family == "lora":
         from .adapter.lora import LoRASteering
 
         adapter = LoRASteering(ctx.lm.model, acfg, meta)
     else:
         adapter = attach(ctx.lm.model, acfg, meta=meta, pairs=list(ctx.split.train), tokenizer=ctx.lm.tokenizer)
-    t0 = time.perf_counter()
+    n_params = _trainable(adapter)
     try:
-        train(
-            adapter, ctx.lm.tokenizer, list(ctx.split.train), list(ctx.split.val), tcfg, run_dir=run_dir, progress=False
-        )
+        if not finished:
+            try:
+                train(
+                    adapter,
+                    ctx.lm.tokenizer,
+                    list(ctx.split.train),
+                    list(ctx.split.val),
+                    tcfg,
+                    run_dir=run_dir,
+                    progress=False,
+                )
+            finally:
+                if family == "lora":  # the trained LoRA in InnerPiSSA form (exact), which the Rust engine runs
+                    trained, _ = adapter.to_adapter(), adapter.remove()
+            if family == "lora":
+                adapter = trained
+            train_min = (time.perf_counter() - t0) / 60
+        t1 = time.perf_counter()
+        res = _evaluate(ctx, [AdapterMethod(adapter, coeffs=tuple(t["coeffs"]), name=family)], grid, engine)
     finally:
-        if family == "lora":
-            trained, _ = adapter.to_adapter(), adapter.remove()
-    if family == "lora":
-        adapter = trained
-    train_min = (time.perf_counter() - t0) / 60
-    t1 = time.perf_counter()
-    res = _evaluate(ctx, [AdapterMethod(adapter, coeffs=tuple(t["coeffs"]), name=family)], grid)
+        if family in PEFT_ONLY:
+            adapter.remove()  # the model is the base model again for the next trial
     row = score_row(res, family, ctx.targets)
     row.update(
         kind="trial",
@@ -361,6 +407,8 @@ def _run_trial(ctx: _Context, grid: Grid, params: dict, key: str, rung: int, epo
         rung=rung,
         epochs=epochs,
         params=params,
+        train_seed=train_seed,
+        trainable_params=n_params,
         train_minutes=train_min,
         eval_minutes=(time.perf_counter() - t1) / 60,
         steps=tcfg.total_steps(len(ctx.split.train)),
@@ -409,23 +457,29 @@ def run_search(grid_path: str | Path, out: str | Path, data_dir=None, log=print)
         rows.append(row)
         done[(key, None, None)] = row
         log(f"baseline {name}: score {row['score']:+.3f}")
-    trials = [(trial_key(p, t), p) for p in grid.trials()]
-    survivors = trials
+    seeds = train_seeds(t)
+    survivors = grid.trials()
     for rung, epochs in enumerate(t["rungs"]):
-        for i, (key, params) in enumerate(survivors):
-            if (key, rung, epochs) in done:
-                continue
-            log(f"rung {rung} ({epochs:g} epochs) trial {i + 1}/{len(survivors)} {key}: {params}")
-            row = _run_trial(ctx, grid, params, key, rung, epochs, out)
-            _append(rows_path, row)
-            rows.append(row)
-            done[(key, rung, epochs)] = row
-            log(
-                f"  score {row['score']:+.3f} (C_b {row['kl_coeff']:.3g}, {(row['train_minutes'] or 0):.1f} + "
-                f"{row['eval_minutes']:.1f} min)"
-            )
-            write_summary(rows, out / "summary.md", grid)
-        ranked = sorted(survivors, key=lambda kp: done[(kp[0], rung, epochs)]["score"], reverse=True)
+        for i, params in enumerate(survivors):
+            for seed in seeds:
+                key = trial_key(params, t, seed)
+                if (key, rung, epochs) in done:
+                    continue
+                log(f"rung {rung} ({epochs:g} epochs) trial {i + 1}/{len(survivors)} seed {seed} {key}: {params}")
+                row = _run_trial(ctx, grid, params, key, rung, epochs, out, seed)
+                _append(rows_path, row)
+                rows.append(row)
+                done[(key, rung, epochs)] = row
+                log(
+                    f"  score {row['score']:+.3f} (C_b {row['kl_coeff']:.3g}, {(row['train_minutes'] or 0):.1f} + "
+                    f"{row['eval_minutes']:.1f} min)"
+                )
+                write_summary(rows, out / "summary.md", grid)
+
+        def mean_score(params, rung=rung, epochs=epochs):
+            return float(np.mean([done[(trial_key(params, t, s), rung, epochs)]["score"] for s in seeds]))
+
+        ranked = sorted(survivors, key=mean_score, reverse=True)
         survivors = ranked[: max(1, math.ceil(t["keep"] * len(ranked)))]
     write_summary(rows, out / "summary.md", grid)
     return rows
@@ -446,7 +500,7 @@ def write_summary(rows: list[dict], path: Path, grid: Grid) -> None:
     t = grid.tune
     axes = grid.columns()
     lines = [
-        f"# Search: {t['concept']} on {t['model'] or 'embedded:smollm2'} (dev items only)",
+        f"# Search: {t['concept']} on {t['model'] or 'embedded:smollm2'} ({t.get('split', 'dev')} items only)",
         "",
         f"Grid `{grid.source}`; seed {t['seed']}; KL budget {t['kl_budget']} nats/token; score = mean over "
         "target sets of expected sign × balanced effect at the budget (nats).",
@@ -456,11 +510,23 @@ def write_summary(rows: list[dict], path: Path, grid: Grid) -> None:
     head = (
         "| "
         + " | ".join(
-            ["trial", *axes, "score", *[f"{n} effect [CI]" for n in targets], "bias", "ρ", "off |bias|", "C_b", "min"]
+            [
+                "trial",
+                *axes,
+                "seed",
+                "score",
+                *[f"{n} effect [CI]" for n in targets],
+                "bias",
+                "ρ",
+                "off |bias|",
+                "C_b",
+                "params",
+                "min",
+            ]
         )
         + " |"
     )
-    sep = "|" + "---|" * (len(axes) + len(targets) + 7)
+    sep = "|" + "---|" * (len(axes) + len(targets) + 9)
 
     def cells(r: dict) -> str:
         tg = r.get("targets", {})
@@ -481,12 +547,14 @@ def write_summary(rows: list[dict], path: Path, grid: Grid) -> None:
                 [
                     name,
                     *vals,
+                    str(r.get("train_seed", "")),
                     f"{r['score']:+.3f}",
                     *eff,
                     bias,
                     rho,
                     off,
                     f"{r['kl_coeff']:.3g}{flag}",
+                    str(r.get("trainable_params", "")),
                     f"{minutes:.1f}",
                 ]
             )
@@ -507,5 +575,64 @@ def write_summary(rows: list[dict], path: Path, grid: Grid) -> None:
                 *[cells(r) for r in sorted(rs, key=lambda r: -r["score"])],
                 "",
             ]
+    lines += seed_table(rows, grid)
     text = "\n".join(lines) + "\n"
     atomic_write(path, lambda p: Path(p).write_text(text, encoding="utf-8"))
+
+
+def seed_summary(rows: list[dict], grid: Grid) -> list[dict]:
+    """Per trial setting and rung, the score over training seeds: mean, sample standard deviation, a 95 %
+    t-interval of the mean (scipy; none for one seed), each seed's score, and the trainable parameter count."""
+    from scipy import stats
+
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["kind"] == "trial":
+            groups.setdefault(json.dumps([r["params"], r["rung"]], sort_keys=True), []).append(r)
+    out = []
+    for rs in groups.values():
+        scores = np.array([r["score"] for r in rs])
+        n = len(scores)
+        sd = float(scores.std(ddof=1)) if n > 1 else None
+        ci = None
+        if n > 1:
+            half = float(stats.t.ppf(0.975, n - 1)) * sd / np.sqrt(n)
+            ci = (float(scores.mean()) - half, float(scores.mean()) + half)
+        out.append(
+            {
+                "params": rs[0]["params"],
+                "rung": rs[0]["rung"],
+                "n_seeds": n,
+                "mean": float(scores.mean()),
+                "sd": sd,
+                "ci": ci,
+                "scores": {r.get("train_seed"): r["score"] for r in rs},
+                "trainable_params": rs[0].get("trainable_params"),
+            }
+        )
+    return sorted(out, key=lambda g: (g["rung"], -g["mean"]))
+
+
+def seed_table(rows: list[dict], grid: Grid) -> list[str]:
+    """Markdown lines of ``seed_summary`` (nothing when every trial has one seed)."""
+    groups = seed_summary(rows, grid)
+    if all(g["n_seeds"] < 2 for g in groups):
+        return []
+    axes = grid.columns()
+    lines = [
+        "## Over training seeds",
+        "",
+        "| " + " | ".join(["rung", *axes, "seeds", "mean score [95 % t-CI]", "sd", "per seed", "params"]) + " |",
+        "|" + "---|" * (len(axes) + 6),
+    ]
+    for g in groups:
+        ci = "" if g["ci"] is None else f" [{g['ci'][0]:+.3f}, {g['ci'][1]:+.3f}]"
+        per = ", ".join(f"{v:+.3f}" for v in g["scores"].values())
+        sd = "–" if g["sd"] is None else f"{g['sd']:.3f}"
+        vals = [str(g["params"].get(a, "")) for a in axes]
+        lines.append(
+            f"| {g['rung']} | "
+            + " | ".join([*vals, str(g["n_seeds"]), f"{g['mean']:+.3f}{ci}", sd, per, str(g["trainable_params"])])
+            + " |"
+        )
+    return [*lines, ""]
