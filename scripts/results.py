@@ -43,9 +43,9 @@ TRAINED = ("innerpissa", "lora")
 BASELINES = ("prompting", "pca", "mean-diff", "random")
 
 
-#: TrainConfig fields added after results were first computed, with the value that reproduces the older recipe:
-#: left out of the recipe hash at that value, so finished runs keep their directory.
-ADDED_LATER = {"direction": "mean-diff", "fisher_damping": 1e-5}
+#: TrainConfig / AdapterConfig fields added after results were first computed, with the value that reproduces
+#: the older recipe: left out of the recipe hash at that value, so finished runs keep their directory.
+ADDED_LATER = {"direction": "mean-diff", "fisher_damping": 1e-5, "rotate_side": "v"}
 _UNSET = object()
 
 
@@ -74,7 +74,9 @@ def recipe(args):
             for k, v in dataclasses.asdict(tcfg).items()
             if k not in ("seed", "share_prefix") and ADDED_LATER.get(k, _UNSET) != v
         },
-        "adapter": {k: v for k, v in dataclasses.asdict(acfg).items() if k != "seed"},
+        "adapter": {
+            k: v for k, v in dataclasses.asdict(acfg).items() if k != "seed" and ADDED_LATER.get(k, _UNSET) != v
+        },
     }
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True, default=list).encode()).hexdigest()[:8]
     return kw, acfg, f"{tcfg.objective}-v{OBJECTIVES[tcfg.objective]}-{digest}"

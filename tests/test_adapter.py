@@ -188,3 +188,27 @@ def test_bad_config_values():
         AdapterConfig(modules=("q_proj",))
     with pytest.raises(ValueError, match="rank"):
         attach(tiny_llama(), AdapterConfig(rank=1000))
+
+
+def test_rotating_u_is_the_transposed_steering_matrix_and_merges_exactly():
+    from innerpissa.errors import ConfigError
+
+    model = tiny_llama()
+    ids = _ids()
+    base = model(ids).logits
+    v_side = attach(model, AdapterConfig(rank=8))
+    _trained_like(v_side)
+    u_side = attach(model, AdapterConfig(rank=8, rotate_side="u"))
+    u_side.load_state_dict(v_side.state_dict())
+    name = v_side.target_names[0]
+    lay = u_side.layer(name)
+    for c in (0.7, -1.3):
+        torch.testing.assert_close(lay.steer_matrix(c), v_side.layer(name).steer_matrix(c).T)
+        # W(c) = (U R(c)) diag(S + cδ) Vᵀ + (W − U diag(S) Vᵀ): the rotation turns the output side
+        rot = cayley(skew(lay.theta.detach()), torch.tensor(c))
+        want = lay.U @ rot @ torch.diag(lay.S + c * lay.delta.detach()) @ lay.V.T - lay.U @ torch.diag(lay.S) @ lay.V.T
+        torch.testing.assert_close(lay.delta_weight(c), want, rtol=1e-4, atol=1e-5)
+    with torch.no_grad(), u_side.steer(0.0):
+        assert torch.equal(model(ids).logits, base)
+    with pytest.raises(ConfigError, match="rotate_side"):
+        AdapterConfig(rotate_side="w")

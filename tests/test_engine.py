@@ -200,6 +200,24 @@ def test_steer_matrix_matches_torch(tiny):
     adapter.float()
 
 
+def test_u_side_rotation_matches_torch(tiny, tmp_path):
+    model, adapter, _, _, arch = tiny
+    u_side = attach(model, AdapterConfig(rank=8, depth_range=(0.25, None), rotate_side="u"))
+    u_side.load_state_dict(adapter.state_dict())
+    u_side.save(tmp_path / "u")
+    write = write_llama_gguf if arch == "llama" else write_gemma3_gguf
+    eng = Engine(str(write(model, tmp_path / "tiny.gguf")))
+    eng.load_adapter(str(tmp_path / "u"))
+    name = u_side.target_names[0]
+    np.testing.assert_allclose(
+        eng.steer_matrix(name, 0.9), u_side.layer(name).double().steer_matrix(0.9).numpy(), atol=1e-10
+    )
+    u_side.float()
+    seqs = _prompts(12)
+    scores, _ = eng.yes_no(seqs, [("adapter", 0.9)], POS, NEG)
+    np.testing.assert_allclose(scores[0], _torch_scores(model, u_side, seqs, 0.9), atol=2e-4)
+
+
 def test_bad_inputs_name_the_problem(tiny, tmp_path):
     _model, _, _adir, eng, arch = tiny
     with pytest.raises(FileNotFoundError, match="missing.gguf"):

@@ -26,6 +26,9 @@ class AdapterConfig:
             alias ``"down"``); the readers ``"q"``, ``"k"``, ``"v"``, ``"gate"``, ``"up"``; and the groups
             ``"writers"`` (o, down) and ``"readers"`` (q, k, v, gate, up). Default: the two writers.
         scale: ``"additive"`` (S + cδ, default) or ``"multiplicative"`` (S ⊙ exp(cδ)).
+        rotate_side: which singular vectors the Cayley rotation turns: ``"v"`` (the input side, default;
+            M(c) = diag(S′) R(c)ᵀ − diag(S)) or ``"u"`` (the output side; M(c) = R(c) diag(S′) − diag(S), the
+            transpose of the former with the same parameters), for the ablation of the rotation's side.
         rotate: learn the Cayley rotation of V (``False`` leaves only the singular-value offset, which makes
             M(c) = c·diag(δ) exactly linear in c).
         init_std: standard deviation of the initial skew generator A and offset δ (small and non-zero, so the
@@ -42,6 +45,7 @@ class AdapterConfig:
     modules: tuple[str, ...] = ("attn", "mlp")
     scale: str = "additive"
     rotate: bool = True
+    rotate_side: str = "v"
     init_std: float = 1e-3
     seed: int = 0
     select: str = "top"
@@ -89,6 +93,8 @@ class AdapterConfig:
             raise bad("scale", "'additive' or 'multiplicative'", self.scale)
         if not isinstance(self.rotate, bool):
             raise bad("rotate", "true or false", self.rotate)
+        if self.rotate_side not in ("v", "u"):
+            raise bad("rotate_side", "'v' or 'u'", self.rotate_side)
         if not (is_num(self.init_std) and self.init_std >= 0):
             raise bad("init_std", "a finite number >= 0", self.init_std)
         if not is_int(self.seed):

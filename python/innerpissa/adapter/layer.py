@@ -53,6 +53,7 @@ class InnerPiSSALayer(nn.Module):
         *,
         scale: str = "additive",
         rotate: bool = True,
+        rotate_side: str = "v",
         init_std: float = 1e-3,
         generator: torch.Generator | None = None,
     ):
@@ -65,6 +66,7 @@ class InnerPiSSALayer(nn.Module):
         self.register_buffer("V", v.float().contiguous())
         self.scale = scale
         self.rotate = rotate
+        self.rotate_side = rotate_side
         self.theta = nn.Parameter(torch.randn(r, r, generator=generator) * init_std, requires_grad=rotate)
         self.delta = nn.Parameter(torch.randn(r, generator=generator) * init_std)
 
@@ -80,7 +82,8 @@ class InnerPiSSALayer(nn.Module):
         return cayley(skew(self.theta), coeff)
 
     def steer_matrix(self, coeff: float | torch.Tensor) -> torch.Tensor:
-        """M(c) = diag(S')·R(c)ᵀ − diag(S); (r, r) for a scalar c, (B, r, r) for c of shape (B,).
+        """M(c) = diag(S')·R(c)ᵀ − diag(S) (rotation of V), or its transpose R(c)·diag(S') − diag(S) (rotation of
+        U, ``rotate_side="u"``); (r, r) for a scalar c, (B, r, r) for c of shape (B,).
 
         S' = S + cδ (additive) or S ⊙ exp(cδ) (multiplicative). M(0) = 0 exactly. Computed in the layer's dtype
         (fp32; fp64 after ``.double()``).
@@ -98,7 +101,8 @@ class InnerPiSSALayer(nn.Module):
         else:
             s_new = self.S * torch.exp(cs * self.delta)
         rot_t = self.rotation(c).transpose(-1, -2)  # (..., r, r)
-        return s_new.unsqueeze(-1) * rot_t - torch.diag_embed(self.S.expand_as(s_new))
+        m = s_new.unsqueeze(-1) * rot_t - torch.diag_embed(self.S.expand_as(s_new))
+        return m.transpose(-1, -2) if self.rotate_side == "u" else m
 
     def delta_output(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         """((x V) Mᵀ) Uᵀ for x (B, T, d_in) and M (r, r) or (B, r, r); returns (B, T, d_out) in x's dtype."""

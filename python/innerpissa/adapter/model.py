@@ -551,7 +551,14 @@ def attach(
     gen = torch.Generator().manual_seed(config.seed)
     layers = {
         name: InnerPiSSALayer(
-            u, s, v, scale=config.scale, rotate=config.rotate, init_std=config.init_std, generator=gen
+            u,
+            s,
+            v,
+            scale=config.scale,
+            rotate=config.rotate,
+            rotate_side=config.rotate_side,
+            init_std=config.init_std,
+            generator=gen,
         )
         for name, (u, s, v) in zip(targets, bases)
     }
@@ -769,7 +776,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> Adapter:
                     path=d / WEIGHTS_NAME,
                     field=f"{name}.{key}",
                 )
-        lay = InnerPiSSALayer(u, s, v, scale=config.scale, rotate=config.rotate)
+        lay = InnerPiSSALayer(u, s, v, scale=config.scale, rotate=config.rotate, rotate_side=config.rotate_side)
         lay.theta.data.copy_(theta)
         lay.delta.data.copy_(delta)
         layers[name] = lay

@@ -23,7 +23,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use criterion::{BenchmarkId, Criterion};
 use innerpissa_core::engine::model::{matmul_nt, Linear};
-use innerpissa_core::engine::{LowRankLayer, WeightMode, Writer};
+use innerpissa_core::engine::{LowRankLayer, Rotation, WeightMode, Writer};
 use innerpissa_core::{top_r_svd, MatrixView, Precision};
 
 const D_MODEL: usize = 576;
@@ -74,7 +74,7 @@ fn bench_side_path(c: &mut Criterion) {
         &Device::Cpu,
     )
     .unwrap();
-    let p = layer.factor(1.0, false, true).expect("c = 1 has a side path");
+    let p = layer.factor(1.0, false, Rotation::V).expect("c = 1 has a side path");
     let mut g = c.benchmark_group("side_path");
     for rows in ROWS {
         let x = values(rows * d_in, 6 + rows as u64, 1.0);
@@ -95,7 +95,7 @@ fn bench_side_path(c: &mut Criterion) {
         });
     }
     g.finish();
-    c.bench_function("side_path_factor", |b| b.iter(|| layer.factor(black_box(1.0), false, true)));
+    c.bench_function("side_path_factor", |b| b.iter(|| layer.factor(black_box(1.0), false, Rotation::V)));
 }
 
 fn bench_matmul(c: &mut Criterion) {

@@ -238,7 +238,7 @@ impl PyEngine {
                 .iter()
                 .find(|l| l.name == name)
                 .ok_or_else(|| PyValueError::new_err(format!("adapter has no layer {name:?}")))?;
-            let m = l.steer_matrix(c, a.multiplicative, a.rotate);
+            let m = l.steer_matrix(c, a.multiplicative, a.rotation);
             Ok(Array2::from_shape_vec((l.r, l.r), m).expect("r*r").into_pyarray(py))
         })
     }

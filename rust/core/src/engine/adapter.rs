@@ -4,6 +4,7 @@
 //! ```text
 //! A = triu(θ, 1) − triu(θ, 1)ᵀ            R(c) = (I − cA/2)⁻¹ (I + cA/2)       (Cayley)
 //! M(c) = diag(S') R(c)ᵀ − diag(S),        S' = S + cδ (additive) or S ⊙ exp(cδ) (multiplicative)
+//!        (its transpose R(c) diag(S') − diag(S) when the rotation turns U: `rotate_side = "u"`)
 //! y(c) = base(x) + ((x V) M(c)ᵀ) Uᵀ
 //! ```
 //!
@@ -27,6 +28,17 @@ pub enum Writer {
     Attn,
     /// MLP down projection (`down_proj`, GGUF `ffn_down`).
     Mlp,
+}
+
+/// Which singular vectors the Cayley rotation turns (`adapter.rotate` and `adapter.rotate_side`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rotation {
+    /// No rotation: M(c) = diag(S' − S).
+    None,
+    /// V, the input side (the default): M(c) = diag(S') R(c)ᵀ − diag(S).
+    V,
+    /// U, the output side: M(c) = R(c) diag(S') − diag(S), the transpose of the V form.
+    U,
 }
 
 /// One adapted linear layer: U (d_out, r), S (r), V (d_in, r), θ (r, r), δ (r), all row-major f32.
@@ -53,7 +65,7 @@ pub struct LowRankAdapter {
     /// weights, as `innerpissa.adapter.model.fingerprint` computes it. Required, as Python's `load_adapter` does.
     pub base_fingerprint: String,
     pub multiplicative: bool,
-    pub rotate: bool,
+    pub rotation: Rotation,
 }
 
 /// Block index and writer of a module name such as `model.layers.12.mlp.down_proj`: the integer after the
@@ -132,6 +144,17 @@ impl LowRankAdapter {
             s => return Err(EngineError::Format(format!("{}: adapter.scale {s:?} unknown", cfg_path.display()))),
         };
         let rotate = adapter.get("rotate").and_then(|v| v.as_bool()).unwrap_or(true);
+        let rotation = match (rotate, adapter.get("rotate_side").and_then(|v| v.as_str()).unwrap_or("v")) {
+            (false, _) => Rotation::None,
+            (true, "v") => Rotation::V,
+            (true, "u") => Rotation::U,
+            (true, side) => {
+                return Err(EngineError::Format(format!(
+                    "{}: adapter.rotate_side {side:?} unknown (use \"v\" or \"u\")",
+                    cfg_path.display()
+                )))
+            }
+        };
         let targets: Vec<String> = targets
             .as_array()
             .ok_or_else(|| EngineError::Format(format!("{}: target_modules is not a list", cfg_path.display())))?
@@ -212,7 +235,7 @@ impl LowRankAdapter {
         if layers.is_empty() {
             return Err(EngineError::Format(format!("{}: no target modules", cfg_path.display())));
         }
-        Ok(Self { layers, base_fingerprint, multiplicative, rotate })
+        Ok(Self { layers, base_fingerprint, multiplicative, rotation })
     }
 
     /// The lowest adapted block.
@@ -223,7 +246,7 @@ impl LowRankAdapter {
 
 impl LowRankLayer {
     /// M(c), (r, r) row-major, f64. M(0) = 0 exactly.
-    pub fn steer_matrix(&self, c: f64, multiplicative: bool, rotate: bool) -> Vec<f64> {
+    pub fn steer_matrix(&self, c: f64, multiplicative: bool, rotation: Rotation) -> Vec<f64> {
         let r = self.r;
         let s_new: Vec<f64> = (0..r)
             .map(|i| {
@@ -236,7 +259,7 @@ impl LowRankLayer {
             })
             .collect();
         // R(c)ᵀ
-        let rot_t: Vec<f64> = if rotate && c != 0.0 {
+        let rot_t: Vec<f64> = if rotation != Rotation::None && c != 0.0 {
             let a = |i: usize, j: usize| -> f64 {
                 if j > i {
                     self.theta[i * r + j] as f64
@@ -265,17 +288,24 @@ impl LowRankLayer {
                 m[i * r + j] = s_new[i] * rot_t[i * r + j] - if i == j { self.s[i] as f64 } else { 0.0 };
             }
         }
+        if rotation == Rotation::U {
+            for i in 0..r {
+                for j in 0..i {
+                    m.swap(i * r + j, j * r + i);
+                }
+            }
+        }
         m
     }
 
     /// The side path at coefficient c as P = V M(c)ᵀ (d_in, r), row-major f32, so that Δy = (x P) Uᵀ.
     /// Returns None at c = 0 (the path is skipped and the output is the base output).
-    pub fn factor(&self, c: f64, multiplicative: bool, rotate: bool) -> Option<Vec<f32>> {
+    pub fn factor(&self, c: f64, multiplicative: bool, rotation: Rotation) -> Option<Vec<f32>> {
         if c == 0.0 {
             return None;
         }
         let r = self.r;
-        let m = self.steer_matrix(c, multiplicative, rotate);
+        let m = self.steer_matrix(c, multiplicative, rotation);
         let m32: Vec<f32> = m.iter().map(|&v| v as f32).collect();
         let mut p = vec![0f32; self.d_in * r];
         // P = V · M(c)ᵀ
@@ -334,7 +364,7 @@ mod tests {
     fn zero_coefficient_gives_zero_matrix() {
         let l = layer(3);
         for mult in [false, true] {
-            assert!(l.steer_matrix(0.0, mult, true).iter().all(|&x| x == 0.0));
+            assert!(l.steer_matrix(0.0, mult, Rotation::V).iter().all(|&x| x == 0.0));
         }
     }
 
@@ -345,8 +375,8 @@ mod tests {
         l.s = vec![1.0; 3];
         l.delta = vec![0.0; 3];
         let r = 3;
-        let p = l.steer_matrix(0.7, false, true);
-        let n = l.steer_matrix(-0.7, false, true);
+        let p = l.steer_matrix(0.7, false, Rotation::V);
+        let n = l.steer_matrix(-0.7, false, Rotation::V);
         let rt = |m: &Vec<f64>, i: usize, j: usize| m[i * r + j] + if i == j { 1.0 } else { 0.0 };
         for i in 0..r {
             for j in 0..r {
@@ -361,10 +391,21 @@ mod tests {
     }
 
     #[test]
+    fn rotating_u_transposes_the_steering_matrix() {
+        let l = layer(4);
+        let (v, u) = (l.steer_matrix(0.6, false, Rotation::V), l.steer_matrix(0.6, false, Rotation::U));
+        for i in 0..4 {
+            for j in 0..4 {
+                assert_eq!(u[i * 4 + j], v[j * 4 + i]);
+            }
+        }
+    }
+
+    #[test]
     fn no_rotation_additive_is_linear() {
         let l = layer(4);
-        let m1 = l.steer_matrix(1.0, false, false);
-        let m3 = l.steer_matrix(-3.0, false, false);
+        let m1 = l.steer_matrix(1.0, false, Rotation::None);
+        let m3 = l.steer_matrix(-3.0, false, Rotation::None);
         for (a, b) in m1.iter().zip(&m3) {
             assert!((b + 3.0 * a).abs() < 1e-12);
         }
@@ -375,8 +416,8 @@ mod tests {
         // out += x (U M(c) Vᵀ)ᵀ = x V M(c)ᵀ Uᵀ, row by row, whatever the rows' split into per-thread blocks.
         let l = layer(3);
         let c = 0.8;
-        let m = l.steer_matrix(c, false, true);
-        let p = l.factor(c, false, true).unwrap();
+        let m = l.steer_matrix(c, false, Rotation::V);
+        let p = l.factor(c, false, Rotation::V).unwrap();
         for rows in [1, 17, 40] {
             let x: Vec<f32> = (0..rows * l.d_in).map(|i| ((i * 31 % 23) as f32 - 11.0) / 7.0).collect();
             let mut out = vec![0.5f32; rows * l.d_out];

@@ -24,7 +24,7 @@ use candle_core::Device;
 use faer::{MatMut, MatRef};
 use rayon::prelude::*;
 
-pub use adapter::{LowRankAdapter, LowRankLayer, Writer};
+pub use adapter::{LowRankAdapter, LowRankLayer, Rotation, Writer};
 pub use model::{Arch, Model, ModelConfig, WeightMode};
 
 /// Errors of the engine; each message names the file, field or argument at fault.
@@ -281,7 +281,7 @@ impl Engine {
                         branches
                             .iter()
                             .map(|b| match b {
-                                Steer::Adapter(c) => l.factor(*c, a.multiplicative, a.rotate),
+                                Steer::Adapter(c) => l.factor(*c, a.multiplicative, a.rotation),
                                 _ => None,
                             })
                             .collect()
