@@ -45,7 +45,13 @@ BASELINES = ("prompting", "pca", "mean-diff", "random")
 
 #: TrainConfig / AdapterConfig fields added after results were first computed, with the value that reproduces
 #: the older recipe: left out of the recipe hash at that value, so finished runs keep their directory.
-ADDED_LATER = {"direction": "mean-diff", "fisher_damping": 1e-5, "rotate_side": "v"}
+ADDED_LATER = {
+    "direction": "mean-diff",
+    "fisher_damping": 1e-5,
+    "rotate_side": "v",
+    "bias_weight": 0.0,
+    "bias_batch": 8,
+}
 _UNSET = object()
 
 

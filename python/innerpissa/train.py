@@ -83,6 +83,8 @@ class TrainConfig:
     share_prefix: bool = True  # run the prompt prefix all rows share once per coefficient (same result, faster)
     direction: str = "mean-diff"  # the ruler's u in its basis: directions.DIRECTIONS
     fisher_damping: float = 1e-5  # direction "fisher": λ relative to the mean eigenvalue of the Fisher matrix
+    bias_weight: float = 0.0  # > 0: the answer-bias guard (innerpissa.guard) with this weight
+    bias_batch: int = 8  # guard questions per step
 
     def __post_init__(self) -> None:
         self.validate()
@@ -102,6 +104,7 @@ class TrainConfig:
             "val_every",
             "checkpoint_every",
             "basis_rank",
+            "bias_batch",
         )
         choices = {
             "objective": tuple(OBJECTIVES),
@@ -149,6 +152,7 @@ class TrainConfig:
             "shift_target": (0, None),
             "shift_weight": (0, None),
             "fisher_damping": (0, None),
+            "bias_weight": (0, None),
         }
         for name, (lo, hi) in rules.items():
             v = getattr(self, name)
@@ -853,6 +857,11 @@ def train(
             adapter.load_state_dict(state["adapter"])
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
+    guard = None
+    if cfg.bias_weight > 0:
+        from .guard import BiasGuard
+
+        guard = BiasGuard(model, tokenizer, cfg.bias_batch)
     gen = random.Random(cfg.seed)
     order: list[int] = []
     for _ in range(start):  # replay the sampler so a resumed run sees the same batches
@@ -869,6 +878,10 @@ def train(
         t0 = time.perf_counter()
         ref = _batch_reference(cache, idx, batch) if cache is not None else None
         loss, m = reprpo_loss(adapter, batch, pref, cfg, block, free, omega, ref)
+        if guard is not None:  # the answer-bias guard (guard.py)
+            g, shift_plus, shift_minus = guard.term(adapter, step)
+            loss = loss + cfg.bias_weight * omega * g
+            m.update(loss=float(loss), guard=float(g), yes_shift_plus=shift_plus, yes_shift_minus=shift_minus)
         first_loss = m["loss"] if first_loss is None else first_loss
         _check_divergence(m["loss"], first_loss, step + 1, cfg)
         opt.zero_grad(set_to_none=True)
