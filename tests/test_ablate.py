@@ -52,6 +52,7 @@ def _grid(tmp_path, split="test"):
     return g
 
 
+@pytest.mark.slow
 def test_ablation_rows_per_seed_on_test_items_and_resume(tmp_path, monkeypatch):
     monkeypatch.setattr(
         "innerpissa.eval.engines.answer_token_sets",

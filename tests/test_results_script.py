@@ -7,8 +7,11 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import SHARED_DATA
 from tiny_gguf import tiny_llama_for_gguf, write_llama_gguf
+
+pytestmark = pytest.mark.slow  # the real-model / end-to-end tier (README's second test command)
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "results.py"
 

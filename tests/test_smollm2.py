@@ -13,6 +13,8 @@ from innerpissa.eval.engines import answer_token_sets
 from innerpissa.models import load_model
 from innerpissa.pairs import make_honesty_pairs
 
+pytestmark = pytest.mark.slow  # the real-model / end-to-end tier (README's second test command)
+
 
 @pytest.fixture(scope="module")
 def smol():

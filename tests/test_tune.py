@@ -75,6 +75,7 @@ def test_joint_axes_set_their_keys_together(tmp_path):
         load_grid(g)
 
 
+@pytest.mark.slow
 def test_successive_halving_on_dev_items_resumes(tmp_path, monkeypatch):
     # the tiny byte vocabulary has no whole-word "yes"/"no" tokens: score the bytes "y" / "n" instead
     monkeypatch.setattr(
