@@ -881,7 +881,7 @@ def train(
         if guard is not None:  # the answer-bias guard (guard.py)
             g, shift_plus, shift_minus = guard.term(adapter, step)
             loss = loss + cfg.bias_weight * omega * g
-            m.update(loss=float(loss), guard=float(g), yes_shift_plus=shift_plus, yes_shift_minus=shift_minus)
+            m.update(loss=loss.item(), guard=g.item(), yes_shift_plus=shift_plus, yes_shift_minus=shift_minus)
         first_loss = m["loss"] if first_loss is None else first_loss
         _check_divergence(m["loss"], first_loss, step + 1, cfg)
         opt.zero_grad(set_to_none=True)
