@@ -8,8 +8,8 @@ An ablation grid is a search grid (``tune``'s TOML format, same runner, same res
 ablation's numbers: the defaults come from the dev-split search (``docs/tuning.md``).
 
 Outputs in ``out``: ``rows.jsonl``, ``runs/``, ``summary.md`` (every row, then the mean over training seeds with a
-t-interval) and ``ablations.png`` (mean score per setting with that interval); with ``doc``, the summary under a
-header naming the command, machine, date and wall time.
+t-interval), ``ablation_rows.json`` (that seed summary) and ``ablations.png`` (mean score per setting with that
+interval); with ``doc``, the summary under a header naming the command, machine, date and wall time.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ import platform
 import time
 from pathlib import Path
 
+from .adapter.model import atomic_write
 from .errors import ConfigError
-from .tune import load_grid, run_search, seed_summary, write_summary
+from .tune import load_grid, run_search, seed_summary
 
 
 def plot(rows: list[dict], grid, path: Path) -> None:
@@ -70,9 +71,10 @@ def run_ablation(grid_path: str | Path, out: str | Path, data_dir=None, doc: Pat
     out = Path(out)
     t0 = time.perf_counter()
     rows = run_search(grid_path, out, data_dir, log=log)
-    minutes = (time.perf_counter() - t0) / 60
-    write_summary(rows, out / "summary.md", grid)
+    minutes = (time.perf_counter() - t0) / 60  # run_search has written summary.md
     plot(rows, grid, out / "ablations.png")
+    summary = json.dumps(seed_summary(rows, grid), indent=1)
+    atomic_write(out / "ablation_rows.json", lambda p: Path(p).write_text(summary))
     if doc is not None:
         flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
         cpu = f"{platform.machine()}, {'AVX-512' if 'avx512f' in flags else 'AVX2' if 'avx2' in flags else 'no AVX2'}"
@@ -85,7 +87,6 @@ def run_ablation(grid_path: str | Path, out: str | Path, data_dir=None, doc: Pat
             "Test items only; every method at the common KL budget; see `docs/design.md` §5.",
             "",
         ]
-        body = (out / "summary.md").read_text().split("\n", 1)[1]
-        doc.write_text("\n".join(header) + body)
-        (out / "ablation_rows.json").write_text(json.dumps(seed_summary(rows, grid), indent=1))
+        text = "\n".join(header) + (out / "summary.md").read_text().split("\n", 1)[1]
+        atomic_write(Path(doc), lambda p: Path(p).write_text(text))
     return rows

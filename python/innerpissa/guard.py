@@ -26,6 +26,7 @@ from importlib import resources
 import torch
 
 from .pairs import render_prompt
+from .train import left_pad
 
 
 @lru_cache(maxsize=1)
@@ -49,30 +50,25 @@ class BiasGuard:
 
     def __init__(self, model, tokenizer, batch: int):
         from .eval.engines import answer_token_sets
-        from .train import left_pad
 
         self.batch = batch
         self.yes, self.no = answer_token_sets(tokenizer, "yesno")
         prompts = [render_prompt(tokenizer, q) for q in guard_questions()]
         self.ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         self._pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self._left_pad = left_pad
         with torch.no_grad():
-            self.base = torch.cat(
-                [
-                    self._log_odds(model, list(range(i, min(i + 16, len(self.ids)))), None)
-                    for i in range(0, len(self.ids), 16)
-                ]
-            )
+            chunks = [list(range(i, min(i + 16, len(self.ids)))) for i in range(0, len(self.ids), 16)]
+            self.base = torch.cat([self._log_odds(model, idx) for idx in chunks])
 
     def indices(self, step: int) -> list[int]:
         """The questions of training step ``step``: the next ``batch`` in cyclic order."""
         n = len(self.ids)
         return [(step * self.batch + k) % n for k in range(self.batch)]
 
-    def _log_odds(self, model, idx: list[int], steer) -> torch.Tensor:
-        ids, mask, pos = self._left_pad([self.ids[i] for i in idx], self._pad)
-        if steer is not None:
+    def _log_odds(self, model, idx: list[int], twice: bool = False) -> torch.Tensor:
+        """Answer log-odds of questions ``idx`` (B,), or (2B,) with ``twice`` (rows repeated, for c = +1 and −1)."""
+        ids, mask, pos = left_pad([self.ids[i] for i in idx], self._pad)
+        if twice:
             ids, mask, pos = ids.repeat(2, 1), mask.repeat(2, 1), pos.repeat(2, 1)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits[:, -1]
         logp = logits.float().log_softmax(-1)
@@ -83,7 +79,7 @@ class BiasGuard:
         idx = self.indices(step)
         coeffs = torch.tensor([1.0] * len(idx) + [-1.0] * len(idx))
         with adapter.steer(coeffs):
-            s = self._log_odds(adapter.model, idx, steer=True)
+            s = self._log_odds(adapter.model, idx, twice=True)
         base = self.base[idx]
         plus, minus = (s[: len(idx)] - base).mean(), (s[len(idx) :] - base).mean()
         return plus**2 + minus**2, float(plus.detach()), float(minus.detach())

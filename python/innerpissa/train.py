@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from .adapter import Adapter
 from .adapter.layer import skew
 from .adapter.model import CONFIG_NAME, WEIGHTS_NAME, atomic_write, block_names, decoder_blocks
-from .directions import DIRECTIONS, fisher_direction, pca_direction
+from .directions import DIRECTIONS, fisher_direction, mean_difference, pca_direction
 from .errors import ConfigError, OutputExistsError, ResumeMismatchError, TrainingDivergedError
 from .objectives import BASES, LOSSES, OBJECTIVES, Passes, Ruler, needs_full_distribution, needs_neutral
 from .pairs import ContrastivePair
@@ -447,8 +447,8 @@ def preference_direction(
             ]
         )
         u = fisher_direction(grads, proj, cfg.fisher_damping)
-    else:  # mean difference (directions.mean_difference, written out as before for bit-identical rulers)
-        u = coords / coords.norm()
+    else:  # the mean difference, projected first: coords / ‖coords‖ exactly, as before this option existed
+        u = mean_difference(coords[None])
     spread = proj.std(0) if proj.shape[0] > 1 else proj.abs()[0]
     spread = spread.clamp_min(max(0.1 * float(spread.median()), 1e-6))
     sigma = abs(float((proj @ u).mean()))

@@ -266,32 +266,30 @@ class PeftSteering:
             parent, _, child = n.rpartition(".")
             setattr(mods[parent], child, layer)
             self._layers[n] = layer
-            for pname, p in layer.inner.named_parameters():
-                p.requires_grad_(not pname.startswith("base_layer."))
+        for _, p in self._trainable():  # PEFT leaves them trainable; the base layers stay frozen
+            p.requires_grad_(True)
+
+    def _trainable(self):
+        """(``<target>.<PEFT parameter name>``, parameter) of every adapter parameter (not the base layer's), in
+        a fixed order."""
+        for n, lay in self._layers.items():
+            for pname, p in lay.inner.named_parameters():
+                if not pname.startswith("base_layer."):
+                    yield f"{n}.{pname}", p
 
     def parameters(self):
         """The trainable parameters of every target, in a fixed order."""
-        for lay in self._layers.values():
-            for pname, p in lay.inner.named_parameters():
-                if not pname.startswith("base_layer."):
-                    yield p
+        return (p for _, p in self._trainable())
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """{``<target>.<PEFT parameter name>``: tensor} of the trainable parameters."""
-        return {
-            f"{n}.{pname}": p.detach().clone()
-            for n, lay in self._layers.items()
-            for pname, p in lay.inner.named_parameters()
-            if not pname.startswith("base_layer.")
-        }
+        return {key: p.detach().clone() for key, p in self._trainable()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load what ``state_dict`` returned. Raises KeyError naming a missing parameter."""
         with torch.no_grad():
-            for n, lay in self._layers.items():
-                for pname, p in lay.inner.named_parameters():
-                    if not pname.startswith("base_layer."):
-                        p.copy_(state[f"{n}.{pname}"])
+            for key, p in self._trainable():
+                p.copy_(state[key])
 
     @contextlib.contextmanager
     def steer(self, coeff: float | torch.Tensor):
