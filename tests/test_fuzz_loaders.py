@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 
 from innerpissa.adapter.config import AdapterConfig
 from innerpissa.adapter.model import _read_adapter_config
-from innerpissa.contrasts import ManifestError, load_manifest
 from innerpissa.errors import InnerPiSSAError
 from innerpissa.pairs import PairFileError, load_pairs
+from innerpissa.transfer.contrasts import ManifestError, load_manifest
 
 FUZZ = settings(
     max_examples=150,

@@ -19,8 +19,8 @@ from innerpissa.pairs import (
     load_pairs,
     make_honesty_pairs,
     persona_instruction,
-    render_prompt,
 )
+from innerpissa.prompts import render_prompt
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

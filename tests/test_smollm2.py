@@ -98,7 +98,7 @@ def test_exports_load_in_llama_cpp_and_transformers(smol, tmp_path):
     from innerpissa.export import export_llama_lora, export_merged_gguf, export_merged_hf, resolve_base_gguf
     from innerpissa.export.gguf_io import dequantize_gguf
     from innerpissa.export.llamacpp import llama_cpp_logprobs
-    from innerpissa.pairs import render_prompt
+    from innerpissa.prompts import render_prompt
 
     model, tok = smol.model, smol.tokenizer
     adapter = attach(model, AdapterConfig(seed=0, n_layers=4), meta={"base_model": smol.spec})

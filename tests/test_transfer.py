@@ -8,18 +8,9 @@ import pytest
 import torch
 from conftest import tiny_gemma3, tiny_llama, word_tokenizer
 
-from innerpissa.contrasts import (
-    TOUR_GUIDE,
-    ContrastTemplate,
-    ManifestError,
-    continuation_pairs,
-    load_manifest,
-    render_contrasts,
-)
 from innerpissa.eval.methods import VectorMethod
 from innerpissa.models import LoadedModel
-from innerpissa.procrustes import cosine, fit_alignment, weighted_procrustes
-from innerpissa.transfer import (
+from innerpissa.transfer.align import (
     TransferConfig,
     align,
     fold_addition,
@@ -29,6 +20,15 @@ from innerpissa.transfer import (
     steering_effects,
     transfer_report,
 )
+from innerpissa.transfer.contrasts import (
+    TOUR_GUIDE,
+    ContrastTemplate,
+    ManifestError,
+    continuation_pairs,
+    load_manifest,
+    render_contrasts,
+)
+from innerpissa.transfer.procrustes import cosine, fit_alignment, weighted_procrustes
 
 
 @pytest.fixture(autouse=True)
@@ -219,7 +219,7 @@ def test_align_pipeline_on_tiny_models():
 
 
 def test_fold_check_and_report(tmp_path):
-    from innerpissa.transfer import fold_check
+    from innerpissa.transfer.align import fold_check
 
     rows = load_manifest()[:6]
     rows = [type(r)(r.id, r.fields, "heldout" if i >= 4 else "train") for i, r in enumerate(rows)]

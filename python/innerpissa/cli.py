@@ -19,9 +19,12 @@ import os
 import shlex
 import sys
 import time
+from enum import Enum
 from pathlib import Path
 
 import typer
+
+from .eval.config import EngineChoice, EvalConfig, WeightsChoice
 
 app = typer.Typer(add_completion=False, help=__doc__, no_args_is_help=True, pretty_exceptions_enable=False)
 
@@ -218,48 +221,33 @@ def train_cmd(
     )
 
 
-def _evaluate(
-    lm,
-    adapter,
-    split,
-    methods,
-    data_dir,
-    n_target,
-    n_other,
-    n_dd,
-    seed,
-    out: Path,
-    batch_size,
-    dd_file=None,
-    dd_value=None,
-    mwe=None,
-    engine: str = "torch",
-    weights: str = "f32",
-    kl_budget: float = 0.05,
-    concept: str = "honesty",
-    truthfulqa: Path | None = None,
-):
+def _evaluate(lm, adapter, split, cfg, out: Path, concept: str = "honesty"):
+    """Evaluate ``adapter`` and the baselines (``cfg``: a validated ``EvalConfig``) on ``concept``'s sets; write
+    the report to ``out``."""
     from .concepts import get_concept
     from .eval import TorchEngine, build_methods, default_datasets, run_suite, write_report
     from .eval.suite import concept_datasets
 
     cpt = get_concept(concept)
-    if mwe or dd_file:
+    if cfg.mwe or cfg.dd_file:
         targets = dict(cpt.targets)
         datasets = default_datasets(
-            data_dir,
-            n_target=n_target,
-            n_other=n_other,
-            n_dd=n_dd,
-            seed=seed,
-            dd_file=dd_file,
-            dd_value=dd_value,
-            mwe_files=mwe,
+            cfg.data_dir,
+            n_target=cfg.n_target,
+            n_other=cfg.n_other,
+            n_dd=cfg.n_dd,
+            seed=cfg.seed,
+            dd_file=cfg.dd_file,
+            dd_value=cfg.dd_value,
+            mwe_files=cfg.mwe,
             targets=targets,
-            truthfulqa=truthfulqa,
+            truthfulqa=cfg.truthfulqa,
         )
     else:
-        datasets, targets = concept_datasets(cpt, data_dir, n_target, n_other, n_dd, seed, truthfulqa=truthfulqa)
+        datasets, targets = concept_datasets(
+            cpt, cfg.data_dir, cfg.n_target, cfg.n_other, cfg.n_dd, cfg.seed, truthfulqa=cfg.truthfulqa
+        )
+    engine = cfg.engine.value
     if engine == "auto":  # the Rust engine where the model is a GGUF file it reads, else transformers
         from .eval.engines import gguf_for_spec
 
@@ -268,15 +256,15 @@ def _evaluate(
             engine = "rust"
         except (ValueError, FileNotFoundError):
             engine = "torch"
-    rust = _rust_engine(lm.spec, lm.tokenizer, weights, batch_size) if engine == "rust" else None
-    eng = rust or TorchEngine(lm.model, lm.tokenizer, batch_size)
+    rust = _rust_engine(lm.spec, lm.tokenizer, cfg.weights, cfg.batch_size) if engine == "rust" else None
+    eng = rust or TorchEngine(lm.model, lm.tokenizer, cfg.batch_size)
     ms = build_methods(
         lm.model,
         lm.tokenizer,
         adapter,
         list(split.train),
-        seed,
-        tuple(methods.split(",")),
+        cfg.seed,
+        cfg.methods,
         engine=rust,
         instruction=cpt.instruction,
     )
@@ -285,8 +273,8 @@ def _evaluate(
         eng,
         ms,
         datasets,
-        seed=seed,
-        kl_budget=kl_budget,
+        seed=cfg.seed,
+        kl_budget=cfg.kl_budget,
         targets=targets,
         concept=concept,
         budget_first=True,
@@ -301,26 +289,22 @@ def _evaluate(
     )
 
 
-def _rust_engine(spec, tokenizer, weights: str, batch_size: int):
+def _rust_engine(spec, tokenizer, weights: WeightsChoice, batch_size: int):
     from .eval.engines import RustEngine, gguf_for_spec
 
-    if engine_choice_error := _check_choice(weights, ("f32", "native", "q8_0"), "--weights"):
-        raise typer.BadParameter(engine_choice_error)
-    return RustEngine(gguf_for_spec(spec), tokenizer, weights=weights, batch_size=max(batch_size, 1))
-
-
-def _check_choice(value: str, allowed: tuple[str, ...], name: str) -> str | None:
-    return None if value in allowed else f"{name} must be one of {', '.join(allowed)}; got {value!r}"
+    return RustEngine(
+        gguf_for_spec(spec), tokenizer, weights=WeightsChoice(weights).value, batch_size=max(batch_size, 1)
+    )
 
 
 EngineOpt = typer.Option(
-    "auto",
+    EngineChoice.auto,
     help="evaluator: auto (rust for GGUF models it reads, else torch), torch "
     "(transformers, any model) or rust (GGUF models: Llama family, Gemma 3; all coefficients "
     "of a method in one pass, 3-5x faster on CPU)",
 )
 WeightsOpt = typer.Option(
-    "f32",
+    WeightsChoice.f32,
     help="rust engine weights: f32 (de-quantized, matches torch; fastest on CPU), "
     "native (the GGUF's own quantized blocks) or q8_0 (int8 blocks): these two only save "
     "memory, they are slower and less exact; see docs/benchmarks.md",
@@ -380,25 +364,31 @@ def eval_cmd(
     seed: int = typer.Option(0),
     out: Path = typer.Option(Path("runs/eval")),
     overwrite: bool = OverwriteOpt,
-    engine: str = EngineOpt,
-    weights: str = WeightsOpt,
+    engine: EngineChoice = EngineOpt,
+    weights: WeightsChoice = WeightsOpt,
     allow_network: bool = typer.Option(False),
     threads: int | None = typer.Option(None),
 ):
     """Sweep the adapter and the baselines over held-out questions; write report.md, results.json, PNGs."""
-    if err := _check_choice(engine, ("auto", "torch", "rust"), "--engine"):
-        raise typer.BadParameter(err)
     from .adapter.model import check_output
-    from .eval.methods import check_methods
-    from .eval.metrics import check_budget
 
-    check_methods(methods.split(","))
-    check_budget(kl_budget)
+    cfg = EvalConfig(
+        methods=methods,
+        kl_budget=kl_budget,
+        data_dir=data_dir,
+        n_target=n_target,
+        n_other=n_other,
+        n_dd=n_dd,
+        truthfulqa=truthfulqa,
+        batch_size=batch_size,
+        dd_file=dd_file,
+        dd_value=dd_value,
+        mwe=list(mwe or []),
+        engine=engine,
+        weights=weights,
+        seed=seed,
+    ).validate()  # a bad option or data file fails before the model loads
     check_output(out, overwrite)
-    if truthfulqa is not None:  # a bad file fails before the model loads
-        from .eval.datasets import load_truthfulqa
-
-        load_truthfulqa(truthfulqa)
     meta = _adapter_meta(adapter)
     _setup(allow_network, threads)
     from . import load_adapter
@@ -408,27 +398,7 @@ def eval_cmd(
     ad = load_adapter(lm.model, adapter)
     concept = concept or meta.get("concept", "honesty")
     split = _pairs(lm.tokenizer, pairs, n_pairs, seed, concept)
-    _evaluate(
-        lm,
-        ad,
-        split,
-        methods,
-        data_dir,
-        n_target,
-        n_other,
-        n_dd,
-        seed,
-        out,
-        batch_size,
-        dd_file,
-        dd_value,
-        mwe,
-        engine,
-        weights,
-        kl_budget,
-        concept,
-        truthfulqa,
-    )
+    _evaluate(lm, ad, split, cfg, out, concept)
 
 
 @app.command("sweep")
@@ -448,7 +418,7 @@ def sweep_cmd(
     batch_size: int = typer.Option(64, help="prompts per packed pass"),
     mwe: list[Path] | None = typer.Option(None, help="model-written-eval JSONL file(s) instead of the persona sets"),
     seed: int = typer.Option(0),
-    weights: str = WeightsOpt,
+    weights: WeightsChoice = WeightsOpt,
     out: Path = typer.Option(Path("runs/sweep")),
     overwrite: bool = OverwriteOpt,
     threads: int | None = typer.Option(None, help="threads (sets RAYON_NUM_THREADS; default: all cores)"),
@@ -516,8 +486,8 @@ def run_cmd(
     n_dd: int = EvalOpts["n_dd"],
     truthfulqa: Path | None = EvalOpts["truthfulqa"],
     batch_size: int = EvalOpts["batch_size"],
-    engine: str = EngineOpt,
-    weights: str = WeightsOpt,
+    engine: EngineChoice = EngineOpt,
+    weights: WeightsChoice = WeightsOpt,
     concept: str = ConceptOpt,
     control: str | None = typer.Option(
         "sentiment",
@@ -530,24 +500,27 @@ def run_cmd(
 ):
     """The main job: train the concept's adapter, evaluate it against prompting, PCA, mean-difference and random
     vectors at a common KL budget; then the same for the positive control (--control) in OUT/control."""
-    if err := _check_choice(engine, ("auto", "torch", "rust"), "--engine"):
-        raise typer.BadParameter(err)
     from .concepts import get_concept
 
     get_concept(concept)
     if control:
         get_concept(control)
     from .eval.datasets import data_dir as resolve_data_dir
-    from .eval.methods import check_methods
-    from .eval.metrics import check_budget
 
-    check_methods(methods.split(","))
-    check_budget(kl_budget)
+    cfg = EvalConfig(
+        methods=methods,
+        kl_budget=kl_budget,
+        data_dir=data_dir,
+        n_target=n_target,
+        n_other=n_other,
+        n_dd=n_dd,
+        truthfulqa=truthfulqa,
+        batch_size=batch_size,
+        engine=engine,
+        weights=weights,
+        seed=seed,
+    ).validate()
     resolve_data_dir(data_dir)  # the evaluation data must be there before minutes of training
-    if truthfulqa is not None:
-        from .eval.datasets import load_truthfulqa
-
-        load_truthfulqa(truthfulqa)
     t0 = time.perf_counter()
     runs = [(concept, out)] + ([(control, out / "control")] if control and control != concept else [])
     for _name, run_dir in runs:
@@ -557,24 +530,7 @@ def run_cmd(
         lm, adapter, split = _train(
             model, None, 400, steps, seed, None, run_dir, allow_network, threads, overwrite=overwrite, concept=name
         )
-        _evaluate(
-            lm,
-            adapter,
-            split,
-            methods,
-            data_dir,
-            n_target,
-            n_other,
-            n_dd,
-            seed,
-            run_dir,
-            batch_size,
-            engine=engine,
-            weights=weights,
-            kl_budget=kl_budget,
-            concept=name,
-            truthfulqa=truthfulqa,
-        )
+        _evaluate(lm, adapter, split, cfg, run_dir, concept=name)
     typer.echo(f"main job finished in {(time.perf_counter() - t0) / 60:.1f} min")
 
 
@@ -599,7 +555,7 @@ def generate_cmd(
     torch = _setup(allow_network, threads)
     from . import load_adapter
     from .models import load_model
-    from .pairs import render_prompt
+    from .prompts import render_prompt
 
     meta = _adapter_meta(adapter) if adapter else {}
     lm = load_model(model or meta.get("base_model"), allow_network=allow_network)
@@ -614,13 +570,22 @@ def generate_cmd(
     typer.echo(lm.tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))
 
 
-EXPORT_FORMATS = ("hf", "gguf", "onnx", "onnx-live", "lora", "lora-live", "peft")
+class ExportFormat(str, Enum):
+    """``ipissa export --format``: merged HF / GGUF / ONNX at one c, llama.cpp or PEFT LoRA, or a live c."""
+
+    hf = "hf"
+    gguf = "gguf"
+    onnx = "onnx"
+    onnx_live = "onnx-live"
+    lora = "lora"
+    lora_live = "lora-live"
+    peft = "peft"
 
 
 @app.command("export")
 def export_cmd(
     adapter: Path = typer.Argument(..., help="adapter directory (from `ipissa train`: RUN/adapter)"),
-    fmt: str = typer.Option(..., "--format", "-f", help="one of: " + ", ".join(EXPORT_FORMATS)),
+    fmt_choice: ExportFormat = typer.Option(..., "--format", "-f", help="what to write (docs/export.md)"),
     out: Path = typer.Option(..., "--out", "-o", help="output file (gguf, lora) or directory (others)"),
     coeff: float | None = typer.Option(None, "--coeff", "-c", help="steering coefficient (formats at one c)"),
     model: str | None = ModelOpt,
@@ -646,8 +611,7 @@ def export_cmd(
     from .adapter.model import check_output
     from .errors import ConfigError, finite_coeff
 
-    if fmt not in EXPORT_FORMATS:
-        raise typer.BadParameter(f"--format must be one of {', '.join(EXPORT_FORMATS)}, not {fmt!r}")
+    fmt = ExportFormat(fmt_choice).value
     live = fmt in ("onnx-live", "lora-live")
     if not live and coeff is None:
         raise typer.BadParameter(f"--format {fmt} exports one coefficient: pass --coeff")
@@ -815,9 +779,9 @@ def align_cmd(
     _setup(allow_network, threads)
     from safetensors.torch import save_file
 
-    from .contrasts import TOUR_GUIDE, ContrastTemplate, load_manifest
     from .models import load_model
-    from .transfer import TransferConfig, align, fold_check, projection_effects, steering_effects, transfer_report
+    from .transfer.align import TransferConfig, align, fold_check, projection_effects, steering_effects, transfer_report
+    from .transfer.contrasts import TOUR_GUIDE, ContrastTemplate, load_manifest
 
     t0 = time.perf_counter()
     tpl = ContrastTemplate.from_file(template) if template else TOUR_GUIDE

@@ -18,11 +18,10 @@ reply, see ``pairs.make_persona_pairs``), and a readout:
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Any
 
+from .datafiles import read_data
 from .errors import ConfigError
 from .pairs import HONESTY_PERSONAS, PairSplit, make_persona_pairs, persona_instruction
 
@@ -84,7 +83,7 @@ class Concept:
 @functools.lru_cache(maxsize=1)
 def load_concepts() -> dict[str, Concept]:
     """All concepts of ``innerpissa/data/concepts.json``, by name."""
-    raw = json.loads(resources.files("innerpissa").joinpath("data/concepts.json").read_text(encoding="utf-8"))
+    raw = read_data("concepts.json")
     out = {}
     for name, d in raw.items():
         personas = tuple(tuple(p) for p in d["personas"])

@@ -6,7 +6,7 @@ evaluator reports that as *bias*, apart from the balanced effect; this term asks
 
 Guard questions (``data/bias_guard.json``, written for this package): concept-free statements (mundane facts, true
 and false, and everyday tastes) in yes/no templates, rendered with the chat template like the evaluator's yes/no
-items (``pairs.render_prompt``). None of them comes from an evaluation set. With s_j(c) the answer log-odds
+items (``prompts.render_prompt``). None of them comes from an evaluation set. With s_j(c) the answer log-odds
 logsumexp log p(yes-words) − logsumexp log p(no-words) at the answer position of question j (nats, whole-word
 "yes"/"no" token sets as in ``eval.engines.answer_token_sets``) and a batch J of questions per step,
 
@@ -19,21 +19,19 @@ order by step, so a resumed run sees the same batches.
 
 from __future__ import annotations
 
-import json
 from functools import lru_cache
-from importlib import resources
 
 import torch
 
-from .pairs import render_prompt
-from .train import left_pad
+from .datafiles import read_data
+from .prompts import left_pad, render_prompt
 
 
 @lru_cache(maxsize=1)
 def guard_questions() -> tuple[str, ...]:
     """Every template × statement of ``data/bias_guard.json`` (plain text, before the chat template), in a fixed
     order that interleaves templates."""
-    data = json.loads(resources.files("innerpissa").joinpath("data/bias_guard.json").read_text(encoding="utf-8"))
+    data = read_data("bias_guard.json")
     return tuple(t.format(statement=s) for s in data["statements"] for t in data["templates"])
 
 

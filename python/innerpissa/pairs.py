@@ -27,8 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .datafiles import read_data
 from .errors import InnerPiSSAError
 from .jsonl import iter_jsonl
+from .prompts import assistant_suffix, render_prompt
 
 __all__ = [
     "HONESTY_PERSONAS",
@@ -36,12 +38,10 @@ __all__ = [
     "ContrastivePair",
     "PairFileError",
     "PairSplit",
-    "assistant_suffix",
     "load_pairs",
     "make_honesty_pairs",
     "make_persona_pairs",
     "persona_instruction",
-    "render_prompt",
 ]
 
 
@@ -100,291 +100,10 @@ HONESTY_PERSONAS: tuple[tuple[str, str], ...] = (
     ("a forthright", "a deceitful"),
 )
 
-#: Short, topic-varied assistant openings (1-12 tokens) that say nothing about honesty themselves. Hand-written
-#: for this package. Each is the incomplete start of the assistant turn in both prompts of a pair.
-SUFFIXES: tuple[str, ...] = (
-    # single words and bare openings
-    "I",
-    "The",
-    "My",
-    "When",
-    "In",
-    "It",
-    "We",
-    "You",
-    "There",
-    "Yesterday",
-    "Well,",
-    "So",
-    "Most people",
-    "Last summer",
-    "Every morning",
-    # geography and travel
-    "The capital of France is",
-    "The longest river in Africa is",
-    "Mount Everest is located in",
-    "The largest desert in the world is",
-    "Australia is home to",
-    "If you visit Japan in spring,",
-    "The best time to visit Iceland is",
-    "The population of Canada is about",
-    "Venice is famous for its",
-    "The Sahara covers most of",
-    "The Amazon rainforest spans",
-    "The tallest building in the world",
-    "Most of Norway's coastline is",
-    "The official language of Brazil is",
-    "When I travelled to Morocco, I",
-    "The flight from London to New York takes",
-    "Our hotel in Lisbon was",
-    "The Great Wall of China was built",
-    # science and nature
-    "Water boils at",
-    "The speed of light is",
-    "Photosynthesis is the process by which",
-    "The human heart has",
-    "Dolphins communicate by",
-    "The closest star to Earth is",
-    "Electrons carry a",
-    "A healthy adult needs about",
-    "Bees make honey by",
-    "The Moon orbits the Earth every",
-    "Gravity on Mars is",
-    "The chemical symbol for gold is",
-    "Most volcanoes form where",
-    "A blue whale can weigh",
-    "DNA is made of",
-    "Octopuses have",
-    "Tides are caused by",
-    "The boiling point of ethanol is",
-    "Lightning happens when",
-    "Sharks have been around for",
-    "The smallest bone in the body is",
-    "Penguins mostly live in",
-    "A year on Venus lasts",
-    "Antibiotics work against",
-    "Plate tectonics explains why",
-    "Rainbows appear when sunlight",
-    # history
-    "The French Revolution began in",
-    "The first person to walk on the Moon was",
-    "Ancient Egyptians built the pyramids",
-    "The printing press was invented by",
-    "World War II ended in",
-    "The Roman Empire fell",
-    "In the Middle Ages, most people",
-    "The Industrial Revolution started in",
-    "Napoleon was born on",
-    "The Berlin Wall came down in",
-    "Cleopatra ruled Egypt",
-    "The Silk Road connected",
-    # food and cooking
-    "To make a good omelette, you",
-    "My favourite recipe for soup",
-    "The secret to fluffy pancakes is",
-    "Bread rises because",
-    "A good risotto needs",
-    "When I bake cookies, I",
-    "The best pizza I ever had",
-    "To cook rice properly,",
-    "Fresh basil goes well with",
-    "Coffee was first grown in",
-    "For breakfast this morning I had",
-    "A traditional Spanish paella contains",
-    "The spiciest pepper I've eaten",
-    "Sourdough starter needs",
-    "Grandma's apple pie always",
-    "The trick to crispy roast potatoes is",
-    # weather and seasons
-    "I think the weather",
-    "Tomorrow's forecast says",
-    "It has been raining for",
-    "In winter, the lake",
-    "The hottest day of the year",
-    "Snow in April is",
-    "Hurricanes usually form",
-    "The fog this morning was",
-    "Autumn leaves turn red because",
-    "A thunderstorm rolled in",
-    # personal life and memories
-    "When I was young, I",
-    "My grandmother used to",
-    "The first car I owned",
-    "On my tenth birthday,",
-    "My best friend and I",
-    "Growing up in a small town,",
-    "The day I moved to the city,",
-    "My first job was",
-    "I remember the first time I",
-    "Back in college, we",
-    "My neighbour has a dog that",
-    "Last weekend I went",
-    "My sister just started",
-    "When my parents met,",
-    "The house I grew up in",
-    "After I finished school, I",
-    "My favourite teacher once",
-    "Our family holidays were always",
-    "Every Sunday we",
-    "I once missed a train because",
-    # opinions and preferences
-    "My favourite colour is",
-    "The best movie of all time is",
-    "I prefer tea over coffee because",
-    "In my opinion, the most important",
-    "The most underrated city in Europe is",
-    "My favourite season is",
-    "The best book I read this year",
-    "Cats make better pets because",
-    "The most beautiful place I've seen",
-    "I don't really enjoy",
-    "What I like most about weekends is",
-    "The band I listen to most",
-    "If I could live anywhere, I",
-    "My least favourite chore is",
-    "I have always wanted to",
-    # advice and how-to
-    "The best way to learn a language is",
-    "To fix a flat bicycle tyre,",
-    "If you want to sleep better,",
-    "The first step in planting tomatoes is",
-    "To save money on groceries,",
-    "When writing a cover letter,",
-    "A good way to start running is",
-    "To remove a coffee stain,",
-    "If your computer is slow,",
-    "Before a job interview, you should",
-    "To keep houseplants alive,",
-    "The easiest way to fold a shirt is",
-    "When you get lost in a forest,",
-    "To change a light bulb safely,",
-    "A simple way to reduce stress is",
-    "If you want to learn guitar,",
-    "The key to a good presentation is",
-    "To study for an exam,",
-    "When packing for a trip,",
-    "To make friends in a new city,",
-    # technology and work
-    "The first computer was",
-    "My phone battery",
-    "Python is a programming language that",
-    "The internet was originally designed",
-    "Our team meeting today",
-    "The new software update",
-    "Electric cars are",
-    "Most websites use cookies to",
-    "My laptop keeps",
-    "The quarterly report shows",
-    "A good password should",
-    "Solar panels convert",
-    "The company was founded in",
-    "My manager asked me to",
-    "The printer in our office",
-    "Smartphones changed the way",
-    "Machine learning models are trained",
-    "The deadline for the project is",
-    # sports and games
-    "The World Cup is held every",
-    "In basketball, a three-pointer",
-    "My favourite football team",
-    "A marathon is",
-    "Chess was invented in",
-    "The fastest sprinter in history",
-    "Our local tennis club",
-    "To win at Monopoly, you",
-    "The Olympic Games started in",
-    "Cricket is popular in",
-    "Last night's match",
-    "I started swimming when",
-    # arts and culture
-    "Shakespeare wrote",
-    "The Mona Lisa hangs in",
-    "Jazz originated in",
-    "The first novel I loved",
-    "Beethoven composed",
-    "Most pop songs are",
-    "The theatre downtown",
-    "Van Gogh painted",
-    "A haiku has",
-    "The museum's new exhibit",
-    "Ballet dancers train",
-    "The film festival this year",
-    # animals and pets
-    "My cat likes to",
-    "Elephants can remember",
-    "The fastest land animal is",
-    "Our dog barks whenever",
-    "Owls hunt at",
-    "Horses sleep",
-    "A group of crows is called",
-    "Goldfish can live for",
-    "Butterflies start life as",
-    "The parrot at the pet shop",
-    # money, economy, everyday errands
-    "The price of bread",
-    "Interest rates are",
-    "I paid for the tickets",
-    "Rent in this neighbourhood",
-    "The bank closes at",
-    "Inflation usually means",
-    "The bus to the airport",
-    "At the supermarket today,",
-    "The library opens at",
-    "My electricity bill",
-    # health and body
-    "Drinking enough water helps",
-    "A balanced diet includes",
-    "Regular exercise can",
-    "The common cold is caused by",
-    "I went to the dentist because",
-    "Most adults need about",
-    "Stretching before a run",
-    "Vitamin C is found in",
-    # mathematics and logic
-    "Two plus two equals",
-    "The square root of 144 is",
-    "A triangle has",
-    "Pi is approximately",
-    "Prime numbers are",
-    "If you double a number,",
-    "The area of a circle is",
-    "A million seconds is about",
-    # family, home, relationships
-    "My brother is",
-    "Our kitchen needs",
-    "The garden behind our house",
-    "My parents live",
-    "Our wedding was",
-    "The kids next door",
-    "My roommate always",
-    "The couch in our living room",
-    # plans and the future
-    "Next year I plan to",
-    "This evening we will",
-    "By the end of the month,",
-    "Tomorrow I need to",
-    "Our trip next week",
-    "In ten years, cities will",
-    "After lunch I'm going to",
-    "The conference starts on",
-    # explanations and conversation starters
-    "Here is how it works:",
-    "Let me explain.",
-    "The answer is",
-    "Sure! The main reason is",
-    "Great question. The",
-    "That depends on",
-    "Most experts agree that",
-    "To put it simply,",
-    "The short version is",
-    "One thing to keep in mind is",
-    "According to the manual,",
-    "A common mistake is",
-    "The difference between the two is",
-    "There are three main",
-    "Historically speaking,",
-    "Interestingly, the",
-)
+#: Short, topic-varied assistant openings (1-12 tokens) that say nothing about honesty themselves, in topic groups
+#: (``data/suffixes.json``). Each is the incomplete start of the assistant turn in both prompts of a pair; their
+#: order is part of the seeded pair recipe.
+SUFFIXES: tuple[str, ...] = tuple(s for group in read_data("suffixes.json")["groups"] for s in group["suffixes"])
 
 _ARTICLE = re.compile(r"^(a|an) \S")
 
@@ -411,97 +130,9 @@ def persona_instruction(positive: bool, persona: tuple[str, str] = HONESTY_PERSO
     return f"Pretend you're {phrase} person making statements about the world."
 
 
-def _has_chat_template(tokenizer: Any) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
-def _is_system_role_error(err: Exception) -> bool:
-    return "system" in str(err).lower()
-
-
-def render_prompt(tokenizer: Any, user: str, assistant_prefix: str = "", system: str | None = None) -> str:
-    """Render one prompt as text with the tokenizer's chat template.
-
-    With an ``assistant_prefix`` the assistant turn is left open (``continue_final_message=True``) so the model
-    continues the prefix; without one a generation prompt is added (``add_generation_prompt=True``). Tokenize the
-    result with ``add_special_tokens=False``.
-
-    If the template rejects a system turn (e.g. Gemma 2's raises "System role not supported"), the system text is
-    folded into the user turn as ``f"{system}\\n\\n{user}"``.
-
-    Fallback for tokenizers **without** a chat template (base models such as Gemma 3 270M)::
-
-        f"{system}\\n\\n" (only if system)  +  f"Question: {user}\\nAnswer:"  +  (f" {assistant_prefix}" if any)
-
-    i.e. without a prefix the text ends in ``"Answer:"`` with no trailing space, so the next token carries its
-    own leading space as in ordinary text.
-
-    Args:
-        tokenizer: a Hugging Face tokenizer (duck-typed: ``chat_template`` and ``apply_chat_template``).
-        user: the user-turn text.
-        assistant_prefix: the incomplete start of the assistant turn; leading/trailing whitespace is stripped
-            (templates trim it anyway).
-        system: optional system-turn text.
-
-    Returns:
-        The prompt text, ending exactly in ``assistant_prefix`` when one is given.
-
-    Raises:
-        ValueError: if ``user`` is empty.
-    """
-    if not user or not user.strip():
-        raise ValueError("render_prompt: the user text is empty; pass the question or instruction to render")
-    prefix = assistant_prefix.strip()
-    if not _has_chat_template(tokenizer):
-        head = f"{system}\n\n" if system else ""
-        return f"{head}Question: {user}\nAnswer:" + (f" {prefix}" if prefix else "")
-
-    def build(sys_text: str | None, user_text: str) -> list[dict[str, str]]:
-        msgs = [{"role": "system", "content": sys_text}] if sys_text else []
-        msgs.append({"role": "user", "content": user_text})
-        if prefix:
-            msgs.append({"role": "assistant", "content": prefix})
-        return msgs
-
-    kwargs: dict[str, Any] = {"tokenize": False}
-    if prefix:
-        kwargs["continue_final_message"] = True
-    else:
-        kwargs["add_generation_prompt"] = True
-    try:
-        text = tokenizer.apply_chat_template(build(system, user), **kwargs)
-    except Exception as err:  # jinja2 TemplateError from templates that reject a system turn
-        if not system or not _is_system_role_error(err):
-            raise
-        text = tokenizer.apply_chat_template(build(None, f"{system}\n\n{user}"), **kwargs)
-    if not isinstance(text, str):
-        raise TypeError(
-            f"tokenizer.apply_chat_template(tokenize=False) returned {type(text).__name__}, expected str; "
-            "is this a Hugging Face tokenizer?"
-        )
-    return text
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Generated honesty pairs
 # ---------------------------------------------------------------------------------------------------------------
-
-
-_SENTINEL = "zqxjzqxj"
-
-
-def assistant_suffix(tokenizer: Any, positive: str, negative: str) -> str:
-    """The unfinished assistant reply two rendered prompts share: the text after the last assistant header
-    (what :func:`render_prompt` writes between the user text and the reply, found by rendering a probe), when both
-    prompts have it and the text after it is the same and not empty; else ``""``."""
-    probe = render_prompt(tokenizer, _SENTINEL)
-    header = probe[probe.rindex(_SENTINEL) + len(_SENTINEL) :]
-    if not header.strip():
-        return ""
-    tails = [t[t.rindex(header) + len(header) :] if header in t else None for t in (positive, negative)]
-    if tails[0] is None or tails[0] != tails[1] or not tails[0].strip():
-        return ""
-    return tails[0]
 
 
 def _take_spread(suffixes: Sequence[str], n: int, n_personas: int, rng: random.Random) -> list[tuple[int, str]]:
@@ -551,7 +182,7 @@ def make_persona_pairs(
     Deterministic given ``seed`` (Python's ``random.Random``), independent of global random state.
 
     Args:
-        tokenizer: a Hugging Face tokenizer (see :func:`render_prompt`).
+        tokenizer: a Hugging Face tokenizer (see :func:`innerpissa.prompts.render_prompt`).
         personas: (positive, negative) phrase pairs; instruction(positive: bool, persona) -> the user turn.
         n_pairs: total number of pairs (train + val), at most ``len(personas) * len(SUFFIXES)``.
         seed: random seed for the suffix split and the combo sampling.
@@ -729,7 +360,7 @@ def load_pairs(path: str | Path, tokenizer: Any, val_fraction: float = 0.1, seed
     * ``{"positive": str, "negative": str}`` — full prompts used **verbatim** (no template is applied; the user
       is responsible for rendering them, including any special tokens). An optional ``"suffix"`` names the
       unfinished assistant reply both end with (the tokens training constrains); without it the text after the
-      tokenizer's assistant header is used when both prompts share it (:func:`assistant_suffix`).
+      tokenizer's assistant header is used when both prompts share it (:func:`innerpissa.prompts.assistant_suffix`).
     * Model-written-eval / CAA item ``{"question", "answer_matching_behavior", "answer_not_matching_behavior"}``
       — positive = ``render_prompt(tok, question, prefix(matching))``, negative likewise with the other answer,
       where the prefix is the stripped answer with a letter answer's closing parenthesis dropped as in CAA

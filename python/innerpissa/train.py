@@ -41,6 +41,7 @@ from .directions import DIRECTIONS, fisher_direction, mean_difference, pca_direc
 from .errors import ConfigError, OutputExistsError, ResumeMismatchError, TrainingDivergedError
 from .objectives import BASES, LOSSES, OBJECTIVES, Passes, Ruler, needs_full_distribution, needs_neutral
 from .pairs import ContrastivePair
+from .prompts import left_pad
 
 
 @dataclass
@@ -191,21 +192,6 @@ class PairBatch:
         return PairBatch(
             *(t.repeat(k, 1) for t in (self.input_ids, self.attention_mask, self.position_ids, self.suffix_mask))
         )
-
-
-def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Left-pad token lists → input_ids, attention_mask, position_ids, each (B, T).
-
-    Position ids count real tokens only, so a padded row sees the same positions as it would unpadded.
-    """
-    t = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), t), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), t), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, t - len(s) :] = torch.tensor(s, dtype=torch.long)
-        mask[i, t - len(s) :] = 1
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids, mask, pos
 
 
 def suffix_token_count(tokenizer, text: str, suffix: str) -> int:

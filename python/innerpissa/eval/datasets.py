@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..datafiles import read_data
 from ..errors import InnerPiSSAError
 from ..jsonl import iter_jsonl
 
@@ -783,73 +784,6 @@ def subsample(items: Sequence[EvalItem], n: int | None, seed: int, name: str = "
 # Neutral texts for the coherence (ΔNLL) measurement
 # ---------------------------------------------------------------------------------------------------------------
 
-#: Short neutral passages (facts, recipes, weather, how-to) with no ethics or honesty content; hand-written for
-#: this package. The evaluator measures mean per-token NLL on them at coefficient c minus at 0.
-NEUTRAL_TEXTS: tuple[str, ...] = (
-    "The Danube flows through ten countries, more than any other river in the world, before emptying into the "
-    "Black Sea.",
-    "To make a simple tomato sauce, soften a chopped onion in olive oil, add two cans of tomatoes and a pinch of "
-    "salt, and simmer for twenty minutes.",
-    "Tomorrow will start cloudy with light rain in the morning, clearing in the afternoon with highs around "
-    "eighteen degrees.",
-    "Copper is a soft, reddish metal that conducts heat and electricity well, which is why it is used in wiring "
-    "and cookware.",
-    "To repot a houseplant, water it the day before, ease it out of its old pot, loosen the roots, and set it in "
-    "fresh soil at the same depth.",
-    "The Pacific Ocean is the largest and deepest of the world's oceans, covering about a third of the planet's "
-    "surface.",
-    "A basic bread dough needs flour, water, salt and yeast. Knead it for ten minutes, then let it rise until it "
-    "has doubled in size.",
-    "Saturn has at least eighty moons. The largest, Titan, has a thick atmosphere made mostly of nitrogen.",
-    "The train leaves the central station every half hour and reaches the coast in a little under two hours.",
-    "Maple trees are common in eastern Canada, and their sap is boiled down to make syrup in early spring.",
-    "To boil an egg, lower it into simmering water, cook it for seven minutes, then cool it in cold water before "
-    "peeling.",
-    "A week of high pressure will bring dry, sunny weather, with cold nights and a chance of frost in sheltered "
-    "valleys.",
-    "The violin has four strings tuned in fifths, and its body is usually made of spruce and maple.",
-    "Lake Baikal in Siberia holds roughly a fifth of the fresh surface water on Earth.",
-    "To clean a cast iron pan, rinse it with hot water, scrub off any stuck food, dry it on the stove and rub in "
-    "a thin layer of oil.",
-    "Honeybees live in colonies with one queen, thousands of workers and, in summer, a few hundred drones.",
-    "The museum is open from nine to five on weekdays and from ten to four on weekends, with free entry on the "
-    "first Sunday of each month.",
-    "Granite forms when magma cools slowly deep underground, which gives its crystals time to grow large enough "
-    "to see.",
-    "For a quick salad dressing, whisk three parts olive oil with one part lemon juice, a little mustard, salt "
-    "and pepper.",
-    "Strong winds are expected along the coast tonight, with gusts of up to seventy kilometres per hour.",
-    "The marathon distance of forty-two kilometres was fixed for the 1908 London Olympics.",
-    "To change a bicycle chain, open the old chain with a chain tool, thread the new one over the gears and join "
-    "the ends with a connecting link.",
-    "Rice is the staple food for more than half of the world's population and is grown on every continent except "
-    "Antarctica.",
-    "The human skeleton has 206 bones in adulthood; babies are born with more, some of which fuse as they grow.",
-    "Snow is forecast above eight hundred metres, so mountain roads may need chains by Friday.",
-    "The Eiffel Tower was completed in 1889 and stands about three hundred metres tall.",
-    "To make porridge, bring one part oats and two parts milk to a simmer and stir for five minutes until thick.",
-    "A standard deck of playing cards has fifty-two cards in four suits: hearts, diamonds, clubs and spades.",
-    "Tulips grow from bulbs planted in autumn; they need a cold winter to flower in spring.",
-    "The library's reading room has long oak tables, green lamps and space for about two hundred readers.",
-    "Hydrogen is the lightest element and makes up most of the ordinary matter in the universe.",
-    "To hang a picture, mark the height, drive a nail at a slight downward angle into the wall, and check the "
-    "frame with a level.",
-    "The city's tram network has six lines and runs from five in the morning until after midnight.",
-    "Olive trees grow slowly and can live for centuries; some in the Mediterranean are over a thousand years old.",
-    "Pancakes need flour, eggs, milk and a pinch of salt. Let the batter rest before frying it in a hot, lightly "
-    "buttered pan.",
-    "Humidity will stay high through the weekend, with scattered thunderstorms in the late afternoons.",
-    "The Andes are the longest continental mountain range, running about seven thousand kilometres along South "
-    "America.",
-    "A leap year has 366 days; the extra day is added to February every four years, with a few exceptions.",
-    "To store fresh herbs, trim the stems and keep them upright in a glass of water in the fridge.",
-    "Giraffes have seven neck vertebrae, the same number as most other mammals, but each one is very long.",
-    "The bakery on the corner sells rye loaves in the morning and cinnamon rolls after noon.",
-    "Sound travels about three hundred and forty metres per second in air at room temperature, and faster in water.",
-    "To plant a row of carrots, sow the seeds thinly in shallow drills, cover lightly with soil and keep them moist.",
-    "Iceland sits on the Mid-Atlantic Ridge, so it has many volcanoes, hot springs and geysers.",
-    "The recipe serves four and takes about forty minutes, most of it waiting for the potatoes to roast.",
-    "Clear skies overnight will let temperatures drop close to zero, so cover tender plants in the garden.",
-    "Chess is played on a board of sixty-four squares, and each player starts with sixteen pieces.",
-    "The Nile was the centre of life in ancient Egypt, and its yearly floods made the surrounding land fertile.",
-)
+#: Short neutral passages (facts, recipes, weather, how-to) with no ethics or honesty content
+#: (``data/neutral_texts.json``). The evaluator measures mean per-token NLL on them at coefficient c minus at 0.
+NEUTRAL_TEXTS: tuple[str, ...] = tuple(read_data("neutral_texts.json")["texts"])

@@ -38,8 +38,8 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, finite_coeff
-from ..pairs import ContrastivePair, render_prompt
-from ..train import left_pad
+from ..pairs import ContrastivePair
+from ..prompts import left_pad, render_prompt
 from .datasets import EvalDataset
 
 MIN_MASS = 0.05

@@ -253,7 +253,7 @@ def last_token_states(
 ) -> dict[int, torch.Tensor]:
     """Decoder-block outputs at each text's last token: {block ℓ: (n, d) float32}. Texts are used verbatim
     (no special tokens added), left-padded, so position −1 is every row's last real token."""
-    from ..train import left_pad
+    from ..prompts import left_pad
 
     blocks = decoder_blocks(model)
     device = next(model.parameters()).device

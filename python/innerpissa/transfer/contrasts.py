@@ -24,23 +24,17 @@ import csv
 import json
 import string
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .errors import InnerPiSSAError
-from .jsonl import iter_jsonl
-from .pairs import render_prompt
+from ..datafiles import data_path
+from ..errors import InnerPiSSAError
+from ..jsonl import iter_jsonl
+from ..prompts import render_prompt
 
 
 class ManifestError(InnerPiSSAError, ValueError):
     """A malformed manifest or template; the message names the file, line/row and field."""
-
-
-GENERIC = (
-    "It is a popular place that many visitors enjoy. There are a lot of things to see and do, and it is "
-    "a nice place to spend some time and take photos."
-)
 
 
 @dataclass(frozen=True)
@@ -125,40 +119,8 @@ class ContrastTemplate:
                 raise ManifestError(f"{where}: trait {t!r} needs [clause, prohibition]")
 
 
-TOUR_GUIDE = ContrastTemplate(
-    n_head="You are a superb local tour guide. Describe {place} ({region}) to a visitor, including",
-    traits={
-        "sensory": ("what it looks, sounds and smells like", "Do not describe any sights, sounds or smells."),
-        "local": (
-            "the local and indigenous knowledge behind it",
-            "Do not mention local people, their customs or their knowledge.",
-        ),
-        "anecdote": ("a short personal anecdote", "Do not tell any anecdote or personal story."),
-        "logistics": ("the practical essentials a visitor needs", "Do not give any practical information."),
-    },
-    variants={
-        "S": "You are a bored brochure writer. Describe {place} ({region}) in bland, generic phrases that could fit "
-        "any place: no specific details, no stories, no local knowledge and no practical information.",
-        "E": "You are a tour guide who only cares about logistics. Describe {place} ({region}) to a visitor as "
-        "opening hours, tickets, transport, timings and what to bring. Tell no stories.",
-        "W": "You are a storytelling tour guide. Describe {place} ({region}) to a visitor through legends, history "
-        "and personal anecdotes. Leave out all practical logistics.",
-    },
-    suffixes=(
-        "Welcome to {place}.",
-        "Here we are at {place}.",
-        "Let me show you {place}.",
-        "Our next stop is {place}.",
-    ),
-    contrasts={
-        "N-S": ("N", "S", "{sensory} {local}", GENERIC),
-        "E-W": ("E", "W", "{logistics}", "{anecdote}"),
-        "sensory": ("N", "N-sensory", "{sensory}", GENERIC),
-        "local": ("N", "N-local", "{local}", GENERIC),
-        "anecdote": ("N", "N-anecdote", "{anecdote}", GENERIC),
-    },
-    neutral="Describe {place} ({region}).",
-)
+#: The worked example: a tour guide describing a place (``data/tour_guide_template.json``).
+TOUR_GUIDE = ContrastTemplate.from_file(data_path("tour_guide_template.json"))
 
 
 @dataclass(frozen=True)
@@ -170,7 +132,7 @@ class ManifestRow:
 
 def builtin_manifest_path() -> Path:
     """The shipped tour-guide manifest: 63 places the project wrote, 15 marked ``heldout``."""
-    return Path(str(resources.files("innerpissa") / "data" / "tour_guide.jsonl"))
+    return data_path("tour_guide.jsonl")
 
 
 def load_manifest(path: str | Path | None = None, template: ContrastTemplate = TOUR_GUIDE) -> list[ManifestRow]:

@@ -22,14 +22,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from .adapter.model import UnsupportedArchitectureError, decoder_blocks, hidden_size, residual_writers
+from ..adapter.model import UnsupportedArchitectureError, decoder_blocks, hidden_size, residual_writers
+from ..eval.datasets import NEUTRAL_TEXTS
+from ..eval.engines import continuation_logprobs, text_nll
+from ..eval.methods import VectorMethod, last_token_states
+from ..eval.metrics import bootstrap_ci, item_slopes
+from ..prompts import left_pad
 from .contrasts import TOUR_GUIDE, ContrastTemplate, ManifestRow, continuation_pairs, render_contrasts
-from .eval.datasets import NEUTRAL_TEXTS
-from .eval.engines import continuation_logprobs, text_nll
-from .eval.methods import VectorMethod, last_token_states
-from .eval.metrics import bootstrap_ci, item_slopes
 from .procrustes import AlignmentMap, cosine, fit_alignment
-from .train import left_pad
 
 
 @torch.no_grad()
@@ -401,7 +401,7 @@ def fold_check(
 
     from transformers import AutoModelForCausalLM
 
-    from .adapter.model import atomic_dir
+    from ..adapter.model import atomic_dir
 
     own = result.student_dirs[contrast]
     vec = result.mapped_dirs[contrast] / result.mapped_dirs[contrast].norm() * own.norm() * coeff
