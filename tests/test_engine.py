@@ -103,6 +103,27 @@ def test_branch_stacking_batching_and_base(tiny):
     np.testing.assert_array_equal(stacked[COEFFS.index(0.0)], stacked[-1])  # c = 0 is the base model
 
 
+def test_typed_branches_equal_the_tuple_form(tiny):
+    from innerpissa._rust import Branch
+
+    model, _, _, eng, _ = tiny
+    seqs = _prompts(12, seed=2)
+    idx = eng.add_control_vector({1: np.ones(model.config.hidden_size, dtype=np.float32)})
+    typed = [Branch.base(), Branch.adapter(1.5), Branch.vector(-2.0, idx)]
+    tuples = [("base",), ("adapter", 1.5), ("vector", -2.0, idx)]
+    a, _ = eng.yes_no(seqs, typed, POS, NEG)
+    b, _ = eng.yes_no(seqs, tuples, POS, NEG)
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a[0], a[1]) and not np.allclose(a[0], a[2])  # the branches really differ
+    assert Branch.adapter(1.5) == Branch.adapter(1.5) != Branch.adapter(-1.5)
+    assert len({Branch.base(), Branch.base(), Branch.vector(1.0, 0)}) == 2
+    assert repr(Branch.adapter(0.5)) == "Branch.adapter(0.5)"
+    with pytest.raises(ValueError, match="finite"):
+        Branch.adapter(float("nan"))
+    with pytest.raises(TypeError, match="Branch"):
+        eng.yes_no(seqs, [1.5], POS, NEG)
+
+
 def test_token_logprobs_match_torch(tiny):
     model, adapter, _, eng, _ = tiny
     seqs = _prompts(12, seed=2)

@@ -1,7 +1,8 @@
 """Type stubs of the native extension ``innerpissa._rust`` (Rust, pyo3; source: ``rust/py/src/lib.rs``).
 
-Branches select what one row of a sweep runs: ``("base",)`` (the unsteered model), ``("adapter", c)`` (the loaded
-InnerPiSSA adapter at steering coefficient c) or ``("vector", c, index)`` (control vector ``index`` scaled by c).
+Branches select what one set of rows of a sweep runs: ``Branch.base()`` (the unsteered model), ``Branch.adapter(c)``
+(the loaded InnerPiSSA adapter at steering coefficient c) or ``Branch.vector(c, index)`` (control vector ``index``
+scaled by c); the tuples ``("base",)``, ``("adapter", c)``, ``("vector", c, index)`` are accepted too.
 All work runs with the GIL released on the rayon pool (``RAYON_NUM_THREADS`` / ``CANDLE_NUM_THREADS``).
 """
 
@@ -14,7 +15,22 @@ import numpy.typing as npt
 
 __version__: str
 
-Branch = tuple[Literal["base"]] | tuple[Literal["adapter"], float] | tuple[Literal["vector"], float, int]
+class Branch:
+    """What one set of rows of a pass runs; immutable, comparable and hashable."""
+
+    @staticmethod
+    def base() -> Branch:
+        """The unsteered model."""
+
+    @staticmethod
+    def adapter(c: float) -> Branch:
+        """The loaded adapter at steering coefficient ``c`` (finite; ValueError otherwise)."""
+
+    @staticmethod
+    def vector(c: float, index: int) -> Branch:
+        """Control vector ``index`` (from ``Engine.add_control_vector``) added to block outputs as c·v."""
+
+BranchLike = Branch | tuple[Literal["base"]] | tuple[Literal["adapter"], float] | tuple[Literal["vector"], float, int]
 Precision = Literal["float64", "float32"]
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
@@ -53,13 +69,13 @@ class Engine:
         """M(c), (r, r) float64, of the loaded adapter's layer ``name``."""
 
     def add_control_vector(self, directions: Mapping[int, F32]) -> int:
-        """{block index: direction (d_model,) float32} → the index for ``("vector", c, index)`` branches."""
+        """{block index: direction (d_model,) float32} → the index for ``Branch.vector(c, index)``."""
 
     def clear_control_vectors(self) -> None: ...
     def yes_no(
         self,
         seqs: Sequence[Sequence[int]],
-        branches: Sequence[Branch],
+        branches: Sequence[BranchLike],
         pos_ids: Sequence[int],
         neg_ids: Sequence[int],
         batch: int = 64,
@@ -68,7 +84,7 @@ class Engine:
         nats at each sequence's last position, and the mass p(pos) + p(neg)."""
 
     def token_logprobs(
-        self, seqs: Sequence[Sequence[int]], starts: Sequence[int], branches: Sequence[Branch], batch: int = 16
+        self, seqs: Sequence[Sequence[int]], starts: Sequence[int], branches: Sequence[BranchLike], batch: int = 16
     ) -> list[F32]:
         """Branch-major list (len(branches)·len(seqs)) of log p(token t+1 | tokens ≤ t), nats, for t in
         starts[i] … len(seq) − 2."""
@@ -77,7 +93,7 @@ class Engine:
         self,
         seqs: Sequence[Sequence[int]],
         starts: Sequence[int],
-        branches: Sequence[Branch],
+        branches: Sequence[BranchLike],
         batch: int = 16,
         ref_seqs: Sequence[Sequence[int]] | None = None,
         ref_starts: Sequence[int] | None = None,
@@ -89,7 +105,7 @@ class Engine:
         self,
         seqs: Sequence[Sequence[int]],
         layers: Sequence[int],
-        branches: Sequence[Branch],
+        branches: Sequence[BranchLike],
         batch: int = 64,
         positions: Sequence[int] | None = None,
     ) -> npt.NDArray[np.float32]:

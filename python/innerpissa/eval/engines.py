@@ -458,6 +458,7 @@ class RustEngine:
 
         self.gguf = Path(self.gguf)
         self.engine = _rust.Engine(str(self.gguf), self.weights)
+        self.Branch = _rust.Branch  # what one set of rows runs: Branch.base(), .adapter(c), .vector(c, index)
         self.name = f"rust ({self.weights})"
 
     @property
@@ -484,18 +485,18 @@ class RustEngine:
         self._adapter_key = key
 
     def add_control_vector(self, directions: dict[int, torch.Tensor]) -> int:
-        """Register block-output directions {block ℓ: (d,)}; returns the index for ``("vector", c, index)``."""
+        """Register block-output directions {block ℓ: (d,)}; returns the index for ``Branch.vector(c, index)``."""
         return self.engine.add_control_vector(
             {int(k): np.ascontiguousarray(np.asarray(v, dtype=np.float32)) for k, v in directions.items()}
         )
 
-    def answer_scores(self, prompts: list[str], kind: str, branches: list[tuple]) -> tuple[np.ndarray, np.ndarray]:
+    def answer_scores(self, prompts: list[str], kind: str, branches: list) -> tuple[np.ndarray, np.ndarray]:
         """Answer log-odds and mass, each (len(branches), len(prompts)); as ``TorchEngine.answer_scores``."""
         pos, neg = answer_token_sets(self.tokenizer, kind)
         seqs = [_tok(self.tokenizer, p) for p in prompts]
         return self.engine.yes_no(seqs, branches, pos, neg, self.batch_size)
 
-    def mc_scores(self, items, branches: list[tuple], user_prefix: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def mc_scores(self, items, branches: list, user_prefix: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Multiple-choice items → (``mc_score``, mass of ones), each (len(branches), len(items)); as
         ``TorchEngine.mc_scores``."""
         seqs, starts, spans = [], [], []
@@ -515,9 +516,7 @@ class RustEngine:
                 scores[b, i] = mc_score([np.sum(r, dtype=np.float64) for r in rows], [len(r) for r in rows], n_true)
         return scores, np.ones_like(scores)
 
-    def text_stats(
-        self, texts: list[str], branches: list[tuple], user_prefix: str | None = None
-    ) -> list[tuple[float, float]]:
+    def text_stats(self, texts: list[str], branches: list, user_prefix: str | None = None) -> list[tuple[float, float]]:
         """Per branch, (mean NLL, mean KL(p₀‖p_branch)) per reply token of ``texts``, nats/token; p₀ is the base
         model on the unprefixed request (as ``TorchEngine.text_stats``)."""
         tok = self.tokenizer
@@ -539,32 +538,34 @@ class RustEngine:
         ]
 
     def last_token_states(
-        self, texts: list[str], layers: list[int], special_tokens: bool = False, branches: list[tuple] = (("base",),)
+        self, texts: list[str], layers: list[int], special_tokens: bool = False, branches: list | None = None
     ) -> dict[int, np.ndarray]:
-        """Decoder-block outputs at each text's last token: {ℓ: (n, d) float32} (first branch)."""
+        """Decoder-block outputs at each text's last token: {ℓ: (n, d) float32} (first branch; default the base
+        model)."""
         seqs = [_tok(self.tokenizer, t, special_tokens) for t in texts]
-        h = self.engine.hidden(seqs, list(layers), list(branches), self.batch_size)  # (L, B, n, d)
+        branches = list(branches) if branches is not None else [self.Branch.base()]
+        h = self.engine.hidden(seqs, list(layers), branches, self.batch_size)  # (L, B, n, d)
         return {ell: h[i, 0] for i, ell in enumerate(layers)}
 
-    def _branches(self, method, coeffs: list[float]) -> list[tuple]:
+    def _branches(self, method, coeffs: list[float]) -> list:
         if method.kind == "adapter":
             if isinstance(method.adapter, (str, Path)):  # a directory: `ipissa sweep` never builds a torch model
                 if self._adapter_key != ("dir", str(Path(method.adapter).resolve())):
                     self.load_adapter(method.adapter)
             else:
                 self.set_adapter(method.adapter)
-            return [("adapter", float(c)) if c != 0 else ("base",) for c in coeffs]
+            return [self.Branch.adapter(float(c)) if c != 0 else self.Branch.base() for c in coeffs]
         if method.kind == "vector":
             idx = self._vectors.get(id(method.directions))
             if idx is None:
                 idx = self._vectors[id(method.directions)] = self.add_control_vector(method.directions)
-            return [("vector", float(c), idx) if c != 0 else ("base",) for c in coeffs]
+            return [self.Branch.vector(float(c), idx) if c != 0 else self.Branch.base() for c in coeffs]
         raise ConfigError(
             f"the rust engine cannot run method {method.name!r} (kind {method.kind!r}); use the torch engine",
             field="engine",
         )
 
-    def _points(self, branches: list[tuple], datasets, neutral_texts, user_prefix: str | None) -> list[dict]:
+    def _points(self, branches: list, datasets, neutral_texts, user_prefix: str | None) -> list[dict]:
         res: list[dict] = [dict() for _ in branches]
         for d in datasets:
             if d.kind == "mc":
@@ -584,7 +585,9 @@ class RustEngine:
         """As ``TorchEngine.evaluate``; adapter and vector coefficients share one packed pass per dataset,
         prompting runs one pass per coefficient."""
         if method.kind == "prompt":
-            return [self._points([("base",)], datasets, neutral_texts, method.user_prefix(c))[0] for c in coeffs]
+            return [
+                self._points([self.Branch.base()], datasets, neutral_texts, method.user_prefix(c))[0] for c in coeffs
+            ]
         return self._points(self._branches(method, coeffs), datasets, neutral_texts, None)
 
 

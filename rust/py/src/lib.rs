@@ -154,11 +154,69 @@ fn engine_err(e: EngineError) -> PyErr {
     }
 }
 
-/// A branch spec from Python: ("base",), ("adapter", c) or ("vector", c, index).
+/// Branch.base(), Branch.adapter(c), Branch.vector(c, index)
+///
+/// What one set of rows of a pass runs: the unsteered model, the loaded adapter at steering coefficient c, or
+/// control vector `index` (from add_control_vector) added as c·v. Immutable, comparable and hashable.
+#[pyclass(name = "Branch", frozen, eq, hash)]
+#[derive(Clone, PartialEq)]
+struct PyBranch {
+    inner: Steer,
+}
+
+impl std::hash::Hash for PyBranch {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        match self.inner {
+            Steer::Base => 0u8.hash(h),
+            Steer::Adapter(c) => (1u8, c.to_bits()).hash(h),
+            Steer::Vector { index, coeff } => (2u8, index, coeff.to_bits()).hash(h),
+        }
+    }
+}
+
+#[pymethods]
+impl PyBranch {
+    /// The unsteered model.
+    #[staticmethod]
+    fn base() -> Self {
+        Self { inner: Steer::Base }
+    }
+
+    /// The loaded adapter at steering coefficient `c` (c = 0 is the base model exactly).
+    #[staticmethod]
+    fn adapter(c: f64) -> PyResult<Self> {
+        if !c.is_finite() {
+            return Err(PyValueError::new_err(format!("Branch.adapter: the coefficient must be finite, got {c}")));
+        }
+        Ok(Self { inner: Steer::Adapter(c) })
+    }
+
+    /// Control vector `index` (from Engine.add_control_vector) added to block outputs as c·v.
+    #[staticmethod]
+    fn vector(c: f32, index: usize) -> PyResult<Self> {
+        if !c.is_finite() {
+            return Err(PyValueError::new_err(format!("Branch.vector: the coefficient must be finite, got {c}")));
+        }
+        Ok(Self { inner: Steer::Vector { index, coeff: c } })
+    }
+
+    fn __repr__(&self) -> String {
+        match self.inner {
+            Steer::Base => "Branch.base()".into(),
+            Steer::Adapter(c) => format!("Branch.adapter({c})"),
+            Steer::Vector { index, coeff } => format!("Branch.vector({coeff}, {index})"),
+        }
+    }
+}
+
+/// A branch from Python: a [`PyBranch`], or the tuple form ("base",), ("adapter", c), ("vector", c, index).
 fn steer(spec: &Bound<'_, PyAny>) -> PyResult<Steer> {
+    if let Ok(b) = spec.extract::<PyRef<'_, PyBranch>>() {
+        return Ok(b.inner);
+    }
     let t: Vec<Bound<'_, PyAny>> = spec
         .extract()
-        .map_err(|_| PyTypeError::new_err("a branch is a tuple: ('base',), ('adapter', c) or ('vector', c, index)"))?;
+        .map_err(|_| PyTypeError::new_err("a branch is a Branch (Branch.base(), .adapter(c), .vector(c, index))"))?;
     let kind: String = t.first().ok_or_else(|| PyValueError::new_err("empty branch tuple"))?.extract()?;
     match (kind.as_str(), t.len()) {
         ("base", 1) => Ok(Steer::Base),
@@ -171,6 +229,9 @@ fn steer(spec: &Bound<'_, PyAny>) -> PyResult<Steer> {
     }
 }
 
+/// Two float64 matrices of the same shape (yes_no's scores and mass).
+type ArrayPair<'py> = (Bound<'py, PyArray2<f64>>, Bound<'py, PyArray2<f64>>);
+
 fn steers(branches: &[Bound<'_, PyAny>]) -> PyResult<Vec<Steer>> {
     branches.iter().map(steer).collect()
 }
@@ -179,8 +240,8 @@ fn steers(branches: &[Bound<'_, PyAny>]) -> PyResult<Vec<Steer>> {
 ///
 /// A GGUF decoder (Llama family or Gemma 3) for coefficient sweeps. `weights`: "f32" (de-quantized at load:
 /// the same weights transformers uses), "native" (the file's quantized blocks) or "q8_0" (re-quantized to int8
-/// blocks). Sequences are lists of token ids (no special tokens are added). Branches are tuples:
-/// ("base",), ("adapter", c) or ("vector", c, index). All work runs with the GIL released on the rayon pool
+/// blocks). Sequences are lists of token ids (no special tokens are added). Branches are Branch objects
+/// (or the tuples ("base",), ("adapter", c), ("vector", c, index)). All work runs with the GIL released on the rayon pool
 /// (RAYON_NUM_THREADS / CANDLE_NUM_THREADS).
 #[pyclass(name = "Engine")]
 struct PyEngine {
@@ -272,7 +333,7 @@ impl PyEngine {
         pos_ids: Vec<u32>,
         neg_ids: Vec<u32>,
         batch: usize,
-    ) -> PyResult<(Bound<'py, PyArray2<f64>>, Bound<'py, PyArray2<f64>>)> {
+    ) -> PyResult<ArrayPair<'py>> {
         guard(|| {
             let br = steers(&branches)?;
             let (s, m) = py.detach(|| self.inner.yes_no(&seqs, &br, &pos_ids, &neg_ids, batch)).map_err(engine_err)?;
@@ -386,10 +447,18 @@ fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
             }
         }
     }
+    if std::env::var_os("IPISSA_PROFILE").is_some() {
+        // One subscriber per process; a second import (or another library's subscriber) keeps the first.
+        let _ = tracing_subscriber::fmt()
+            .with_max_level(tracing_subscriber::filter::LevelFilter::DEBUG)
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     m.add_function(wrap_pyfunction!(top_r_svd, m)?)?;
     m.add_function(wrap_pyfunction!(top_r_svd_batch, m)?)?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
     m.add_class::<PyEngine>()?;
+    m.add_class::<PyBranch>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

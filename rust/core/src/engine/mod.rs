@@ -11,8 +11,9 @@
 //! ([`Engine::token_logprobs`]), those with the per-token KL from the unsteered model ([`Engine::token_stats`])
 //! and decoder-block outputs ([`Engine::hidden`]).
 //!
-//! `IPISSA_PROFILE=1` prints the time of each packed pass and its parts (q/k/v, attention, o, side path, MLP)
-//! to stderr.
+//! Each packed pass emits a `tracing` event at debug level (target `innerpissa_core::engine`) with its rows,
+//! branches, prefix and the seconds spent in q/k/v, attention, o, the side path and the MLP; the Python extension
+//! prints these to stderr when `IPISSA_PROFILE` is set.
 
 pub mod adapter;
 pub mod model;
@@ -107,6 +108,7 @@ struct RunOut {
     captured: Vec<Vec<f32>>,
 }
 
+/// Length of the longest common prefix of `seqs` (non-empty slice of sequences).
 fn lcp(seqs: &[&[u32]]) -> usize {
     let first = seqs[0];
     let mut p = first.len();
@@ -116,22 +118,93 @@ fn lcp(seqs: &[&[u32]]) -> usize {
     p
 }
 
+/// One branch's packed rows: the layout, the token of each row and its position in its sequence.
+struct Packed {
+    lay: Layout,
+    tokens: Vec<u32>,
+    positions: Vec<usize>,
+}
+
+/// Pack `seqs` without padding: their common prefix once, then each sequence's own tokens. The prefix is cut short
+/// so that every sequence keeps at least one own row and every row it reads (`read[i].0` on) is its own.
+fn pack(seqs: &[&[u32]], read: &[(usize, usize)]) -> Packed {
+    let mut p = lcp(seqs);
+    for (i, s) in seqs.iter().enumerate() {
+        p = p.min(s.len() - 1).min(read[i].0);
+    }
+    let n = seqs.len();
+    let (mut starts, mut lens) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let mut rows = p;
+    let mut tokens: Vec<u32> = seqs[0][..p].to_vec();
+    let mut positions: Vec<usize> = (0..p).collect();
+    for s in seqs {
+        starts.push(rows);
+        lens.push(s.len() - p);
+        rows += s.len() - p;
+        tokens.extend_from_slice(&s[p..]);
+        positions.extend(p..s.len());
+    }
+    Packed { lay: Layout { prefix: p, starts, lens, rows }, tokens, positions }
+}
+
+/// Start of each (branch, sequence)'s read rows in a pass's output, branch-major, and one past the end.
+fn read_offsets(read: &[(usize, usize)], nbr: usize) -> Vec<usize> {
+    let mut offsets = Vec::with_capacity(read.len() * nbr + 1);
+    let mut acc = 0;
+    for _ in 0..nbr {
+        for r in read {
+            offsets.push(acc);
+            acc += r.1 - r.0;
+        }
+    }
+    offsets.push(acc);
+    offsets
+}
+
+/// Head counts and score scale of [`packed_attention`].
+#[derive(Clone, Copy)]
+struct AttnDims {
+    n_head: usize,
+    n_kv_head: usize,
+    head_dim: usize,
+    scale: f32,
+}
+
 /// (log-probs, KLs): per-token vectors, branch-major (branch b, sequence i at b·n + i).
 pub type TokenStats = (Vec<Vec<f32>>, Vec<Vec<f32>>);
 
-/// side[block][writer] = (the layer, per branch P = V M(c)ᵀ or None).
-type SideFactors<'a> = Vec<[Option<(&'a LowRankLayer, Vec<Option<Vec<f32>>>)>; 2]>;
+/// One writer's side path: the layer, and per branch P = V M(c)ᵀ (None: that branch leaves the writer alone).
+type WriterSide<'a> = Option<(&'a LowRankLayer, Vec<Option<Vec<f32>>>)>;
 
-struct Work {
-    h: Vec<f32>,
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    att: Vec<f32>,
-    o: Vec<f32>,
-    g: Vec<f32>,
-    u: Vec<f32>,
+/// side[block][writer] (writer: [`Writer::Attn`], [`Writer::Mlp`]).
+type SideFactors<'a> = Vec<[WriterSide<'a>; 2]>;
+
+/// A rope (cos, sin) table, (positions, head_dim / 2) each.
+type RopeTable = (Vec<f32>, Vec<f32>);
+
+/// Rope (cos, sin) tables, one per rope base the pass's layers use (Gemma 3: local and global).
+struct RopeCache(Vec<(f32, RopeTable)>);
+
+impl RopeCache {
+    fn table(&self, base: f32) -> &RopeTable {
+        &self.0.iter().find(|t| t.0 == base).expect("rope table built for every layer of the pass").1
+    }
 }
+
+/// What every block of one packed pass shares: the layout, the branch copies present, positions, head sizes.
+struct Pass<'a> {
+    lay: &'a Layout,
+    /// Branch copies present at this block (1 below the first steered layer).
+    nb: usize,
+    /// Position of every row of the `nb` copies.
+    positions: &'a [usize],
+    dims: AttnDims,
+    rope: &'a RopeCache,
+}
+
+/// Seconds a pass spent in q/k/v, attention, o, the side path and the MLP.
+#[derive(Default)]
+struct Profile([f64; 5]);
 
 struct Unit {
     row: usize,
@@ -325,24 +398,8 @@ impl Engine {
         if let Some(&l) = capture.iter().find(|&&l| l >= cfg.n_layer) {
             return Err(EngineError::Input(format!("capture layer {l} out of range for {} blocks", cfg.n_layer)));
         }
-        // Shared prefix: every sequence keeps at least one own row and its read rows own.
-        let mut p = lcp(seqs);
-        for (i, s) in seqs.iter().enumerate() {
-            p = p.min(s.len() - 1).min(read[i].0);
-        }
-        let mut starts = Vec::with_capacity(n);
-        let mut lens = Vec::with_capacity(n);
-        let mut rows = p;
-        let mut tokens: Vec<u32> = seqs[0][..p].to_vec();
-        let mut positions: Vec<usize> = (0..p).collect();
-        for s in seqs {
-            starts.push(rows);
-            lens.push(s.len() - p);
-            rows += s.len() - p;
-            tokens.extend_from_slice(&s[p..]);
-            positions.extend(p..s.len());
-        }
-        let lay = Layout { prefix: p, starts, lens, rows };
+        let Packed { lay, tokens, positions } = pack(seqs, read);
+        let (p, rows) = (lay.prefix, lay.rows);
         let max_pos = seqs.iter().map(|s| s.len()).max().unwrap_or(1);
 
         let mut first = usize::MAX;
@@ -351,87 +408,35 @@ impl Engine {
         }
         let last_layer = if need_final { cfg.n_layer } else { capture.iter().max().map_or(0, |&l| l + 1) };
 
-        let mut tables: Vec<(f32, (Vec<f32>, Vec<f32>))> = Vec::new();
+        let mut rope = RopeCache(Vec::new());
         for l in 0..last_layer {
             let base = self.model.blocks[l].rope_base(cfg, l);
-            if !tables.iter().any(|t| t.0 == base) {
-                tables.push((base, model::rope_tables(base, cfg.head_dim, max_pos)));
+            if !rope.0.iter().any(|t| t.0 == base) {
+                rope.0.push((base, model::rope_tables(base, cfg.head_dim, max_pos)));
             }
         }
 
-        let mut prof = [0f64; 5];
+        let dims =
+            AttnDims { n_head: cfg.n_head, n_kv_head: cfg.n_kv_head, head_dim: cfg.head_dim, scale: cfg.attn_scale };
+        let mut prof = Profile::default();
         let t_run = std::time::Instant::now();
         let mut x = self.model.embed(&tokens)?;
         let mut nb = 1usize;
         let mut pos_all = positions.clone();
-        // Activation buffers, allocated once per pass at the largest size (every branch copy).
-        let (qw, kw, fw) = self.model.blocks[0].widths();
         let most = if first < last_layer { nbr * rows } else { rows };
-        let mut ws = Work {
-            h: vec![0.0; most * d],
-            q: vec![0.0; most * qw],
-            k: vec![0.0; most * kw],
-            v: vec![0.0; most * kw],
-            att: vec![0.0; most * qw],
-            o: vec![0.0; most * d],
-            g: vec![0.0; most * fw],
-            u: vec![0.0; most * fw],
-        };
+        let mut ws = model::Buffers::new(most, d, self.model.blocks[0].widths());
         let mut captured: Vec<Vec<f32>> = Vec::with_capacity(capture.len());
         let mut cap_store: Vec<(usize, Vec<f32>)> = Vec::new();
-        for l in 0..last_layer {
+        debug_assert!(side.len() >= last_layer, "side factors for every block of the pass");
+        for (l, side_l) in side.iter().enumerate().take(last_layer) {
             if l == first && nbr > 1 {
                 x = x.repeat(nbr);
                 pos_all = positions.repeat(nbr);
                 nb = nbr;
             }
-            let nrows = nb * rows;
-            let blk = &self.model.blocks[l];
-            let t0 = std::time::Instant::now();
-            blk.attn_in(&x, nrows, cfg.eps, &mut ws.h, &mut ws.q, &mut ws.k, &mut ws.v)?;
-            prof[0] += t0.elapsed().as_secs_f64();
-            let (q, k) = (&mut ws.q[..nrows * qw], &mut ws.k[..nrows * kw]);
-            let tab = &tables.iter().find(|t| t.0 == blk.rope_base(cfg, l)).expect("table built").1;
-            let neox = cfg.arch == Arch::Gemma3;
-            model::apply_rope(q, cfg.n_head, cfg.head_dim, &pos_all, tab, neox);
-            model::apply_rope(k, cfg.n_kv_head, cfg.head_dim, &pos_all, tab, neox);
-            let window = if cfg.is_sliding(l) { cfg.sliding_window } else { None };
-            let t0 = std::time::Instant::now();
-            self.attention(q, k, &ws.v[..nrows * kw], &lay, nb, window, &mut ws.att[..nrows * qw]);
-            prof[1] += t0.elapsed().as_secs_f64();
-            let t0 = std::time::Instant::now();
-            let o = &mut ws.o[..nrows * d];
-            blk.o.forward_into(&ws.att, nrows, o)?;
-            prof[2] += t0.elapsed().as_secs_f64();
-            let t0 = std::time::Instant::now();
-            self.side_path(&side[l][Writer::Attn as usize], &ws.att[..nrows * qw], o, nb, rows)?;
-            prof[3] += t0.elapsed().as_secs_f64();
-            blk.attn_out_norm(o, cfg.eps);
-            add_into(&mut x, o);
-            let t0 = std::time::Instant::now();
-            blk.mlp_in(&x, nrows, cfg.eps, cfg.arch, &mut ws.h, &mut ws.g, &mut ws.u)?;
-            let y = &mut ws.o[..nrows * d];
-            blk.down.forward_into(&ws.g, nrows, y)?;
-            prof[4] += t0.elapsed().as_secs_f64();
-            let t0 = std::time::Instant::now();
-            self.side_path(&side[l][Writer::Mlp as usize], &ws.g[..nrows * fw], y, nb, rows)?;
-            prof[3] += t0.elapsed().as_secs_f64();
-            blk.mlp_out_norm(y, cfg.eps);
-            add_into(&mut x, y);
-            for b in 0..nb {
-                if let Steer::Vector { index, coeff } = branches[b] {
-                    if coeff == 0.0 {
-                        continue;
-                    }
-                    if let Some((_, dir)) = self.vectors[index].directions.iter().find(|d| d.0 == l) {
-                        x[b * rows * d..(b + 1) * rows * d].par_chunks_mut(d).for_each(|row| {
-                            for (xi, vi) in row.iter_mut().zip(dir) {
-                                *xi += coeff * vi;
-                            }
-                        });
-                    }
-                }
-            }
+            let pass = Pass { lay: &lay, nb, positions: &pos_all, dims, rope: &rope };
+            self.block(l, &mut x, &mut ws, &pass, side_l, &mut prof)?;
+            self.add_vectors(l, &mut x, branches, nb, rows);
             if capture.contains(&l) {
                 cap_store.push((l, self.gather(&x, &lay, read, nb, nbr)));
             }
@@ -440,18 +445,19 @@ impl Engine {
             let k = cap_store.iter().position(|c| c.0 == l).expect("captured");
             captured.push(cap_store[k].1.clone());
         }
-        let mut offsets = Vec::with_capacity(n * nbr + 1);
-        let mut acc = 0;
-        for _ in 0..nbr {
-            for r in read {
-                offsets.push(acc);
-                acc += r.1 - r.0;
-            }
-        }
-        offsets.push(acc);
-        if std::env::var_os("IPISSA_PROFILE").is_some() {
-            eprintln!("run: rows {rows} x {nb} branches, prefix {p}; qkv {:.3}s attn {:.3}s o {:.3}s side {:.3}s mlp {:.3}s total {:.3}s", prof[0], prof[1], prof[2], prof[3], prof[4], t_run.elapsed().as_secs_f64());
-        }
+        let offsets = read_offsets(read, nbr);
+        tracing::debug!(
+            rows,
+            branches = nb,
+            prefix = p,
+            qkv_s = prof.0[0],
+            attn_s = prof.0[1],
+            o_s = prof.0[2],
+            side_s = prof.0[3],
+            mlp_s = prof.0[4],
+            total_s = t_run.elapsed().as_secs_f64(),
+            "packed pass"
+        );
         let finals = if need_final {
             let mut f = self.gather(&x, &lay, read, nb, nbr);
             self.model.final_norm(&mut f);
@@ -460,6 +466,74 @@ impl Engine {
             Vec::new()
         };
         Ok(RunOut { finals, offsets, captured })
+    }
+
+    /// One decoder block over the packed rows `x` (all `pass.nb` branch copies), in place: attention, its writer
+    /// with each branch's side path, then the MLP likewise.
+    fn block(
+        &self,
+        l: usize,
+        x: &mut [f32],
+        ws: &mut model::Buffers,
+        pass: &Pass<'_>,
+        side: &[WriterSide<'_>; 2],
+        prof: &mut Profile,
+    ) -> Result<()> {
+        let cfg = &self.model.cfg;
+        let (d, nb, rows) = (cfg.d_model, pass.nb, pass.lay.rows);
+        let nrows = nb * rows;
+        let blk = &self.model.blocks[l];
+        let (qw, kw, fw) = blk.widths();
+        let t0 = std::time::Instant::now();
+        blk.attn_in(x, nrows, cfg.eps, ws)?;
+        prof.0[0] += t0.elapsed().as_secs_f64();
+        let (q, k) = (&mut ws.q[..nrows * qw], &mut ws.k[..nrows * kw]);
+        let tab = pass.rope.table(blk.rope_base(cfg, l));
+        let neox = cfg.arch == Arch::Gemma3;
+        model::apply_rope(q, cfg.n_head, cfg.head_dim, pass.positions, tab, neox);
+        model::apply_rope(k, cfg.n_kv_head, cfg.head_dim, pass.positions, tab, neox);
+        let window = if cfg.is_sliding(l) { cfg.sliding_window } else { None };
+        let t0 = std::time::Instant::now();
+        packed_attention(q, k, &ws.v[..nrows * kw], pass.lay, nb, window, pass.dims, &mut ws.att[..nrows * qw]);
+        prof.0[1] += t0.elapsed().as_secs_f64();
+        let t0 = std::time::Instant::now();
+        let o = &mut ws.o[..nrows * d];
+        blk.o.forward_into(&ws.att, nrows, o)?;
+        prof.0[2] += t0.elapsed().as_secs_f64();
+        let t0 = std::time::Instant::now();
+        self.side_path(&side[Writer::Attn as usize], &ws.att[..nrows * qw], o, nb, rows)?;
+        prof.0[3] += t0.elapsed().as_secs_f64();
+        blk.attn_out_norm(o, cfg.eps);
+        add_into(x, o);
+        let t0 = std::time::Instant::now();
+        blk.mlp_in(x, nrows, cfg.eps, cfg.arch, ws)?;
+        let y = &mut ws.o[..nrows * d];
+        blk.down.forward_into(&ws.g, nrows, y)?;
+        prof.0[4] += t0.elapsed().as_secs_f64();
+        let t0 = std::time::Instant::now();
+        self.side_path(&side[Writer::Mlp as usize], &ws.g[..nrows * fw], y, nb, rows)?;
+        prof.0[3] += t0.elapsed().as_secs_f64();
+        blk.mlp_out_norm(y, cfg.eps);
+        add_into(x, y);
+        Ok(())
+    }
+
+    /// c·v added to the rows of every branch that steers with a control vector having a direction at block `l`.
+    fn add_vectors(&self, l: usize, x: &mut [f32], branches: &[Steer], nb: usize, rows: usize) {
+        let d = self.model.cfg.d_model;
+        for (b, branch) in branches.iter().enumerate().take(nb) {
+            let &Steer::Vector { index, coeff } = branch else { continue };
+            if coeff == 0.0 {
+                continue;
+            }
+            if let Some((_, dir)) = self.vectors[index].directions.iter().find(|d| d.0 == l) {
+                x[b * rows * d..(b + 1) * rows * d].par_chunks_mut(d).for_each(|row| {
+                    for (xi, vi) in row.iter_mut().zip(dir) {
+                        *xi += coeff * vi;
+                    }
+                });
+            }
+        }
     }
 
     /// Rows (branch, sequence, read positions) of the packed state `x` holding `nb` branch copies.
@@ -481,7 +555,7 @@ impl Engine {
     /// Δy = (x P) Uᵀ added to each branch's rows of `out` (x: the writer's input rows).
     fn side_path(
         &self,
-        factors: &Option<(&LowRankLayer, Vec<Option<Vec<f32>>>)>,
+        factors: &WriterSide<'_>,
         input: &[f32],
         out: &mut [f32],
         nb: usize,
@@ -499,111 +573,6 @@ impl Engine {
             );
         }
         Ok(())
-    }
-
-    /// Causal attention over the packed layout (softmax in f32). q (N, H·hd), k/v (N, H_kv·hd) → (N, H·hd).
-    #[allow(clippy::too_many_arguments)]
-    fn attention(
-        &self,
-        q: &[f32],
-        k: &[f32],
-        v: &[f32],
-        lay: &Layout,
-        nb: usize,
-        window: Option<usize>,
-        out: &mut [f32],
-    ) {
-        let cfg = &self.model.cfg;
-        let (nh, nkv, hd) = (cfg.n_head, cfg.n_kv_head, cfg.head_dim);
-        let mut units = Vec::new();
-        for b in 0..nb {
-            let base = b * lay.rows;
-            if lay.prefix > 0 {
-                units.push(Unit { row: base, len: lay.prefix, pre_row: base, pre_len: 0, p0: 0 });
-            }
-            for i in 0..lay.starts.len() {
-                units.push(Unit {
-                    row: base + lay.starts[i],
-                    len: lay.lens[i],
-                    pre_row: base,
-                    pre_len: lay.prefix,
-                    p0: lay.prefix,
-                });
-            }
-        }
-        let mut slices: Vec<&mut [f32]> = Vec::with_capacity(units.len());
-        let mut rest: &mut [f32] = out;
-        for u in &units {
-            let (head, tail) = rest.split_at_mut(u.len * nh * hd);
-            slices.push(head);
-            rest = tail;
-        }
-        let group = nh / nkv;
-        let scale = cfg.attn_scale;
-        units.par_iter().zip(slices.into_par_iter()).for_each(|(u, o)| {
-            // Per head: scores S = Q Kᵀ over [prefix keys | own keys] (T × nk), masked softmax, O = S V.
-            // Heads are gathered into contiguous blocks first so every matmul is dense row-major.
-            let (qs, ks, nk, t_len) = (nh * hd, nkv * hd, u.pre_len + u.len, u.len);
-            let mut sc = vec![0f32; t_len * nk];
-            let mut qh = vec![0f32; t_len * hd];
-            let mut kh = vec![0f32; nk * hd];
-            let mut vh = vec![0f32; nk * hd];
-            let mut oh = vec![0f32; t_len * hd];
-            let seq = model::Par::Seq;
-            let key_row = |j: usize| if j < u.pre_len { u.pre_row + j } else { u.row + j - u.pre_len };
-            for g in 0..nkv {
-                for j in 0..nk {
-                    let r = key_row(j);
-                    kh[j * hd..(j + 1) * hd].copy_from_slice(&k[r * ks + g * hd..r * ks + (g + 1) * hd]);
-                    vh[j * hd..(j + 1) * hd].copy_from_slice(&v[r * ks + g * hd..r * ks + (g + 1) * hd]);
-                }
-                for h in g * group..(g + 1) * group {
-                    for t in 0..t_len {
-                        let r = u.row + t;
-                        qh[t * hd..(t + 1) * hd].copy_from_slice(&q[r * qs + h * hd..r * qs + (h + 1) * hd]);
-                    }
-                    model::gemm_par(
-                        MatMut::from_row_major_slice_mut(&mut sc, t_len, nk),
-                        MatRef::from_row_major_slice(&qh, t_len, hd),
-                        MatRef::from_row_major_slice(&kh, nk, hd).transpose(),
-                        false,
-                        seq,
-                    );
-                    for t in 0..t_len {
-                        let qpos = u.p0 + t;
-                        let row = &mut sc[t * nk..(t + 1) * nk];
-                        let mut m = f32::NEG_INFINITY;
-                        for (j, s) in row.iter_mut().enumerate() {
-                            let (kpos, causal) =
-                                if j < u.pre_len { (j, true) } else { (u.p0 + j - u.pre_len, j - u.pre_len <= t) };
-                            *s = if causal && window.is_none_or(|w| qpos - kpos < w) {
-                                *s * scale
-                            } else {
-                                f32::NEG_INFINITY
-                            };
-                            m = m.max(*s);
-                        }
-                        let mut z = 0f32;
-                        for s in row.iter_mut() {
-                            *s = (*s - m).exp();
-                            z += *s;
-                        }
-                        let inv = 1.0 / z;
-                        row.iter_mut().for_each(|s| *s *= inv);
-                    }
-                    model::gemm_par(
-                        MatMut::from_row_major_slice_mut(&mut oh, t_len, hd),
-                        MatRef::from_row_major_slice(&sc, t_len, nk),
-                        MatRef::from_row_major_slice(&vh, nk, hd),
-                        false,
-                        seq,
-                    );
-                    for t in 0..t_len {
-                        o[t * qs + h * hd..t * qs + (h + 1) * hd].copy_from_slice(&oh[t * hd..(t + 1) * hd]);
-                    }
-                }
-            }
-        });
     }
 
     /// Sequence order that puts shared prefixes next to each other, cut into batches of `batch` sequences.
@@ -877,6 +846,111 @@ impl Engine {
     }
 }
 
+/// Causal attention over the packed layout (softmax in f32), `nb` branch copies of it, keys within `window`
+/// positions when given (sliding-window layers). q (N, H·hd), k/v (N, H_kv·hd) → (N, H·hd).
+#[allow(clippy::too_many_arguments)]
+fn packed_attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    lay: &Layout,
+    nb: usize,
+    window: Option<usize>,
+    dims: AttnDims,
+    out: &mut [f32],
+) {
+    let (nh, nkv, hd) = (dims.n_head, dims.n_kv_head, dims.head_dim);
+    let mut units = Vec::new();
+    for b in 0..nb {
+        let base = b * lay.rows;
+        if lay.prefix > 0 {
+            units.push(Unit { row: base, len: lay.prefix, pre_row: base, pre_len: 0, p0: 0 });
+        }
+        for i in 0..lay.starts.len() {
+            units.push(Unit {
+                row: base + lay.starts[i],
+                len: lay.lens[i],
+                pre_row: base,
+                pre_len: lay.prefix,
+                p0: lay.prefix,
+            });
+        }
+    }
+    let mut slices: Vec<&mut [f32]> = Vec::with_capacity(units.len());
+    let mut rest: &mut [f32] = out;
+    for u in &units {
+        let (head, tail) = rest.split_at_mut(u.len * nh * hd);
+        slices.push(head);
+        rest = tail;
+    }
+    let group = nh / nkv;
+    let scale = dims.scale;
+    units.par_iter().zip(slices.into_par_iter()).for_each(|(u, o)| {
+        // Per head: scores S = Q Kᵀ over [prefix keys | own keys] (T × nk), masked softmax, O = S V.
+        // Heads are gathered into contiguous blocks first so every matmul is dense row-major.
+        let (qs, ks, nk, t_len) = (nh * hd, nkv * hd, u.pre_len + u.len, u.len);
+        let mut sc = vec![0f32; t_len * nk];
+        let mut qh = vec![0f32; t_len * hd];
+        let mut kh = vec![0f32; nk * hd];
+        let mut vh = vec![0f32; nk * hd];
+        let mut oh = vec![0f32; t_len * hd];
+        let seq = model::Par::Seq;
+        let key_row = |j: usize| if j < u.pre_len { u.pre_row + j } else { u.row + j - u.pre_len };
+        for g in 0..nkv {
+            for j in 0..nk {
+                let r = key_row(j);
+                kh[j * hd..(j + 1) * hd].copy_from_slice(&k[r * ks + g * hd..r * ks + (g + 1) * hd]);
+                vh[j * hd..(j + 1) * hd].copy_from_slice(&v[r * ks + g * hd..r * ks + (g + 1) * hd]);
+            }
+            for h in g * group..(g + 1) * group {
+                for t in 0..t_len {
+                    let r = u.row + t;
+                    qh[t * hd..(t + 1) * hd].copy_from_slice(&q[r * qs + h * hd..r * qs + (h + 1) * hd]);
+                }
+                model::gemm_par(
+                    MatMut::from_row_major_slice_mut(&mut sc, t_len, nk),
+                    MatRef::from_row_major_slice(&qh, t_len, hd),
+                    MatRef::from_row_major_slice(&kh, nk, hd).transpose(),
+                    false,
+                    seq,
+                );
+                for t in 0..t_len {
+                    let qpos = u.p0 + t;
+                    let row = &mut sc[t * nk..(t + 1) * nk];
+                    let mut m = f32::NEG_INFINITY;
+                    for (j, s) in row.iter_mut().enumerate() {
+                        let (kpos, causal) =
+                            if j < u.pre_len { (j, true) } else { (u.p0 + j - u.pre_len, j - u.pre_len <= t) };
+                        *s = if causal && window.is_none_or(|w| qpos - kpos < w) {
+                            *s * scale
+                        } else {
+                            f32::NEG_INFINITY
+                        };
+                        m = m.max(*s);
+                    }
+                    let mut z = 0f32;
+                    for s in row.iter_mut() {
+                        *s = (*s - m).exp();
+                        z += *s;
+                    }
+                    let inv = 1.0 / z;
+                    row.iter_mut().for_each(|s| *s *= inv);
+                }
+                model::gemm_par(
+                    MatMut::from_row_major_slice_mut(&mut oh, t_len, hd),
+                    MatRef::from_row_major_slice(&sc, t_len, nk),
+                    MatRef::from_row_major_slice(&vh, nk, hd),
+                    false,
+                    seq,
+                );
+                for t in 0..t_len {
+                    o[t * qs + h * hd..t * qs + (h + 1) * hd].copy_from_slice(&oh[t * hd..(t + 1) * hd]);
+                }
+            }
+        }
+    });
+}
+
 fn add_into(x: &mut [f32], y: &[f32]) {
     x.par_chunks_mut(8192).zip(y.par_chunks(8192)).for_each(|(a, b)| {
         for (ai, bi) in a.iter_mut().zip(b) {
@@ -976,6 +1050,167 @@ mod tests {
         let want = (1.0f64 + 1f64.exp()).ln();
         assert!((got - want).abs() < 1e-7, "{got} vs {want}");
         assert!((kl(&[0.0, f32::NEG_INFINITY], &[0.0, f32::NEG_INFINITY])).abs() < 1e-12);
+    }
+
+    /// Deterministic values in [-scale/2, scale/2) (a 64-bit LCG; no rand dependency).
+    fn lcg(seed: u64, scale: f32) -> impl FnMut() -> f32 {
+        let mut state = seed;
+        move || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * scale
+        }
+    }
+
+    #[test]
+    fn lcp_is_the_longest_common_prefix() {
+        assert_eq!(lcp(&[&[1, 2, 3], &[1, 2, 4], &[1, 2]]), 2);
+        assert_eq!(lcp(&[&[5, 6], &[7]]), 0);
+        assert_eq!(lcp(&[&[1, 2, 3]]), 3);
+    }
+
+    #[test]
+    fn packing_puts_every_token_at_its_row_and_keeps_read_rows_own() {
+        let seqs: Vec<Vec<u32>> = vec![vec![9, 8, 7, 1, 2], vec![9, 8, 7, 3], vec![9, 8, 7, 1, 2, 6, 6], vec![9, 8, 7]];
+        for read_from in [0usize, 1, 2, 3] {
+            let views: Vec<&[u32]> = seqs.iter().map(|s| s.as_slice()).collect();
+            let read: Vec<(usize, usize)> = seqs.iter().map(|s| read_range(s, read_from)).collect();
+            let Packed { lay, tokens, positions } = pack(&views, &read);
+            // the prefix is shared, leaves every sequence a row of its own, and no read row is in it
+            assert!(lay.prefix <= 3 && lay.prefix <= read_from.min(2));
+            assert_eq!(lay.rows, tokens.len());
+            assert_eq!(lay.rows, lay.prefix + seqs.iter().map(|s| s.len() - lay.prefix).sum::<usize>());
+            for (i, s) in seqs.iter().enumerate() {
+                assert!(lay.lens[i] >= 1);
+                for (pos, &tok) in s.iter().enumerate() {
+                    let r = lay.row(i, pos);
+                    assert_eq!((tokens[r], positions[r]), (tok, pos), "sequence {i} position {pos}");
+                    if pos >= read[i].0 {
+                        assert!(r >= lay.starts[i], "read row of sequence {i} sits in the shared prefix");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn read_offsets_are_branch_major_cumulative_counts() {
+        assert_eq!(read_offsets(&[(0, 2), (1, 4)], 2), vec![0, 2, 5, 7, 10]);
+        assert_eq!(read_offsets(&[(3, 3)], 1), vec![0, 0]);
+    }
+
+    #[test]
+    fn lse_matches_a_naive_sum_and_survives_large_and_infinite_entries() {
+        let mut rnd = lcg(3, 20.0);
+        for v in [1usize, 2, 7, 1000] {
+            let x: Vec<f32> = (0..v).map(|_| rnd()).collect();
+            let want = x.iter().map(|&a| (a as f64).exp()).sum::<f64>().ln();
+            assert!((lse(x.iter().copied()) - want).abs() < 1e-9 * (1.0 + want.abs()));
+        }
+        // no overflow where exp(x) would: 1000 + ln 2
+        assert!((lse([1000.0f32, 1000.0].into_iter()) - (1000.0 + 2f64.ln())).abs() < 1e-9);
+        assert!((lse([f32::NEG_INFINITY, 0.0].into_iter())).abs() < 1e-12);
+        assert_eq!(lse([f32::NEG_INFINITY; 3].into_iter()), f64::NEG_INFINITY);
+    }
+
+    /// Causal softmax attention of one unpacked sequence, f64: q (T, H·hd), k/v (T, Hkv·hd) → (T, H·hd).
+    fn naive_attention(q: &[f32], k: &[f32], v: &[f32], t_len: usize, d: AttnDims, window: Option<usize>) -> Vec<f64> {
+        let (nh, nkv, hd) = (d.n_head, d.n_kv_head, d.head_dim);
+        let mut out = vec![0f64; t_len * nh * hd];
+        for h in 0..nh {
+            let g = h / (nh / nkv);
+            for t in 0..t_len {
+                let keys: Vec<usize> = (0..=t).filter(|&j| window.is_none_or(|w| t - j < w)).collect();
+                let scores: Vec<f64> = keys
+                    .iter()
+                    .map(|&j| {
+                        (0..hd)
+                            .map(|e| q[t * nh * hd + h * hd + e] as f64 * k[j * nkv * hd + g * hd + e] as f64)
+                            .sum::<f64>()
+                            * d.scale as f64
+                    })
+                    .collect();
+                let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = scores.iter().map(|s| (s - m).exp()).sum();
+                for (&j, s) in keys.iter().zip(&scores) {
+                    let w = (s - m).exp() / z;
+                    for e in 0..hd {
+                        out[t * nh * hd + h * hd + e] += w * v[j * nkv * hd + g * hd + e] as f64;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn packed_attention_equals_per_sequence_causal_attention() {
+        // grouped-query heads, a shared prefix, two branch copies with different values, with and without a window
+        let dims = AttnDims { n_head: 4, n_kv_head: 2, head_dim: 8, scale: 0.35 };
+        let (qs, ks) = (dims.n_head * dims.head_dim, dims.n_kv_head * dims.head_dim);
+        let seqs: Vec<Vec<u32>> = vec![vec![1, 2, 3, 4, 5, 6], vec![1, 2, 3, 7], vec![1, 2, 3, 8, 9, 10, 11, 12, 13]];
+        let views: Vec<&[u32]> = seqs.iter().map(|s| s.as_slice()).collect();
+        let read: Vec<(usize, usize)> = seqs.iter().map(|s| (s.len() - 1, s.len())).collect();
+        let Packed { lay, .. } = pack(&views, &read);
+        assert_eq!(lay.prefix, 3);
+        let nb = 2;
+        let mut rnd = lcg(11, 2.0);
+        let q: Vec<f32> = (0..nb * lay.rows * qs).map(|_| rnd()).collect();
+        let k: Vec<f32> = (0..nb * lay.rows * ks).map(|_| rnd()).collect();
+        let v: Vec<f32> = (0..nb * lay.rows * ks).map(|_| rnd()).collect();
+        for window in [None, Some(1), Some(3), Some(100)] {
+            let mut out = vec![0f32; nb * lay.rows * qs];
+            packed_attention(&q, &k, &v, &lay, nb, window, dims, &mut out);
+            for b in 0..nb {
+                for (i, s) in seqs.iter().enumerate() {
+                    let rows: Vec<usize> = (0..s.len()).map(|pos| b * lay.rows + lay.row(i, pos)).collect();
+                    let gather = |x: &[f32], w: usize| {
+                        rows.iter().flat_map(|&r| x[r * w..(r + 1) * w].to_vec()).collect::<Vec<f32>>()
+                    };
+                    let want =
+                        naive_attention(&gather(&q, qs), &gather(&k, ks), &gather(&v, ks), s.len(), dims, window);
+                    let got = gather(&out, qs);
+                    for (g, w) in got.iter().zip(&want) {
+                        assert!((*g as f64 - w).abs() < 1e-5, "branch {b} sequence {i} window {window:?}: {g} vs {w}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rope_matches_the_rotation_formula_and_depends_only_on_relative_position() {
+        let (heads, hd, n_pos, base) = (2usize, 8usize, 40usize, 10000f32);
+        let tables = model::rope_tables(base, hd, n_pos);
+        let mut rnd = lcg(5, 2.0);
+        for neox in [false, true] {
+            let x: Vec<f32> = (0..heads * hd).map(|_| rnd()).collect();
+            let y: Vec<f32> = (0..heads * hd).map(|_| rnd()).collect();
+            let at = |row: &[f32], p: usize| {
+                let mut r = row.to_vec();
+                model::apply_rope(&mut r, heads, hd, &[p], &tables, neox);
+                r
+            };
+            // the formula: pair (a, b) of frequency θ_i = base^(−2i/hd) turned by p·θ_i
+            let p = 17usize;
+            let got = at(&x, p);
+            for h in 0..heads {
+                for i in 0..hd / 2 {
+                    let (a, b) = if neox { (i, i + hd / 2) } else { (2 * i, 2 * i + 1) };
+                    let th = p as f64 * (base as f64).powf(-2.0 * i as f64 / hd as f64);
+                    let (x0, x1) = (x[h * hd + a] as f64, x[h * hd + b] as f64);
+                    assert!((got[h * hd + a] as f64 - (x0 * th.cos() - x1 * th.sin())).abs() < 1e-5);
+                    assert!((got[h * hd + b] as f64 - (x0 * th.sin() + x1 * th.cos())).abs() < 1e-5);
+                }
+            }
+            // position 0 is the identity; q(p)·k(p') depends on p − p' only
+            assert_eq!(at(&x, 0), x);
+            let dot = |p: usize, p2: usize| -> f64 {
+                at(&x, p).iter().zip(at(&y, p2)).map(|(a, b)| *a as f64 * b as f64).sum()
+            };
+            for (p, p2) in [(5usize, 2usize), (30, 27), (12, 9)] {
+                assert!((dot(p, p2) - dot(3, 0)).abs() < 1e-4, "neox {neox}: ({p}, {p2})");
+            }
+        }
     }
 
     #[test]

@@ -690,19 +690,33 @@ pub(crate) fn apply_rope(
     });
 }
 
+/// Activation buffers of one packed pass, allocated once at the largest size (every branch copy): `h` the
+/// normed input, `q`/`k`/`v`, `att` the attention output, `o` a writer's output, `g`/`u` the MLP's gate and up.
+pub(crate) struct Buffers {
+    pub h: Vec<f32>,
+    pub q: Vec<f32>,
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+    pub att: Vec<f32>,
+    pub o: Vec<f32>,
+    pub g: Vec<f32>,
+    pub u: Vec<f32>,
+}
+
+impl Buffers {
+    /// Buffers for `rows` rows of a model of residual width `d` and block widths `(q, k/v, d_ff)`.
+    pub(crate) fn new(rows: usize, d: usize, (qw, kw, fw): (usize, usize, usize)) -> Self {
+        let z = |w: usize| vec![0f32; rows * w];
+        Buffers { h: z(d), q: z(qw), k: z(kw), v: z(kw), att: z(qw), o: z(d), g: z(fw), u: z(fw) }
+    }
+}
+
 /// The parts of a block the engine drives step by step.
 impl Block {
-    /// q, k, v of norm(x) (with Gemma's per-head q/k norms) into the buffers (their first n rows).
-    pub(crate) fn attn_in(
-        &self,
-        x: &[f32],
-        n: usize,
-        eps: f32,
-        h: &mut [f32],
-        q: &mut [f32],
-        k: &mut [f32],
-        v: &mut [f32],
-    ) -> Result<()> {
+    /// q, k, v of norm(x) (with Gemma's per-head q/k norms) into `ws.q`, `ws.k`, `ws.v` (their first n rows);
+    /// `ws.h` is scratch.
+    pub(crate) fn attn_in(&self, x: &[f32], n: usize, eps: f32, ws: &mut Buffers) -> Result<()> {
+        let Buffers { h, q, k, v, .. } = ws;
         let h = &mut h[..x.len()];
         h.copy_from_slice(x);
         rms_norm_rows(h, &self.attn_norm, eps);
@@ -724,18 +738,10 @@ impl Block {
         }
     }
 
-    /// MLP input act(gate(h)) ⊙ up(h), h = norm(x), into `g` (n, d_ff); `h`, `u` are scratch.
-    pub(crate) fn mlp_in(
-        &self,
-        x: &[f32],
-        n: usize,
-        eps: f32,
-        arch: Arch,
-        h: &mut [f32],
-        g: &mut [f32],
-        u: &mut [f32],
-    ) -> Result<()> {
+    /// MLP input act(gate(h)) ⊙ up(h), h = norm(x), into `ws.g` (n, d_ff); `ws.h`, `ws.u` are scratch.
+    pub(crate) fn mlp_in(&self, x: &[f32], n: usize, eps: f32, arch: Arch, ws: &mut Buffers) -> Result<()> {
         use rayon::prelude::*;
+        let Buffers { h, g, u, .. } = ws;
         let h = &mut h[..x.len()];
         h.copy_from_slice(x);
         rms_norm_rows(h, &self.ffn_norm, eps);
