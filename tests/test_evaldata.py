@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import SHARED_DATA
 
 from innerpissa.eval.datasets import (
     NEUTRAL_TEXTS,
@@ -328,10 +329,50 @@ def test_data_dir_explains_how_to_get_data(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError) as info:
         data_dir()
     msg = str(info.value)
-    assert "kellycyy/daily_dilemmas" in msg and "anthropics/evals" in msg and "fetch_dataset" in msg
+    assert "kellycyy/daily_dilemmas" in msg and "anthropics/evals" in msg
+    assert "ipissa fetch-data" in msg.splitlines()[0]  # the first line says how to get the data
     cache = tmp_path / "home" / ".cache" / "innerpissa" / "data"
     (cache / "dailydilemmas").mkdir(parents=True)
     assert data_dir() == cache
+
+
+def test_fetch_data_downloads_the_default_files_atomically(tmp_path, monkeypatch):
+    """`ipissa fetch-data` with the network replaced by a fake: every default file lands under its name, its
+    URL is the original source, a failure keeps the files already fetched and leaves no partial file."""
+    import io
+    import urllib.error
+
+    import innerpissa.eval.datasets as ev
+    from innerpissa.cli import main
+
+    names = ev.default_files()
+    assert "dailydilemmas/dilemma.csv" in names and sum(n.endswith(".jsonl") for n in names) >= 10
+    if SHARED_DATA.is_dir():  # the shipped list is what the suite reads from a full data folder
+        have = {str(p.relative_to(SHARED_DATA)) for p in (SHARED_DATA / "anthropic_mwe" / "persona").glob("*.jsonl")}
+        assert have == {n for n in names if n.endswith(".jsonl")}
+    urls, offline = [], []
+
+    def fake(url, timeout):
+        urls.append(url)
+        if offline and url.endswith("openness.jsonl"):
+            raise urllib.error.URLError("offline")
+        return io.BytesIO(b"payload of " + url.encode())
+
+    monkeypatch.setattr(ev.urllib.request, "urlopen", fake)
+    assert main(["fetch-data", "--out", str(tmp_path / "cache")]) == 0
+    for n in names:
+        assert (tmp_path / "cache" / n).read_bytes() == b"payload of " + ev.dataset_url(n).encode()
+    assert len(urls) == len(names) and all(u.startswith("https://raw.githubusercontent.com/") for u in urls)
+    assert main(["fetch-data", "--out", str(tmp_path / "cache")]) == 0 and len(urls) == len(names)  # cached
+    fail = tmp_path / "fail"
+    offline.append(True)
+    monkeypatch.setattr(
+        ev, "default_files", lambda: ["dailydilemmas/dilemma.csv", "anthropic_mwe/persona/openness.jsonl"]
+    )
+    with pytest.raises(ev.DataDownloadError, match="openness.jsonl"):
+        ev.fetch_default_data(fail)
+    assert (fail / "dailydilemmas" / "dilemma.csv").is_file()
+    assert not list((fail / "anthropic_mwe" / "persona").iterdir())  # no partial file
 
 
 def test_dataset_urls():

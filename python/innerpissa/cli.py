@@ -8,6 +8,7 @@
     ipissa export     merged HF / GGUF / ONNX at c, llama.cpp or PEFT LoRA, ONNX or llama.cpp with a live c
     ipissa control-vector   PCA or mean-difference control vector as a llama.cpp GGUF
     ipissa align      teacher → student: contrast directions, weighted Procrustes map, transfer report
+    ipissa fetch-data download the default evaluation files into the cache (networked machines)
 
 Errors print one line naming the file or option at fault (exit 1); add --debug anywhere for the traceback.
 """
@@ -700,6 +701,20 @@ def ablate_cmd(
     _setup(False, threads)  # run_ablation checks the grid (split = "test" included) before the model loads
     run_ablation(grid, out, data_dir, doc=doc, log=typer.echo)
     typer.echo(f"summary written to {out / 'summary.md'}")
+
+
+@app.command("fetch-data")
+def fetch_data_cmd(
+    out: Path | None = typer.Option(None, help="folder to fill (default: the download cache ~/.cache/innerpissa/data)"),
+):
+    """Download the default evaluation files (DailyDilemmas, Anthropic persona sets) from their original sources.
+
+    Needs network access. The evaluation commands then find them in the cache with no --data-dir."""
+    from .eval.datasets import default_cache_dir, fetch_default_data
+
+    target = out or default_cache_dir()
+    paths = fetch_default_data(target)
+    typer.echo(f"{len(paths)} evaluation files in {target}")
 
 
 @app.command("control-vector")

@@ -51,7 +51,9 @@ __all__ = [
     "data_dir",
     "dataset_url",
     "default_cache_dir",
+    "default_files",
     "fetch_dataset",
+    "fetch_default_data",
     "load_dailydilemmas",
     "load_mwe",
     "load_truthfulqa",
@@ -580,12 +582,10 @@ def load_truthfulqa(path: str | Path, name: str = "truthfulqa") -> EvalDataset:
 # ---------------------------------------------------------------------------------------------------------------
 
 _HOW_TO_GET_DATA = (
-    "Evaluation data not found. Either set {env} to a folder laid out as\n"
+    "Evaluation data not found: run `ipissa fetch-data` on a networked machine (downloads into {cache}), or pass\n"
+    "--data-dir / set {env} to a folder laid out as\n"
     "  dailydilemmas/dilemma.csv, dailydilemmas/values.csv   (github.com/kellycyy/daily_dilemmas, data/*.csv)\n"
     "  anthropic_mwe/persona/<behaviour>.jsonl              (github.com/anthropics/evals, persona/*.jsonl)\n"
-    "or pass the folder explicitly, or download into the cache {cache} with\n"
-    "  innerpissa.eval.datasets.fetch_dataset('dailydilemmas/dilemma.csv', Path('{cache}'))\n"
-    "  innerpissa.eval.datasets.fetch_dataset('anthropic_mwe/persona/openness.jsonl', Path('{cache}'))\n"
     "Looked in: {looked}"
 )
 
@@ -664,6 +664,25 @@ def dataset_url(name: str) -> str:
         f"unknown dataset {name!r}; names look like 'dailydilemmas/dilemma.csv', 'dailydilemmas/values.csv' or "
         "'anthropic_mwe/persona/<behaviour>.jsonl'"
     )
+
+
+def default_files() -> list[str]:
+    """Paths (under the data folder) of the default suite's evaluation files (``data/eval_files.json``)."""
+    return list(read_data("eval_files.json")["files"])
+
+
+def fetch_default_data(cache: Path | None = None) -> list[Path]:
+    """Download every file of :func:`default_files` into ``cache`` (default :func:`default_cache_dir`), skipping
+    those already there; each lands atomically (:func:`fetch_dataset`).
+
+    Returns:
+        The local paths, in :func:`default_files` order.
+
+    Raises:
+        DataDownloadError: a download failed (the message names the URL); files fetched before it are kept.
+    """
+    cache = Path(cache) if cache is not None else default_cache_dir()
+    return [fetch_dataset(name, cache) for name in default_files()]
 
 
 def fetch_dataset(name: str, cache: Path) -> Path:
