@@ -11,6 +11,9 @@ Public API (the README's quick start needs nothing deeper)::
         ...
     adapter.save("my-adapter"); adapter = innerpissa.load_adapter(lm.model, "my-adapter")
 
+``innerpissa.train`` is the training function; its module's other names import as usual
+(``from innerpissa.train import TrainConfig``; ``importlib.import_module("innerpissa.train")`` for the module).
+
 Modules follow the data flow: ``pairs`` → ``adapter`` → ``train`` → ``eval`` → ``export``; ``transfer`` (teacher →
 student directions) beside them; ``docs/design.md`` has the maths.
 """
