@@ -52,33 +52,20 @@ EOF
 
 IPISSA="$TMP/venv/bin/ipissa"
 "$IPISSA" --help >/dev/null
-# A tiny random Llama with a word-level tokenizer (and a chat template), saved as a model directory.
-"$PY" - "$TMP/tiny" <<'EOF'
-import re, sys
-import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+# A tiny random Llama with a word-level tokenizer and a chat template (the tests' own builders), saved as a model
+# directory.
+"$PY" - "$TMP/tiny" "$PWD/tests" <<'EOF'
+import sys
+
+sys.path.insert(0, sys.argv[2])
+from conftest import tiny_llama, word_tokenizer
+
 from innerpissa.pairs import HONESTY_PERSONAS, NEUTRAL_INSTRUCTION, SUFFIXES, persona_instruction
 
-out = sys.argv[1]
 texts = [*SUFFIXES, NEUTRAL_INSTRUCTION] + [persona_instruction(s, p) for p in HONESTY_PERSONAS for s in (True, False)]
-words = sorted({w for t in texts for w in re.findall(r"\w+|[^\w\s]", t)})
-vocab = {"[UNK]": 0, "<|im_start|>": 1, "<|im_end|>": 2, "[PAD]": 3, "Yes": 4, "No": 5, "yes": 6, "no": 7}
-for w in words:
-    vocab.setdefault(w, len(vocab))
-tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
-                               additional_special_tokens=["<|im_start|>", "<|im_end|>"])
-fast.chat_template = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-torch.manual_seed(0)
-cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=6,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-LlamaForCausalLM(cfg).save_pretrained(out)
-fast.save_pretrained(out)
+tok = word_tokenizer(texts)
+tiny_llama(vocab_size=len(tok)).save_pretrained(sys.argv[1])
+tok.save_pretrained(sys.argv[1])
 EOF
 "$IPISSA" train --model "$TMP/tiny" --steps 2 --n-pairs 40 --out "$TMP/run" --threads 2 >/dev/null
 "$IPISSA" eval --adapter "$TMP/run/adapter" --model "$TMP/tiny" --engine torch --data-dir "$DATA" \

@@ -431,8 +431,7 @@ def sweep_cmd(
         os.environ["RAYON_NUM_THREADS"] = str(threads)
     _setup(False, threads)
     from .adapter.model import _read_adapter_tensors, check_output, select_layers
-    from .eval import build_methods, check_methods, check_sweep_coeffs, default_datasets, run_suite, write_report
-    from .eval.metrics import check_budget
+    from .eval import build_methods, check_sweep_coeffs, default_datasets, run_suite, write_report
     from .models import load_tokenizer
 
     try:
@@ -440,30 +439,51 @@ def sweep_cmd(
     except ValueError:
         raise typer.BadParameter(f"--coeffs must be comma-separated numbers, got {coeffs!r}") from None
     cs = check_sweep_coeffs(parsed, "--coeffs")
-    want = check_methods(methods.split(","))
-    check_budget(kl_budget)
+    cfg = EvalConfig(
+        methods=methods,
+        kl_budget=kl_budget,
+        data_dir=data_dir,
+        n_target=n_target,
+        n_other=n_other,
+        n_dd=n_dd,
+        truthfulqa=truthfulqa,
+        batch_size=batch_size,
+        mwe=list(mwe or []),
+        engine=EngineChoice.rust,
+        weights=weights,
+        seed=seed,
+    ).validate()
     check_output(out, overwrite)
     meta = _adapter_meta(adapter)
     _read_adapter_tensors(adapter, meta)  # checksum and finite values, as load_adapter checks them
     spec = model or meta.get("base_model")
     tok = load_tokenizer(spec)
-    eng = _rust_engine(spec, tok, weights, batch_size)
+    eng = _rust_engine(spec, tok, cfg.weights, cfg.batch_size)
     eng.load_adapter(adapter)
     from .adapter.config import AdapterConfig
 
     layers = select_layers(eng.config["n_layer"], AdapterConfig.from_dict(meta["adapter"]))
-    train_pairs = list(_pairs(tok, pairs, n_pairs, seed).train) if set(want) - {"innerpissa", "prompting"} else []
-    ms = build_methods(None, tok, str(adapter), train_pairs, seed, want, layers=layers, adapter_coeffs=cs, engine=eng)
+    need_pairs = set(cfg.methods) - {"innerpissa", "prompting"}
+    train_pairs = list(_pairs(tok, pairs, n_pairs, cfg.seed).train) if need_pairs else []
+    ms = build_methods(
+        None, tok, str(adapter), train_pairs, cfg.seed, cfg.methods, layers=layers, adapter_coeffs=cs, engine=eng
+    )
     datasets = default_datasets(
-        data_dir, n_target=n_target, n_other=n_other, n_dd=n_dd, seed=seed, mwe_files=mwe, truthfulqa=truthfulqa
+        cfg.data_dir,
+        n_target=cfg.n_target,
+        n_other=cfg.n_other,
+        n_dd=cfg.n_dd,
+        seed=cfg.seed,
+        mwe_files=cfg.mwe,
+        truthfulqa=cfg.truthfulqa,
     )
     t0 = time.perf_counter()
     results = run_suite(
         eng,
         ms,
         datasets,
-        seed=seed,
-        kl_budget=kl_budget,
+        seed=cfg.seed,
+        kl_budget=cfg.kl_budget,
         budget_first=False,  # the --coeffs grid
         meta={"model": spec, "command": "ipissa " + shlex.join(sys.argv[1:])},
     )
