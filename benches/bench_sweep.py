@@ -52,9 +52,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from innerpissa import AdapterConfig, attach, load_adapter
-    from innerpissa.eval.engines import RustEngine, answer_scores, eval_prompt, gguf_for_spec
+    from innerpissa.eval.engines import RustEngine, answer_scores, eval_prompt
     from innerpissa.eval.suite import default_datasets
-    from innerpissa.models import load_model
+    from innerpissa.models import gguf_for_spec, load_model
 
     coeffs = [float(c) for c in args.coeffs.split(",")]
     lm = load_model(args.model)

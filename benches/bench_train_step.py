@@ -42,7 +42,7 @@ def main() -> None:
     from innerpissa.pairs import make_honesty_pairs
     from innerpissa.train import (
         TrainConfig,
-        _batch_reference,
+        batch_reference,
         forward_states,
         preference_direction,
         reference_cache,
@@ -76,7 +76,7 @@ def main() -> None:
         vec.grad = None
 
     cache = reference_cache(adapter, tok, pairs[: args.batch_pairs], cfg, block)
-    ref = _batch_reference(cache, list(range(args.batch_pairs)), batch)
+    ref = batch_reference(cache, list(range(args.batch_pairs)), batch)
 
     def step(share: bool, cached: bool):
         def run():

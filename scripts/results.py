@@ -62,8 +62,8 @@ def slug(spec: str) -> str:
 def recipe(args):
     """(TrainConfig kwargs, AdapterConfig, tag) of this command's recipe (seed excluded from the tag)."""
     from innerpissa import AdapterConfig
-    from innerpissa.objectives import OBJECTIVES
     from innerpissa.train import TrainConfig
+    from innerpissa.train.objectives import OBJECTIVES
 
     kw = {
         k: v
@@ -191,9 +191,9 @@ def run_one(spec: str, concept_name: str, args) -> None:
     import torch
 
     from innerpissa.concepts import get_concept
-    from innerpissa.eval.engines import RustEngine, gguf_for_spec
+    from innerpissa.eval.engines import RustEngine
     from innerpissa.eval.suite import concept_datasets
-    from innerpissa.models import load_model
+    from innerpissa.models import gguf_for_spec, load_model
 
     torch.set_num_threads(args.threads)
     kw, acfg, tag = recipe(args)
@@ -377,10 +377,11 @@ def write_doc(args, summaries: list[dict], minutes: float) -> None:
         cpu += ", AVX-512" if "avx512f" in flags else ", AVX2"
     except OSError:
         pass
+    command = " ".join(a for a in sys.argv[1:] if a != "--doc-only")
     lines = [
         "# Results",
         "",
-        f"Command: `python scripts/results.py {' '.join(sys.argv[1:])}` (doc written {datetime.date.today()}; "
+        f"Command: `python scripts/results.py {command}` (doc written {datetime.date.today()}; "
         f"the runs below took {sum(s['minutes'] for s in summaries):.0f} min in all, {minutes:.0f} of them in "
         f"this call; {cpu}; 2 threads; data seed {args.seed}, training seeds {' '.join(map(str, args.seeds))}).",
         "",
@@ -435,6 +436,12 @@ def main() -> None:
     )
     ap.add_argument("--out", type=Path, default=Path("runs/results"))
     ap.add_argument("--doc", type=Path, default=Path("docs/results.md"))
+    ap.add_argument(
+        "--doc-only",
+        action="store_true",
+        help="train and evaluate nothing: rebuild the doc and the README table from the finished units of "
+        "--models x --concepts x --methods (the doc lists only those, so name every unit it should show)",
+    )
     args = ap.parse_args()
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = set(args.methods) - set(TRAINED + BASELINES)
@@ -443,9 +450,10 @@ def main() -> None:
     os.environ.setdefault("RAYON_NUM_THREADS", str(args.threads))
     args.t0 = time.perf_counter()
     recipe(args)  # a bad override fails before any model loads
-    for spec in args.models:
-        for concept in args.concepts:
-            run_one(spec, concept, args)
+    if not args.doc_only:
+        for spec in args.models:
+            for concept in args.concepts:
+                run_one(spec, concept, args)
     write_doc(args, finished(args), (time.perf_counter() - args.t0) / 60)
     print(args.doc.read_text())
 

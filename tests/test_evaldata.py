@@ -320,7 +320,7 @@ def test_data_dir(tmp_path, monkeypatch):
 
 
 def test_data_dir_explains_how_to_get_data(tmp_path, monkeypatch):
-    import innerpissa.eval.datasets as ev
+    import innerpissa.eval.datasets.location as ev
 
     monkeypatch.delenv("IPISSA_DATA_DIR", raising=False)
     monkeypatch.chdir(tmp_path)
@@ -342,7 +342,7 @@ def test_fetch_data_downloads_the_default_files_atomically(tmp_path, monkeypatch
     import io
     import urllib.error
 
-    import innerpissa.eval.datasets as ev
+    import innerpissa.eval.datasets.location as ev
     from innerpissa.cli import main
 
     names = ev.default_files()

@@ -1,4 +1,4 @@
-"""The answer-bias guard (innerpissa.guard) on a tiny random Llama: zero for an identity adapter, differentiable,
+"""The answer-bias guard (innerpissa.train.guard) on a tiny random Llama: zero for an identity adapter, differentiable,
 deterministic batches, and training with it logs the yes/no shift it penalises."""
 
 import json
@@ -8,9 +8,9 @@ import torch
 from conftest import tiny_llama, word_tokenizer
 
 from innerpissa import AdapterConfig, attach
-from innerpissa.guard import BiasGuard, guard_questions
 from innerpissa.pairs import make_honesty_pairs
 from innerpissa.train import TrainConfig, train
+from innerpissa.train.guard import BiasGuard, guard_questions
 
 
 def _setup():

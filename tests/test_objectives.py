@@ -15,11 +15,10 @@ from conftest import tiny_llama, word_tokenizer
 from innerpissa import AdapterConfig, attach, load_adapter
 from innerpissa.adapter.layer import skew
 from innerpissa.adapter.model import decoder_blocks
-from innerpissa.objectives import OBJECTIVES
 from innerpissa.pairs import make_honesty_pairs
 from innerpissa.train import (
     TrainConfig,
-    _batch_reference,
+    batch_reference,
     constraint_weight,
     forward_states,
     preference_direction,
@@ -29,6 +28,7 @@ from innerpissa.train import (
     tokenize_pairs,
     train,
 )
+from innerpissa.train.objectives import OBJECTIVES
 
 
 def _setup(seed: int = 0):
@@ -113,7 +113,7 @@ def test_cached_reference_gives_the_same_loss():
     batch = tokenize_pairs(tok, [pairs[i] for i in idx], cfg.max_suffix_tokens)
     with torch.no_grad():
         fresh, m1 = reprpo_loss(adapter, batch, ruler, cfg, block)
-        cached, m2 = reprpo_loss(adapter, batch, ruler, cfg, block, reference=_batch_reference(cache, idx, batch))
+        cached, m2 = reprpo_loss(adapter, batch, ruler, cfg, block, reference=batch_reference(cache, idx, batch))
     assert float(cached) == pytest.approx(float(fresh), abs=1e-4)
     assert m2["ds_plus"] == pytest.approx(m1["ds_plus"], abs=1e-4)
 

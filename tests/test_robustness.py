@@ -165,7 +165,7 @@ def _interrupted_run(run: Path, cfg: TrainConfig, monkeypatch, stop_at: int):
     """Train until step ``stop_at`` then raise KeyboardInterrupt, as a user pressing ^C would."""
     import importlib
 
-    tr = importlib.import_module("innerpissa.train")  # the module (the package attribute is the train function)
+    tr = importlib.import_module("innerpissa.train.loop")  # the loop module (innerpissa.train is the train function)
 
     split, tok = _pairs_and_tok()
     real = tr._check_divergence

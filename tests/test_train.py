@@ -8,9 +8,9 @@ import torch
 from conftest import tiny_llama, word_tokenizer
 
 from innerpissa import AdapterConfig, attach
-from innerpissa.objectives import OBJECTIVES
 from innerpissa.pairs import make_honesty_pairs
 from innerpissa.train import TrainConfig, preference_direction, tokenize_pairs, train
+from innerpissa.train.objectives import OBJECTIVES
 
 
 def _setup(seed: int = 0):

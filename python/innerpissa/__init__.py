@@ -11,8 +11,8 @@ Public API (the README's quick start needs nothing deeper)::
         ...
     adapter.save("my-adapter"); adapter = innerpissa.load_adapter(lm.model, "my-adapter")
 
-``innerpissa.train`` is the training function; its module's other names import as usual
-(``from innerpissa.train import TrainConfig``; ``importlib.import_module("innerpissa.train")`` for the module).
+``innerpissa.train`` is the training function; the training subpackage's other names import as usual
+(``from innerpissa.train import TrainConfig``; ``from innerpissa.train.loop import …`` for a module).
 
 Modules follow the data flow: ``pairs`` → ``adapter`` → ``train`` → ``eval`` → ``export``; ``transfer`` (teacher →
 student directions) beside them; ``docs/design.md`` has the maths.

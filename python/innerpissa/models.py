@@ -116,19 +116,61 @@ def _load_gguf(gguf: Path, dtype: torch.dtype):
     return model.to(dtype), tok
 
 
+def find_gguf(spec: str | None) -> Path | None:
+    """The GGUF file behind a model spec, or None when the spec names a transformers checkpoint (a directory with
+    ``config.json``) or a hub id. GGUF specs: the embedded models, a ``.gguf`` path, or a directory that holds
+    ``*.gguf`` files and no ``config.json`` (the first file in name order). The one resolver of specs to GGUF
+    files, used by the loaders, the Rust engine and the GGUF exports.
+
+    Raises:
+        FileNotFoundError: a ``.gguf`` path that does not exist, or an embedded model whose package is missing
+            (with the pip command).
+    """
+    spec = spec or DEFAULT_MODEL
+    if spec == DEFAULT_MODEL:
+        return embedded_smollm2_gguf()
+    if spec == GEMMA3_270M:
+        return embedded_gemma3_gguf()
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {path}")
+        return path
+    if path.is_dir() and not (path / "config.json").exists():
+        ggufs = sorted(path.glob("*.gguf"))
+        if ggufs:
+            return ggufs[0]
+    return None
+
+
+def gguf_for_spec(spec: str | None) -> Path:
+    """``find_gguf`` for code that can only read GGUF weights (the Rust engine).
+
+    Raises:
+        ConfigError: the spec is a transformers checkpoint or a hub id (says what to use instead).
+        FileNotFoundError: as ``find_gguf``.
+    """
+    from .errors import ConfigError
+
+    path = find_gguf(spec)
+    if path is None:
+        raise ConfigError(
+            f"{spec!r} is not a GGUF file and the Rust engine reads only GGUF weights; use --engine torch, or "
+            "convert the model with llama.cpp's convert_hf_to_gguf.py and pass the .gguf file",
+            field="model",
+        )
+    return path
+
+
 def load_tokenizer(spec: str | None = None):
     """The tokenizer of a model spec alone (no weights): from the de-quantized cache when present, else from
     the GGUF (≈5 s) or the model directory. Left padding, pad = eos when unset. Hub ids are not fetched here."""
     from transformers import AutoTokenizer
 
     spec = spec or DEFAULT_MODEL
-    gguf = {DEFAULT_MODEL: embedded_smollm2_gguf, GEMMA3_270M: embedded_gemma3_gguf}.get(spec)
-    path = gguf() if gguf else Path(spec).expanduser()
-    if path.is_dir() and not (path / "config.json").exists() and sorted(path.glob("*.gguf")):
-        path = sorted(path.glob("*.gguf"))[0]
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise FileNotFoundError(f"GGUF file not found: {path}")
+    gguf = find_gguf(spec)
+    path = gguf or Path(spec).expanduser()
+    if gguf is not None:
         cached = _gguf_cache_dir(path)
         if (cached / "config.json").exists():
             tok = AutoTokenizer.from_pretrained(cached, local_files_only=True)
@@ -165,23 +207,13 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, allo
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     spec = spec or DEFAULT_MODEL
-    if spec == DEFAULT_MODEL:
-        model, tok = _load_gguf(embedded_smollm2_gguf(), dtype)
-    elif spec == GEMMA3_270M:
-        model, tok = _load_gguf(embedded_gemma3_gguf(), dtype)
-    elif spec.endswith(".gguf"):
-        path = Path(spec).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"GGUF file not found: {path}")
-        model, tok = _load_gguf(path, dtype)
+    gguf = find_gguf(spec)
+    if gguf is not None:
+        model, tok = _load_gguf(gguf, dtype)
     elif Path(spec).expanduser().is_dir():
         path = Path(spec).expanduser()
-        ggufs = sorted(path.glob("*.gguf"))
-        if not (path / "config.json").exists() and ggufs:
-            model, tok = _load_gguf(ggufs[0], dtype)
-        else:
-            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     else:
         if not allow_network:
             raise FileNotFoundError(

@@ -284,9 +284,9 @@ class _Context:
 def _context(grid: Grid, data_dir) -> _Context:
     from .concepts import get_concept
     from .eval.datasets import EvalDataset
-    from .eval.engines import RustEngine, TorchEngine, gguf_for_spec
+    from .eval.engines import RustEngine, TorchEngine
     from .eval.suite import concept_datasets, dataset_splits
-    from .models import load_model
+    from .models import gguf_for_spec, load_model
 
     t = grid.tune
     concept = get_concept(t["concept"])

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import AdapterFileError, ConfigError, MissingFileError, NonFiniteError, OutputExistsError, finite_coeff
+from ..hooks import forward_hooks
 from .config import AdapterConfig
 from .layer import InnerPiSSALayer
 
@@ -289,7 +290,6 @@ class Adapter(nn.Module):
         if is_zero:
             yield self
             return
-        handles = []
         ms: dict[str, torch.Tensor] = {}
 
         def make_hook(name: str):
@@ -303,16 +303,10 @@ class Adapter(nn.Module):
 
             return hook
 
-        try:
-            for name, lin in self._targets().items():
-                handles.append(lin.register_forward_hook(make_hook(name)))
-            # M(c) depends on the parameters, so it is rebuilt for every forward pass
-            pre = self.model.register_forward_pre_hook(lambda *_: ms.clear())
-            handles.append(pre)
+        hooks = [(lin, make_hook(name)) for name, lin in self._targets().items()]
+        # M(c) depends on the parameters, so it is rebuilt for every forward pass
+        with forward_hooks(hooks, pre_hooks=[(self.model, lambda *_: ms.clear())]):
             yield self
-        finally:
-            for h in handles:
-                h.remove()
 
     @property
     def coeff_range(self) -> tuple[float, float]:
@@ -665,7 +659,7 @@ def _read_adapter_config(d: Path) -> dict:
         )
     loss = cfg.get("loss")
     if loss is not None:
-        from ..objectives import OBJECTIVES
+        from ..train.objectives import OBJECTIVES
 
         if (
             not isinstance(loss, dict)

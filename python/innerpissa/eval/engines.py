@@ -403,35 +403,6 @@ def text_nll(model, tokenizer, texts: list[str], user_prefix: str | None = None,
 # --- Rust ------------------------------------------------------------------------------------------------------
 
 
-def gguf_for_spec(spec: str | None) -> Path:
-    """The GGUF file behind a model spec: the embedded models, a ``.gguf`` path, or a directory holding one.
-
-    Raises:
-        ValueError: the spec is a transformers checkpoint (the Rust engine reads only GGUF files).
-        FileNotFoundError: a missing path or embedded package (with how to install it).
-    """
-    from ..models import DEFAULT_MODEL, GEMMA3_270M, embedded_gemma3_gguf, embedded_smollm2_gguf
-
-    spec = spec or DEFAULT_MODEL
-    if spec == DEFAULT_MODEL:
-        return embedded_smollm2_gguf()
-    if spec == GEMMA3_270M:
-        return embedded_gemma3_gguf()
-    path = Path(spec).expanduser()
-    if spec.endswith(".gguf"):
-        if not path.is_file():
-            raise FileNotFoundError(f"GGUF file not found: {path}")
-        return path
-    if path.is_dir():
-        ggufs = sorted(path.glob("*.gguf"))
-        if ggufs and not (path / "config.json").exists():
-            return ggufs[0]
-    raise ValueError(
-        f"--engine rust reads GGUF files; {spec!r} is not one. Use --engine torch, or convert the "
-        "model with llama.cpp's convert_hf_to_gguf.py and pass the .gguf file"
-    )
-
-
 @dataclass
 class RustEngine:
     """A GGUF model in the Rust engine plus the tokenizer that feeds it.

@@ -27,6 +27,7 @@ import torch
 
 from ..adapter import Adapter, decoder_blocks
 from ..errors import ConfigError, NonFiniteError
+from ..hooks import capture_outputs, forward_hooks, shift_output
 from ..pairs import ContrastivePair, persona_instruction
 from .engines import check_sweep_coeffs
 
@@ -94,23 +95,10 @@ class VectorMethod:
             yield
             return
         blocks = decoder_blocks(self.model)
-        handles = []
-
-        def make_hook(vec: torch.Tensor):
-            def hook(_m, _a, out):
-                if isinstance(out, tuple):
-                    return (out[0] + c * vec.to(out[0].dtype),) + out[1:]
-                return out + c * vec.to(out.dtype)
-
-            return hook
-
-        try:
-            for layer, vec in self.directions.items():
-                handles.append(blocks[layer].register_forward_hook(make_hook(vec)))
+        # c · v added to the block's output at every position (activation addition, Turner et al. 2023)
+        hooks = [(blocks[layer], shift_output(lambda _h, v=vec: c * v)) for layer, vec in self.directions.items()]
+        with forward_hooks(hooks):
             yield
-        finally:
-            for h in handles:
-                h.remove()
 
     def user_prefix(self, c: float) -> str | None:
         return None
@@ -257,17 +245,8 @@ def last_token_states(
 
     blocks = decoder_blocks(model)
     device = next(model.parameters()).device
-    captured: dict[int, torch.Tensor] = {}
     out: dict[int, list[torch.Tensor]] = {ell: [] for ell in layers}
-
-    def make_hook(ell: int):
-        def hook(_m, _a, o):
-            captured[ell] = (o[0] if isinstance(o, tuple) else o)[:, -1].float().cpu()
-
-        return hook
-
-    handles = [blocks[ell].register_forward_hook(make_hook(ell)) for ell in layers]
-    try:
+    with capture_outputs({ell: blocks[ell] for ell in layers}, lambda h: h[:, -1].float().cpu()) as captured:
         for i in range(0, len(texts), batch_size):
             seqs = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[i : i + batch_size]]
             ids, mask, pos = left_pad(seqs, tokenizer.pad_token_id)
@@ -280,9 +259,6 @@ def last_token_states(
             )
             for ell in layers:
                 out[ell].append(captured[ell])
-    finally:
-        for h in handles:
-            h.remove()
     return {ell: torch.cat(v) for ell, v in out.items()}
 
 

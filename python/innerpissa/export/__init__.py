@@ -69,27 +69,19 @@ def resolve_base_gguf(adapter: Adapter, base_gguf: str | Path | None = None) -> 
 
     Raises:
         GGUFExportError: the base model was not a GGUF and none was given (says what to do instead).
+        FileNotFoundError: the recorded GGUF or embedded package is missing.
     """
     if base_gguf is not None:
         p = Path(base_gguf)
         if not p.is_file():
             raise GGUFExportError(f"base GGUF not found: {p}")
         return p
+    from ..models import find_gguf
+
     spec = adapter.meta.get("base_model")
-    if spec == "embedded:smollm2":
-        from ..models import embedded_smollm2_gguf
-
-        return embedded_smollm2_gguf()
-    if spec == "embedded:gemma3-270m":
-        from ..models import embedded_gemma3_gguf
-
-        return embedded_gemma3_gguf()
-    if spec and str(spec).endswith(".gguf") and Path(spec).is_file():
-        return Path(spec)
-    if spec and Path(spec).is_dir():
-        ggufs = sorted(Path(spec).glob("*.gguf"))
-        if ggufs and not (Path(spec) / "config.json").exists():
-            return ggufs[0]
+    path = find_gguf(str(spec)) if spec else None  # FileNotFoundError: a recorded GGUF that is gone
+    if path is not None:
+        return path
     raise GGUFExportError(
         f"the adapter's base model {spec!r} is not a GGUF file: pass --base-gguf PATH (the GGUF of the same "
         "weights), or export the merged HF directory and convert it with llama.cpp's convert_hf_to_gguf.py"

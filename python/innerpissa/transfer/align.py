@@ -27,6 +27,7 @@ from ..eval.datasets import NEUTRAL_TEXTS
 from ..eval.engines import continuation_logprobs, text_nll
 from ..eval.methods import VectorMethod, last_token_states
 from ..eval.metrics import bootstrap_ci, item_slopes
+from ..hooks import forward_hooks, shift_output
 from ..prompts import left_pad
 from .contrasts import TOUR_GUIDE, ContrastTemplate, ManifestRow, continuation_pairs, render_contrasts
 from .procrustes import AlignmentMap, cosine, fit_alignment
@@ -333,22 +334,12 @@ def project_out(model: nn.Module, directions: list[torch.Tensor]):
     """Hook form of directional ablation: remove span(directions) from every residual write (embeddings, attention
     outputs, MLP outputs), so the residual stream never carries it. Source: Arditi et al. 2024, "Refusal in
     language models is mediated by a single direction" (weight orthogonalisation)."""
-    q = _orthonormal(directions)
-    handles = []
-
-    def hook(_m, _a, out):
-        return out - (out.float() @ q) @ q.T.to(out.dtype) if torch.is_tensor(out) else out
-
-    try:
-        handles.append(model.get_input_embeddings().register_forward_hook(hook))
-        d = hidden_size(model)
-        for block in decoder_blocks(model):
-            for _, lin in residual_writers(block, d).values():
-                handles.append(lin.register_forward_hook(hook))
+    q = _orthonormal(directions)  # (d, m)
+    remove = shift_output(lambda h: -((h.float() @ q) @ q.T))  # h − Q Qᵀ h
+    d = hidden_size(model)
+    writers = [lin for block in decoder_blocks(model) for _, lin in residual_writers(block, d).values()]
+    with forward_hooks((m, remove) for m in [model.get_input_embeddings(), *writers]):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _orthonormal(directions: list[torch.Tensor]) -> torch.Tensor:

@@ -23,8 +23,8 @@ from functools import lru_cache
 
 import torch
 
-from .datafiles import read_data
-from .prompts import left_pad, render_prompt
+from ..datafiles import read_data
+from ..prompts import left_pad, render_prompt
 
 
 @lru_cache(maxsize=1)
@@ -47,7 +47,7 @@ class BiasGuard:
     """
 
     def __init__(self, model, tokenizer, batch: int):
-        from .eval.engines import answer_token_sets
+        from ..eval.engines import answer_token_sets
 
         self.batch = batch
         self.yes, self.no = answer_token_sets(tokenizer, "yesno")

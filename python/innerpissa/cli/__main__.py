@@ -1,0 +1,7 @@
+"""``python -m innerpissa.cli``: the ``ipissa`` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

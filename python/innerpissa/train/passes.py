@@ -1,0 +1,216 @@
+"""The forward passes of a training step: hidden states at the loss block and suffix log-probs at c = 0 and at
+c = ±1 (``compute_passes``), the shared-prefix trick (``steered_forward``), and the c = 0 reference cache.
+
+Per step, for a batch of N contrastive pairs: the c = 0 pass (adapter skipped, exact base model, no grad) is
+computed once per training pair before the first step and reused (``reference_cache``), except for objectives
+that read whole next-token distributions; then one steered pass over [pos; neg] at c = +1 and [pos; neg] at
+c = −1 (per-row coefficients, 4N rows), and for ``anchored`` the persona-free prompts at 0 and ±1.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..adapter import Adapter
+from ..hooks import capture_outputs, forward_hooks, shift_output
+from ..pairs import ContrastivePair
+from ..prompts import left_pad
+from .batches import PairBatch, tokenize_pairs
+from .objectives import Passes, Ruler, needs_full_distribution
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
+
+
+def forward_states(
+    model, batch: PairBatch, block: torch.nn.Module, last_k: int, full: bool = False, past_key_values=None
+):
+    """One forward pass → (hidden (B, last_k, d) at ``block``'s output, token log-probs (B, n_keep), and with
+    ``full`` the whole next-token log-distributions (B, n_keep, V), else None).
+
+    Only the last n_keep + 1 positions get logits (``logits_to_keep``), which keeps big-vocabulary models cheap.
+    With ``past_key_values`` (a cache of a shared prefix), ``batch.attention_mask`` covers prefix + rows and the
+    rows continue the prefix.
+    """
+    n_keep = batch.suffix_mask.shape[1]
+    with capture_outputs({"h": block}, lambda h: h[:, -last_k:]) as captured:
+        out = model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            logits_to_keep=n_keep + 1,
+            past_key_values=past_key_values,
+            use_cache=past_key_values is not None,
+        )
+    logp = out.logits[:, :-1].float().log_softmax(-1)  # (B, n_keep, V)
+    targets = batch.input_ids[:, -n_keep:]  # the tokens the kept positions predict
+    token_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, n_keep)
+    return captured["h"].float(), token_logp, (logp if full else None)
+
+
+def shared_prefix_len(batch: PairBatch, keep_tail: int) -> int:
+    """Length P of the token prefix every row of ``batch`` starts with (e.g. the system prompt and "Pretend
+    you're"), limited so that each row keeps at least ``keep_tail`` tokens after it."""
+    lengths = batch.attention_mask.sum(-1)
+    t = batch.input_ids.shape[1]
+    shortest = int(lengths.min())
+    first = batch.input_ids[0, t - int(lengths[0]) :]
+    p = min(shortest - keep_tail, first.shape[0])
+    for r in range(batch.n_rows):
+        row = batch.input_ids[r, t - int(lengths[r]) :]
+        same = (row[:p] == first[:p]).long()
+        p = int(same.cumprod(0).sum()) if p > 0 else 0
+    return max(p, 0)
+
+
+def steered_forward(
+    adapter: Adapter,
+    batch: PairBatch,
+    coeffs: list[float],
+    block: torch.nn.Module,
+    last_k: int,
+    full: bool = False,
+    min_prefix: int = 8,
+):
+    """``forward_states`` of ``batch`` at each coefficient in ``coeffs`` → outputs for G·B rows, group-major
+    (rows of coefficient g at g·B … g·B + B − 1), sharing the prompt prefix all rows start with.
+
+    The shared prefix (``shared_prefix_len``) runs once per coefficient (G rows) and its key/value cache is
+    repeated for the B rows; the rest of each row follows it, padded between prefix and rest, with positions
+    counting real tokens. Same outputs as running the full rows (to float rounding; tests compare both), with
+    roughly (P + (T − P)·B) / (T·B) of the work. Falls back to full rows when the prefix is shorter than
+    ``min_prefix`` tokens, or when the model has a sliding attention window shorter than the rows (the padding
+    between prefix and rest would count against the window).
+    """
+    model, b, g = adapter.model, batch.n_rows, len(coeffs)
+    n_keep = batch.suffix_mask.shape[1]
+    p = shared_prefix_len(batch, max(last_k, n_keep + 1))
+    per_row = torch.tensor(coeffs, dtype=torch.float32).repeat_interleave(b)
+    window = getattr(getattr(model, "config", None), "sliding_window", None)
+    if window is not None and window < batch.input_ids.shape[1]:  # padding inside the window would shift it
+        p = 0
+    if p < min_prefix:
+        with adapter.steer(per_row):
+            return forward_states(model, batch.repeat(g), block, last_k, full)
+    lengths = batch.attention_mask.sum(-1)
+    t = batch.input_ids.shape[1]
+    prefix = batch.input_ids[0, t - int(lengths[0]) :][:p]
+    rest = [batch.input_ids[r, t - int(lengths[r]) + p :].tolist() for r in range(b)]
+    ids, mask, pos = left_pad(rest, 0)  # padding sits between prefix and rest; masked, its id is irrelevant
+    pos = torch.where(mask.bool(), pos + p, torch.zeros_like(pos))
+    with adapter.steer(torch.tensor(coeffs, dtype=torch.float32)):
+        cache = model(
+            input_ids=prefix.expand(g, -1), position_ids=torch.arange(p).expand(g, -1), use_cache=True
+        ).past_key_values
+    cache.batch_repeat_interleave(b)
+    rest_batch = PairBatch(
+        ids.repeat(g, 1),
+        torch.cat([torch.ones(g * b, p, dtype=mask.dtype), mask.repeat(g, 1)], 1),
+        pos.repeat(g, 1),
+        batch.suffix_mask.repeat(g, 1),
+    )
+    with adapter.steer(per_row):
+        return forward_states(model, rest_batch, block, last_k, full, past_key_values=cache)
+
+
+def compute_passes(
+    adapter: Adapter,
+    batch: PairBatch,
+    ruler: Ruler,
+    cfg: TrainConfig,
+    block: torch.nn.Module,
+    free: PairBatch | None = None,
+    reference: tuple | None = None,
+) -> Passes:
+    """Run the passes an objective needs: c = 0 (no grad; or ``reference`` = (h0, lp0) given), and c = +1 and
+    c = −1 together (per-row coefficients, 4N rows); persona-free rows ``free`` at 0 and ±1 when given."""
+    model, n = adapter.model, batch.n_pairs
+    full = needs_full_distribution(cfg.objective)
+    logp0 = None
+    if reference is None or full:
+        with torch.no_grad():
+            h0, lp0, logp0 = forward_states(model, batch, block, cfg.last_k, full)
+    else:
+        h0, lp0 = reference
+    min_prefix = 8 if cfg.share_prefix else 1 << 30
+    # rows: [pos, neg] at +1, then at −1
+    h, lp, logp = steered_forward(adapter, batch, [1.0, -1.0], block, cfg.last_k, full, min_prefix)
+    p = Passes(
+        h0=h0,
+        lp0=lp0,
+        h=h.view(2, 2 * n, *h.shape[1:]),
+        lp=lp.view(2, 2 * n, -1),
+        mask=batch.suffix_mask,
+        logp0=logp0,
+        logp=None if logp is None else logp.view(2, 2 * n, *logp.shape[1:]),
+    )
+    if free is not None:
+        with torch.no_grad():
+            f0, flp0, _ = forward_states(model, free, block, cfg.last_k)
+        m = free.n_rows
+        f, flp, _ = steered_forward(adapter, free, [1.0, -1.0], block, cfg.last_k, False, min_prefix)
+        p.free0, p.free_lp0, p.free_mask = f0, flp0, free.suffix_mask
+        p.free, p.free_lp = f.view(2, m, *f.shape[1:]), flp.view(2, m, -1)
+    return p
+
+
+@torch.no_grad()
+def reference_cache(
+    adapter: Adapter,
+    tokenizer,
+    pairs: list[ContrastivePair],
+    cfg: TrainConfig,
+    block: torch.nn.Module,
+    only: list[int] | None = None,
+) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The c = 0 pass of the training pairs, computed once (the base model never changes during training):
+    pair index → (h0 (2, K, d) for [pos, neg], lp0 of its suffix tokens for pos (k,) and neg (k,)). ``only``: the
+    pair indices to cache (default all; ``train`` passes the pairs its schedule will draw, so a short run does not
+    pay for pairs it never sees). Chunks of ``cfg.batch_pairs`` in index order, so a resumed run rebuilds exactly
+    the same cache."""
+    ids = sorted(set(range(len(pairs)) if only is None else only))
+    out = {}
+    for i in range(0, len(ids), cfg.batch_pairs):
+        chunk = ids[i : i + cfg.batch_pairs]
+        b = tokenize_pairs(tokenizer, [pairs[j] for j in chunk], cfg.max_suffix_tokens)
+        h0, lp0, _ = forward_states(adapter.model, b, block, cfg.last_k)
+        n = b.n_pairs
+        for j, pair_index in enumerate(chunk):
+            k = int(b.suffix_mask[j].sum())
+            out[pair_index] = (torch.stack([h0[j], h0[n + j]]), lp0[j, -k:].clone(), lp0[n + j, -k:].clone())
+    return out
+
+
+def batch_reference(cache, idx: list[int], batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Assemble cached c = 0 outputs for the pairs ``idx`` in ``batch``'s row layout → (h0 (2N, K, d), lp0)."""
+    n, n_keep = len(idx), batch.suffix_mask.shape[1]
+    h0 = torch.stack([cache[i][0][0] for i in idx] + [cache[i][0][1] for i in idx])
+    lp0 = torch.zeros(2 * n, n_keep)
+    for r, i in enumerate(idx):
+        k = cache[i][1].shape[0]
+        if int(batch.suffix_mask[r].sum()) != k:
+            raise RuntimeError("reference cache and batch disagree on a suffix length (tokenizer changed?)")
+        lp0[r, n_keep - k :] = cache[i][1]
+        lp0[n + r, n_keep - k :] = cache[i][2]
+    return h0, lp0
+
+
+def gap_gradients(model, batch: PairBatch, block: torch.nn.Module, basis: torch.Tensor) -> torch.Tensor:
+    """Per-pair gradients of the log-likelihood gap with respect to a shift of the residual stream.
+
+    gap_i(z) = log p(suffix_i | pos_i) − log p(suffix_i | neg_i) (nats, summed over the suffix tokens) when B z is
+    added to ``block``'s output at every position of both prompts of pair i; returns ∂gap_i/∂z at z = 0, shape
+    (N, k) for a basis B (d, k). One backward pass: pair i's shift reaches only pair i's rows.
+    """
+    n = batch.n_pairs
+    z = torch.zeros(n, basis.shape[1], dtype=basis.dtype, requires_grad=True)
+
+    # rows [pos; neg] share their pair's shift: (2N, 1, d)
+    shift = shift_output(lambda _h: (z @ basis.T).repeat(2, 1)[:, None, :])
+    with forward_hooks([(block, shift)]), torch.enable_grad():
+        _, lp, _ = forward_states(model, batch, block, 1)
+        total = (lp * batch.suffix_mask).sum(-1)  # (2N,)
+        (grad,) = torch.autograd.grad((total[:n] - total[n:]).sum(), z)
+    return grad.detach().float()
