@@ -52,7 +52,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from innerpissa import AdapterConfig, attach, load_adapter
-    from innerpissa.eval.engines import RustEngine, answer_scores, eval_prompt
+    from innerpissa.eval.engines import answer_scores, eval_prompt
+    from innerpissa.eval.rust_engine import RustEngine
     from innerpissa.eval.suite import default_datasets
     from innerpissa.models import gguf_for_spec, load_model
 

@@ -191,7 +191,7 @@ def run_one(spec: str, concept_name: str, args) -> None:
     import torch
 
     from innerpissa.concepts import get_concept
-    from innerpissa.eval.engines import RustEngine
+    from innerpissa.eval.rust_engine import RustEngine
     from innerpissa.eval.suite import concept_datasets
     from innerpissa.models import gguf_for_spec, load_model
 

@@ -272,10 +272,10 @@ def test_rust_baselines_match_torch_extraction(tmp_path):
     from tiny_gguf import tiny_llama_for_gguf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from innerpissa.eval.engines import RustEngine
-    from innerpissa.eval.engines import mean_difference_control_vector as rust_md
-    from innerpissa.eval.engines import pca_control_vector as rust_pca
     from innerpissa.eval.methods import mean_difference_control_vector, pca_control_vector
+    from innerpissa.eval.rust_engine import RustEngine
+    from innerpissa.eval.rust_engine import mean_difference_control_vector as rust_md
+    from innerpissa.eval.rust_engine import pca_control_vector as rust_pca
     from innerpissa.pairs import ContrastivePair
 
     path = write_llama_gguf(tiny_llama_for_gguf(), tmp_path / "tiny.gguf")
@@ -311,11 +311,13 @@ def test_cli_sweep_on_a_tiny_gguf(tmp_path, monkeypatch):
     from innerpissa.cli import app
 
     monkeypatch.setenv("IPISSA_CACHE", str(tmp_path / "cache"))
+
     # the tiny byte vocabulary has no whole-word "yes"/"no" tokens: score the bytes "y" / "n" instead
-    monkeypatch.setattr(
-        "innerpissa.eval.engines.answer_token_sets",
-        lambda tok, kind="yesno": ([tok.convert_tokens_to_ids("y")], [tok.convert_tokens_to_ids("n")]),
-    )
+    def bytes_yes_no(tok, kind="yesno"):
+        return [tok.convert_tokens_to_ids("y")], [tok.convert_tokens_to_ids("n")]
+
+    for engine_module in ("engines", "rust_engine"):  # the torch and the Rust engine each read the answer tokens
+        monkeypatch.setattr(f"innerpissa.eval.{engine_module}.answer_token_sets", bytes_yes_no)
     path = write_llama_gguf(tiny_llama_for_gguf(), tmp_path / "tiny.gguf")
     model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf", dtype=torch.float32).eval()
     randomize_adapter(attach(model, AdapterConfig(rank=8), meta={"base_model": str(path)})).save(tmp_path / "ad")

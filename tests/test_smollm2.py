@@ -137,7 +137,7 @@ def test_rust_engine_matches_torch_on_smollm2(smol, tmp_path):
 
     from innerpissa.eval import AdapterMethod, TorchEngine, run_sweep
     from innerpissa.eval.datasets import load_mwe, subsample
-    from innerpissa.eval.engines import RustEngine
+    from innerpissa.eval.rust_engine import RustEngine
     from innerpissa.models import gguf_for_spec
 
     fresh = load_model()  # the shared model went through merge/unmerge (±1 ulp): not the GGUF's weights any more

@@ -10,16 +10,7 @@ from conftest import tiny_gemma3, tiny_llama, word_tokenizer
 
 from innerpissa.eval.methods import VectorMethod
 from innerpissa.models import LoadedModel
-from innerpissa.transfer.align import (
-    TransferConfig,
-    align,
-    fold_addition,
-    fold_projection,
-    project_out,
-    projection_effects,
-    steering_effects,
-    transfer_report,
-)
+from innerpissa.transfer.align import TransferConfig, align, projection_effects, steering_effects, transfer_report
 from innerpissa.transfer.contrasts import (
     TOUR_GUIDE,
     ContrastTemplate,
@@ -28,6 +19,7 @@ from innerpissa.transfer.contrasts import (
     load_manifest,
     render_contrasts,
 )
+from innerpissa.transfer.edits import fold_addition, fold_projection, project_out
 from innerpissa.transfer.procrustes import cosine, fit_alignment, weighted_procrustes
 
 
@@ -219,7 +211,7 @@ def test_align_pipeline_on_tiny_models():
 
 
 def test_fold_check_and_report(tmp_path):
-    from innerpissa.transfer.align import fold_check
+    from innerpissa.transfer.edits import fold_check
 
     rows = load_manifest()[:6]
     rows = [type(r)(r.id, r.fields, "heldout" if i >= 4 else "train") for i, r in enumerate(rows)]

@@ -190,7 +190,7 @@ def test_rust_and_torch_engines_give_the_same_mc_scores(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from innerpissa import AdapterConfig, attach
-    from innerpissa.eval.engines import RustEngine
+    from innerpissa.eval.rust_engine import RustEngine
 
     path = write_llama_gguf(tiny_llama_for_gguf(), tmp_path / "tiny.gguf")
     model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf", dtype=torch.float32).eval()

@@ -284,7 +284,8 @@ class _Context:
 def _context(grid: Grid, data_dir) -> _Context:
     from .concepts import get_concept
     from .eval.datasets import EvalDataset
-    from .eval.engines import RustEngine, TorchEngine
+    from .eval.engines import TorchEngine
+    from .eval.rust_engine import RustEngine
     from .eval.suite import concept_datasets, dataset_splits
     from .models import gguf_for_spec, load_model
 

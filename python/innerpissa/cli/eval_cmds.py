@@ -90,7 +90,7 @@ def evaluate(lm, adapter, split, cfg, out: Path, concept: str = "honesty"):
 
 
 def rust_engine(spec, tokenizer, weights: WeightsChoice, batch_size: int):
-    from ..eval.engines import RustEngine
+    from ..eval.rust_engine import RustEngine
     from ..models import gguf_for_spec
 
     return RustEngine(

@@ -98,15 +98,9 @@ def align_cmd(
     from safetensors.torch import save_file
 
     from ..models import load_model
-    from ..transfer.align import (
-        TransferConfig,
-        align,
-        fold_check,
-        projection_effects,
-        steering_effects,
-        transfer_report,
-    )
+    from ..transfer.align import TransferConfig, align, projection_effects, steering_effects, transfer_report
     from ..transfer.contrasts import TOUR_GUIDE, ContrastTemplate, load_manifest
+    from ..transfer.edits import fold_check
 
     t0 = time.perf_counter()
     tpl = ContrastTemplate.from_file(template) if template else TOUR_GUIDE

@@ -6,10 +6,11 @@ adapter, prompting, PCA / mean-difference / random control vectors) → ``engine
 them together.
 """
 
-from .engines import RustEngine, Sweep, TorchEngine, check_sweep_coeffs, run_sweep
+from .engines import Sweep, TorchEngine, check_sweep_coeffs, run_sweep
 from .methods import AdapterMethod, HookMethod, PromptMethod, VectorMethod, build_methods, check_methods
 from .metrics import KL_BUDGET, summarize
 from .report import write_report
+from .rust_engine import RustEngine
 from .suite import HONESTY_TARGETS, default_datasets, run_suite
 
 __all__ = [

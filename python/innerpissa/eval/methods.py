@@ -184,8 +184,8 @@ def build_methods(
         grid = (-2.0, -1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0, 2.0)
         kw = {"coeffs": tuple(vector_coeffs) if vector_coeffs is not None else grid}
         if engine is not None:
-            from .engines import mean_difference_control_vector as rust_md
-            from .engines import pca_control_vector as rust_pca
+            from .rust_engine import mean_difference_control_vector as rust_md
+            from .rust_engine import pca_control_vector as rust_pca
 
             md = rust_md(engine, pairs, layers)
             pca = rust_pca(engine, pairs, layers) if {"pca", "random"} & set(include) else None
