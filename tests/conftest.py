@@ -72,6 +72,17 @@ def tiny_gemma3(vocab_size: int = 256, seed: int = 0, layers: int = 6):
     return Gemma3ForCausalLM(cfg).eval().requires_grad_(False)
 
 
+@pytest.fixture
+def byte_yes_no(monkeypatch):
+    """The tiny byte-vocabulary GGUF has no whole-word "yes"/"no" tokens: both engines score the bytes "y" / "n"."""
+
+    def answer_tokens(tok, kind="yesno"):
+        return [tok.convert_tokens_to_ids("y")], [tok.convert_tokens_to_ids("n")]
+
+    for engine_module in ("engines", "rust_engine"):
+        monkeypatch.setattr(f"innerpissa.eval.{engine_module}.answer_token_sets", answer_tokens)
+
+
 @pytest.fixture(params=["llama", "gemma3"])
 def tiny_model(request):
     return {"llama": tiny_llama, "gemma3": tiny_gemma3}[request.param]()

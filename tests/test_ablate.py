@@ -53,12 +53,7 @@ def _grid(tmp_path, split="test"):
 
 
 @pytest.mark.slow
-def test_ablation_rows_per_seed_on_test_items_and_resume(tmp_path, monkeypatch):
-    def bytes_yes_no(tok, kind="yesno"):
-        return [tok.convert_tokens_to_ids("y")], [tok.convert_tokens_to_ids("n")]
-
-    for engine_module in ("engines", "rust_engine"):  # the torch and the Rust engine each read the answer tokens
-        monkeypatch.setattr(f"innerpissa.eval.{engine_module}.answer_token_sets", bytes_yes_no)
+def test_ablation_rows_per_seed_on_test_items_and_resume(tmp_path, monkeypatch, byte_yes_no):
     grid = _grid(tmp_path)
     out, doc = tmp_path / "ablate", tmp_path / "ablations.md"
     rows = run_ablation(grid, out, SHARED_DATA, doc=doc, log=lambda *_: None)

@@ -300,7 +300,7 @@ def test_rust_baselines_match_torch_extraction(tmp_path):
         torch.testing.assert_close(md[ell], md_ref[ell], atol=1e-4, rtol=1e-4)
 
 
-def test_cli_sweep_on_a_tiny_gguf(tmp_path, monkeypatch):
+def test_cli_sweep_on_a_tiny_gguf(tmp_path, monkeypatch, byte_yes_no):
     """`ipissa sweep` end to end (tokenizer + GGUF only, all five methods) on a tiny Llama and a tiny data set."""
     import json
 
@@ -312,12 +312,6 @@ def test_cli_sweep_on_a_tiny_gguf(tmp_path, monkeypatch):
 
     monkeypatch.setenv("IPISSA_CACHE", str(tmp_path / "cache"))
 
-    # the tiny byte vocabulary has no whole-word "yes"/"no" tokens: score the bytes "y" / "n" instead
-    def bytes_yes_no(tok, kind="yesno"):
-        return [tok.convert_tokens_to_ids("y")], [tok.convert_tokens_to_ids("n")]
-
-    for engine_module in ("engines", "rust_engine"):  # the torch and the Rust engine each read the answer tokens
-        monkeypatch.setattr(f"innerpissa.eval.{engine_module}.answer_token_sets", bytes_yes_no)
     path = write_llama_gguf(tiny_llama_for_gguf(), tmp_path / "tiny.gguf")
     model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf", dtype=torch.float32).eval()
     randomize_adapter(attach(model, AdapterConfig(rank=8), meta={"base_model": str(path)})).save(tmp_path / "ad")

@@ -23,11 +23,7 @@ def _load():
     return mod
 
 
-def test_results_pools_training_seeds_and_reuses_finished_units(tmp_path, monkeypatch):
-    monkeypatch.setattr(
-        "innerpissa.eval.engines.answer_token_sets",
-        lambda tok, kind="yesno": ([tok.convert_tokens_to_ids("y")], [tok.convert_tokens_to_ids("n")]),
-    )
+def test_results_pools_training_seeds_and_reuses_finished_units(tmp_path, monkeypatch, byte_yes_no):
     model = write_llama_gguf(tiny_llama_for_gguf(), tmp_path / "tiny.gguf")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "README.md").write_text("x\n<!-- results-table -->\nold\n<!-- /results-table -->\ny\n")

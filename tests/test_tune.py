@@ -76,12 +76,7 @@ def test_joint_axes_set_their_keys_together(tmp_path):
 
 
 @pytest.mark.slow
-def test_successive_halving_on_dev_items_resumes(tmp_path, monkeypatch):
-    # the tiny byte vocabulary has no whole-word "yes"/"no" tokens: score the bytes "y" / "n" instead
-    monkeypatch.setattr(
-        "innerpissa.eval.engines.answer_token_sets",
-        lambda tok, kind="yesno": ([tok.convert_tokens_to_ids("y")], [tok.convert_tokens_to_ids("n")]),
-    )
+def test_successive_halving_on_dev_items_resumes(tmp_path, monkeypatch, byte_yes_no):
     path = write_llama_gguf(tiny_llama_for_gguf(), tmp_path / "tiny.gguf")
     grid = tmp_path / "grid.toml"
     grid.write_text(GRID.format(model=path))
