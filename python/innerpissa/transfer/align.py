@@ -10,7 +10,7 @@ Pipeline (docs/design.md §9; ``ipissa align`` runs all of it):
    student's held-out activations; steering by adding c·v at the student's block (mapped teacher vs the student's
    own vs a random direction of equal norm), scored as the shift in per-token log-likelihood of style-typical
    continuations, with ΔNLL on neutral text.
-6. ``fold_addition`` / ``fold_projection``: the same edits as weights, so the student runs with no hooks.
+6. ``edits.fold_addition`` / ``edits.fold_projection``: the same edits as weights, so the student runs with no hooks.
 """
 
 from __future__ import annotations
