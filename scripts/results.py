@@ -109,7 +109,7 @@ def run_unit(
     import torch
 
     from innerpissa import attach, load_adapter
-    from innerpissa.adapter.model import select_layers
+    from innerpissa.adapter.targets import select_layers
     from innerpissa.eval import build_methods, run_suite, write_report
     from innerpissa.eval.methods import AdapterMethod
     from innerpissa.train import TrainConfig, train

@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 
 from innerpissa import AdapterConfig, attach
 from innerpissa.adapter.layer import InnerPiSSALayer
-from innerpissa.adapter.model import Adapter, fingerprint
+from innerpissa.adapter.model import Adapter
+from innerpissa.adapter.storage import fingerprint
 from innerpissa.eval.methods import VectorMethod, mean_difference_control_vector
 from innerpissa.export import (
     GGUFExportError,

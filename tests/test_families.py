@@ -115,7 +115,7 @@ def test_innerpissa_loader_names_the_family_loader(tmp_path):
 
 @pytest.mark.parametrize("arch", sorted(MODELS))
 def test_sublayer_roles_are_found_by_structure(arch):
-    from innerpissa.adapter.model import find_targets
+    from innerpissa.adapter.targets import find_targets
 
     model = MODELS[arch]()
     names = {

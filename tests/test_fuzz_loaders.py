@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from innerpissa.adapter.config import AdapterConfig
-from innerpissa.adapter.model import _read_adapter_config
+from innerpissa.adapter.storage import read_adapter_config
 from innerpissa.errors import InnerPiSSAError
 from innerpissa.pairs import PairFileError, load_pairs
 from innerpissa.transfer.contrasts import ManifestError, load_manifest
@@ -141,7 +141,7 @@ def test_adapter_config_file_only_raises_adapter_errors(obj):
     d = Path(tempfile.mkdtemp())
     (d / "adapter_config.json").write_text(json.dumps(obj))
     try:
-        cfg = _read_adapter_config(d)
+        cfg = read_adapter_config(d)
         AdapterConfig.from_dict(cfg["adapter"], source=str(d / "adapter_config.json"))
     except InnerPiSSAError as e:
         assert "adapter_config.json" in str(e)

@@ -14,10 +14,11 @@ from conftest import tiny_llama, word_tokenizer
 
 from innerpissa import AdapterConfig, attach, load_adapter
 from innerpissa.adapter.layer import skew
-from innerpissa.adapter.model import decoder_blocks
+from innerpissa.adapter.targets import decoder_blocks
 from innerpissa.pairs import make_honesty_pairs
 from innerpissa.train import (
     TrainConfig,
+    batch_free_reference,
     batch_reference,
     constraint_weight,
     forward_states,
@@ -116,6 +117,40 @@ def test_cached_reference_gives_the_same_loss():
         cached, m2 = reprpo_loss(adapter, batch, ruler, cfg, block, reference=batch_reference(cache, idx, batch))
     assert float(cached) == pytest.approx(float(fresh), abs=1e-4)
     assert m2["ds_plus"] == pytest.approx(m1["ds_plus"], abs=1e-4)
+
+
+def test_cached_persona_free_reference_gives_the_same_anchored_loss():
+    model, tok, split = _setup()
+    adapter = attach(model, AdapterConfig(rank=8))
+    with torch.no_grad():
+        for n in adapter.target_names:
+            adapter.layer(n).delta.normal_(0, 0.05)
+    cfg = TrainConfig(batch_pairs=4, objective="anchored")
+    pairs = list(split.train)
+    ruler = preference_direction(adapter, tok, pairs, cfg)
+    block = decoder_blocks(model)[ruler.block_index]
+    cache = reference_cache(adapter, tok, pairs, cfg, block, free=True)
+    idx = [7, 2, 10, 1]  # another composition and padding than the cache's chunks
+    chosen = [pairs[i] for i in idx]
+    batch = tokenize_pairs(tok, chosen, cfg.max_suffix_tokens)
+    free = tokenize_neutral(tok, chosen, cfg.max_suffix_tokens)
+    with torch.no_grad():
+        fresh, m1 = reprpo_loss(adapter, batch, ruler, cfg, block, free)
+        cached, m2 = reprpo_loss(
+            adapter,
+            batch,
+            ruler,
+            cfg,
+            block,
+            free,
+            reference=batch_reference(cache, idx, batch),
+            free_reference=batch_free_reference(cache, idx, free),
+        )
+    assert float(fresh) != 0.0
+    assert float(cached) == pytest.approx(float(fresh), abs=1e-4)
+    assert set(m1) == set(m2) and all(m2[k] == pytest.approx(m1[k], abs=1e-4) for k in m1)
+    with pytest.raises(RuntimeError, match="persona-free"):
+        batch_free_reference(reference_cache(adapter, tok, pairs[:4], cfg, block), [0, 1], free)
 
 
 def test_epochs_schedule_and_constraint_warmup():

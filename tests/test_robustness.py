@@ -21,14 +21,8 @@ from safetensors.torch import load_file, save_file
 from tiny_gguf import tiny_llama_for_gguf, write_llama_gguf
 
 from innerpissa import AdapterConfig, attach, load_adapter
-from innerpissa.adapter.model import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    SteeringRangeWarning,
-    atomic_dir,
-    check_output,
-    tensor_checksum,
-)
+from innerpissa.adapter.model import SteeringRangeWarning
+from innerpissa.adapter.storage import CONFIG_NAME, WEIGHTS_NAME, tensor_checksum
 from innerpissa.cli import main
 from innerpissa.errors import (
     AdapterFileError,
@@ -38,6 +32,7 @@ from innerpissa.errors import (
     ResumeMismatchError,
     TrainingDivergedError,
 )
+from innerpissa.outputs import atomic_dir, check_output
 from innerpissa.pairs import ContrastivePair, make_honesty_pairs
 from innerpissa.train import TrainConfig, train
 

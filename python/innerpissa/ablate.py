@@ -20,8 +20,8 @@ import platform
 import time
 from pathlib import Path
 
-from .adapter.model import atomic_write
 from .errors import ConfigError
+from .outputs import atomic_write
 from .tune import load_grid, run_search, seed_summary
 
 

@@ -17,8 +17,11 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from .errors import ConfigError
 
 DEFAULT_MODEL = "embedded:smollm2"
 GEMMA3_270M = "embedded:gemma3-270m"
@@ -150,8 +153,6 @@ def gguf_for_spec(spec: str | None) -> Path:
         ConfigError: the spec is a transformers checkpoint or a hub id (says what to use instead).
         FileNotFoundError: as ``find_gguf``.
     """
-    from .errors import ConfigError
-
     path = find_gguf(spec)
     if path is None:
         raise ConfigError(
@@ -191,7 +192,12 @@ def _ready_tokenizer(tok):
     return tok
 
 
-def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, allow_network: bool = False) -> LoadedModel:
+def load_model(
+    spec: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    allow_network: bool = False,
+    **from_pretrained: Any,
+) -> LoadedModel:
     """Load a causal LM and its tokenizer, in eval mode with gradients off for its weights.
 
     Args:
@@ -200,20 +206,30 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, allo
             file; a local model directory; or a Hugging Face hub id (needs ``allow_network=True``).
         dtype: parameter dtype (fp32 default; bf16 is slower than fp32 on AVX-512 CPUs without AMX).
         allow_network: permit hub downloads. Off by default so nothing reaches the network by accident.
+        from_pretrained: passed to ``AutoModelForCausalLM.from_pretrained`` for model directories and hub ids, e.g.
+            ``device_map="auto"`` and ``max_memory={0: "70GiB", "cpu": "200GiB"}`` for a model that does not fit
+            one device (accelerate's big-model loading). Not accepted for GGUF files.
 
     Raises:
         FileNotFoundError: a path that does not exist, a missing embedded package, or a hub id while offline.
+        ConfigError: ``from_pretrained`` arguments for a GGUF model.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     spec = spec or DEFAULT_MODEL
     gguf = find_gguf(spec)
     if gguf is not None:
+        if from_pretrained:
+            raise ConfigError(
+                f"{spec}: a GGUF model is de-quantized on one device; {sorted(from_pretrained)} apply to model "
+                "directories and hub ids only",
+                field="from_pretrained",
+            )
         model, tok = _load_gguf(gguf, dtype)
     elif Path(spec).expanduser().is_dir():
         path = Path(spec).expanduser()
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, **from_pretrained)
     else:
         if not allow_network:
             raise FileNotFoundError(
@@ -221,8 +237,8 @@ def load_model(spec: str | None = None, dtype: torch.dtype = torch.float32, allo
                 "allow_network=True (CLI: --allow-network)"
             )
         tok = AutoTokenizer.from_pretrained(spec)
-        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
-    from .adapter.model import check_causal_decoder
+        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype, **from_pretrained)
+    from .adapter.targets import check_causal_decoder
 
     check_causal_decoder(model)
     tok = _ready_tokenizer(tok)

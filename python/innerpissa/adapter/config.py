@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, fields
 
 from ..errors import ConfigError
 
-#: values of ``AdapterConfig.modules``: sublayer roles and groups (``adapter.model.sublayers``)
+#: values of ``AdapterConfig.modules``: sublayer roles and groups (``adapter.targets.sublayers``)
 MODULE_CHOICES = ("attn", "mlp", "o", "down", "q", "k", "v", "gate", "up", "writers", "readers")
 
 

@@ -42,8 +42,10 @@ import torch
 from torch import nn
 
 from ..errors import AdapterFileError, ConfigError, MissingFileError, NonFiniteError
+from ..outputs import atomic_write
 from .config import AdapterConfig
-from .model import atomic_write, find_targets, fingerprint, hidden_size
+from .storage import fingerprint
+from .targets import find_targets, hidden_size
 
 ADAPTER_NAME = "steer"
 CONFIG_NAME = "steering_config.json"

@@ -26,7 +26,9 @@ from torch import nn
 
 from .config import AdapterConfig
 from .layer import InnerPiSSALayer
-from .model import Adapter, find_targets, fingerprint
+from .model import Adapter
+from .storage import fingerprint
+from .targets import find_targets
 
 ADAPTER_NAME = "steer"
 

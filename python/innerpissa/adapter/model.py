@@ -8,233 +8,37 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from ..errors import AdapterFileError, ConfigError, MissingFileError, NonFiniteError, OutputExistsError, finite_coeff
+from ..errors import AdapterFileError, ConfigError, MissingFileError, NonFiniteError, finite_coeff
 from ..hooks import forward_hooks
+from ..outputs import atomic_write
 from .config import AdapterConfig
 from .layer import InnerPiSSALayer
+from .storage import (
+    CONFIG_NAME,
+    FORMAT_VERSION,
+    WEIGHTS_NAME,
+    fingerprint,
+    read_adapter_config,
+    read_adapter_tensors,
+    tensor_checksum,
+)
+from .targets import block_names, check_causal_decoder, find_targets, hidden_size
 
-# 1: tensors + config; 2: adds ``tensor_sha256`` (checked on load). Version-1 directories still load.
-FORMAT_VERSION = 2
 # |c| beyond this multiple of the largest trained |c| triggers a SteeringRangeWarning.
 RANGE_WARN_FACTOR = 2.0
-WEIGHTS_NAME = "adapter_model.safetensors"
-CONFIG_NAME = "adapter_config.json"
-
-
-class UnsupportedArchitectureError(ConfigError):
-    """The model's decoder blocks or residual writers could not be found by structure, or it is not a
-    decoder-only causal LM."""
 
 
 class SteeringRangeWarning(UserWarning):
     """A steering coefficient far outside the range the adapter was trained at (text may degrade)."""
-
-
-def check_causal_decoder(model: nn.Module) -> None:
-    """Refuse encoder-decoder models and encoder architectures configured as decoders (BERT with
-    ``is_decoder=True``): InnerPiSSA steers the residual stream of a decoder-only causal LM.
-
-    Raises:
-        UnsupportedArchitectureError: naming the config flag that gave it away.
-    """
-    cfg = getattr(model, "config", None)
-    name = type(model).__name__
-    for flag in ("is_encoder_decoder", "is_decoder", "add_cross_attention"):
-        if getattr(cfg, flag, False) is True:
-            raise UnsupportedArchitectureError(
-                f"{name}: config.{flag} is True; innerpissa needs a decoder-only causal LM (Llama, Gemma, Qwen, "
-                "Mistral families), not an encoder or encoder-decoder model"
-            )
-
-
-def decoder_blocks(model: nn.Module) -> nn.ModuleList:
-    """The list of decoder blocks: the longest ``nn.ModuleList`` whose children all share one class.
-
-    Raises:
-        UnsupportedArchitectureError: no such list (or several of equal length).
-    """
-    best: list[nn.ModuleList] = []
-    for mod in model.modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > 1 and len({type(m) for m in mod}) == 1:  # noqa: SIM102
-            if any(isinstance(c, nn.Linear) for c in mod[0].modules()):
-                if not best or len(mod) > len(best[0]):
-                    best = [mod]
-                elif len(mod) == len(best[0]):
-                    best.append(mod)
-    if len(best) != 1:
-        raise UnsupportedArchitectureError(
-            f"{type(model).__name__}: expected one list of identical decoder blocks, found {len(best)}; "
-            "innerpissa supports decoder-only transformers (Llama, Gemma, Qwen, Mistral families)"
-        )
-    return best[0]
-
-
-def hidden_size(model: nn.Module) -> int:
-    cfg = getattr(model, "config", None)
-    cfg = getattr(cfg, "text_config", cfg)
-    d = getattr(cfg, "hidden_size", None)
-    if d is None:
-        raise UnsupportedArchitectureError(f"{type(model).__name__}: config has no hidden_size")
-    return int(d)
-
-
-def residual_writers(block: nn.Module, d_model: int) -> dict[str, tuple[str, nn.Linear]]:
-    """The linear layers of one decoder block that write into the residual stream.
-
-    For each direct child of the block that contains linear layers (the attention and the MLP sub-modules),
-    the residual writer is its last-registered ``nn.Linear`` with ``out_features == d_model`` (the attention
-    output projection, the MLP down projection). The attention child is the one with ≥ 3 linears reading
-    d_model (q, k, v); the MLP child has fewer (gate and up, or up alone).
-
-    Returns:
-        ``{"attn": (name, linear), "mlp": (name, linear)}`` with names relative to the block.
-    Raises:
-        UnsupportedArchitectureError: not exactly one attention-like and one MLP-like child.
-    """
-    found: dict[str, tuple[str, nn.Linear]] = {}
-    for child_name, child in block.named_children():
-        linears = [(n, m) for n, m in child.named_modules() if isinstance(m, nn.Linear)]
-        writers = [(n, m) for n, m in linears if m.out_features == d_model]
-        if not writers:
-            continue
-        name, lin = writers[-1]
-        readers = [m for _, m in linears if m.in_features == d_model]
-        kind = "attn" if len(readers) >= 3 else "mlp"
-        if kind in found:
-            raise UnsupportedArchitectureError(
-                f"decoder block {type(block).__name__}: two {kind}-like sub-modules ({found[kind][0]}, {child_name})"
-            )
-        found[kind] = (f"{child_name}.{name}", lin)
-    if set(found) != {"attn", "mlp"}:
-        raise UnsupportedArchitectureError(
-            f"decoder block {type(block).__name__}: could not find both an attention output projection and an "
-            f"MLP down projection writing d_model={d_model} (found {sorted(found)})"
-        )
-    return found
-
-
-#: sublayer groups of ``AdapterConfig.modules``, and the aliases of the two residual writers
-ROLE_GROUPS = {
-    "writers": ("o", "down"),
-    "readers": ("q", "k", "v", "gate", "up"),
-    "attn": ("o",),
-    "mlp": ("down",),
-}
-ROLES = ("q", "k", "v", "o", "gate", "up", "down")
-
-
-def sublayers(block: nn.Module, d_model: int) -> dict[str, tuple[str, nn.Linear]]:
-    """Every linear layer of one decoder block by role, found by structure (``residual_writers`` first).
-
-    Roles: ``o`` and ``down``, the residual writers; ``q``, ``k``, ``v``, the attention child's linears that read
-    d_model, in registration order (transformers registers q, k, v, o in that order); ``gate`` and ``up``, the MLP
-    child's linears that read d_model (``gate`` only when there are two; a gateless MLP has ``up`` alone).
-
-    Returns:
-        ``{role: (name relative to the block, linear)}``.
-    Raises:
-        UnsupportedArchitectureError: as ``residual_writers``, or an attention child without exactly three readers
-            (fused q/k/v projections are not split).
-    """
-    writers = residual_writers(block, d_model)
-    out = {"o": writers["attn"], "down": writers["mlp"]}
-    for kind, roles in (("attn", ("q", "k", "v")), ("mlp", ("gate", "up"))):
-        child_name = writers[kind][0].split(".")[0]
-        child = getattr(block, child_name)
-        readers = [
-            (f"{child_name}.{n}", m)
-            for n, m in child.named_modules()
-            if isinstance(m, nn.Linear) and m.in_features == d_model and f"{child_name}.{n}" != writers[kind][0]
-        ]
-        if kind == "attn" and len(readers) != 3:
-            raise UnsupportedArchitectureError(
-                f"decoder block {type(block).__name__}: {len(readers)} attention input projections, expected "
-                "separate q, k and v"
-            )
-        if kind == "mlp" and len(readers) not in (1, 2):
-            raise UnsupportedArchitectureError(
-                f"decoder block {type(block).__name__}: {len(readers)} MLP input projections, expected gate and up"
-            )
-        out.update(zip(roles[-len(readers) :], readers))
-    return out
-
-
-def expand_modules(modules) -> list[str]:
-    """``AdapterConfig.modules`` → sublayer roles in block order (q, k, v, o, gate, up, down), groups expanded."""
-    want = {r for m in modules for r in ROLE_GROUPS.get(m, (m,))}
-    return [r for r in ROLES if r in want]
-
-
-def select_layers(n_layers_total: int, config: AdapterConfig) -> list[int]:
-    """Indices of adapted blocks: round(start·L) … (L−3 or round(stop·L)), optionally thinned evenly."""
-    start_f, stop_f = config.depth_range
-    start = int(round(start_f * n_layers_total))
-    stop = n_layers_total - 3 if stop_f is None else int(round(stop_f * n_layers_total))
-    stop = min(stop, n_layers_total - 1)
-    if stop < start:
-        raise ValueError(f"depth_range {config.depth_range} selects no layer of a {n_layers_total}-layer model")
-    layers = list(range(start, stop + 1))
-    if config.n_layers is not None and config.n_layers < len(layers):
-        idx = torch.linspace(0, len(layers) - 1, config.n_layers).round().long().tolist()
-        layers = sorted({layers[i] for i in idx})
-    return layers
-
-
-def block_names(model: nn.Module) -> list[str]:
-    """Full module names of the decoder blocks, in depth order (e.g. ``model.layers.3``)."""
-    blocks = decoder_blocks(model)
-    prefix = next(n for n, m in model.named_modules() if m is blocks)
-    return [f"{prefix}.{i}" for i in range(len(blocks))]
-
-
-def find_targets(model: nn.Module, config: AdapterConfig) -> dict[str, nn.Linear]:
-    """Map of full module name → linear layer to adapt (``config.modules`` roles of the selected blocks), in depth
-    order and, within a block, in the order q, k, v, o, gate, up, down.
-
-    Raises:
-        UnsupportedArchitectureError: a requested role that the blocks do not have (e.g. ``gate`` in a gateless
-            MLP).
-    """
-    blocks = decoder_blocks(model)
-    names = block_names(model)
-    d_model = hidden_size(model)
-    targets: dict[str, nn.Linear] = {}
-    roles = expand_modules(config.modules)
-    for i in select_layers(len(blocks), config):
-        if set(roles) <= {"o", "down"}:  # the default: no need to find (or require) the readers
-            writers = residual_writers(blocks[i], d_model)
-            found = {"o": writers["attn"], "down": writers["mlp"]}
-        else:
-            found = sublayers(blocks[i], d_model)
-        for role in roles:
-            if role not in found:
-                raise UnsupportedArchitectureError(f"decoder block {i} has no {role!r} projection")
-            rel, lin = found[role]
-            targets[f"{names[i]}.{rel}"] = lin
-    return targets
-
-
-def fingerprint(weights: dict[str, torch.Tensor]) -> str:
-    """sha256 over the names, shapes and fp32 values of the targeted base weights."""
-    h = hashlib.sha256()
-    for name in sorted(weights):
-        w = weights[name].detach().float().contiguous().cpu()
-        h.update(f"{name}|{tuple(w.shape)}|".encode())
-        h.update(w.numpy().tobytes())
-    return h.hexdigest()
 
 
 class Adapter(nn.Module):
@@ -409,104 +213,6 @@ class Adapter(nn.Module):
         return out
 
 
-def tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 over the sorted names, dtypes, shapes and bytes of ``tensors`` (stored as ``tensor_sha256``)."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().contiguous().cpu()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def check_output(
-    path: str | Path, overwrite: bool = False, *, kind: str = "dir", protect: tuple[str | Path, ...] = ()
-) -> Path:
-    """Check an output path before any compute: nothing the caller did not ask to replace gets replaced.
-
-    Args:
-        path: output directory (``kind="dir"``) or file (``kind="file"``).
-        overwrite: allow a non-empty directory (only the files the export writes are replaced; others are
-            kept) or an existing file.
-        protect: directories the output must not be or contain (e.g. the adapter being exported).
-    Raises:
-        OutputExistsError: the path exists (non-empty) without ``overwrite``, has the wrong kind, or is a
-            protected input directory.
-    """
-    p = Path(path).expanduser()
-    for q in protect:
-        q = Path(q).expanduser().resolve()
-        if p.resolve() == q:
-            raise OutputExistsError(
-                f"output is the input directory {q} (or holds it); choose another output path", path=p
-            )
-    if kind == "dir":
-        if p.exists() and not p.is_dir():
-            raise OutputExistsError("exists and is not a directory; choose another output path", path=p)
-        if p.is_dir() and any(p.iterdir()) and not overwrite:
-            raise OutputExistsError(
-                "exists and is not empty; pass --overwrite (overwrite=True) to replace the "
-                "files this command writes (other files are kept), or choose another path",
-                path=p,
-            )
-    else:
-        if p.is_dir():
-            raise OutputExistsError("is a directory; the output of this format is a file", path=p)
-        if p.exists() and not overwrite:
-            raise OutputExistsError(
-                "exists; pass --overwrite (overwrite=True) to replace it, or choose another path", path=p
-            )
-    return p
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp)`` on a temporary sibling of ``path``, then rename it to ``path`` (removed on error)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_dir(out: Path, fill, overwrite: bool = False) -> Path:
-    """Fill a temporary sibling directory, then publish it as ``out``.
-
-    A new or empty ``out`` receives the whole directory by rename. A non-empty ``out`` is refused unless
-    ``overwrite``; then each written file replaces its namesake by an atomic rename and every other file in
-    ``out`` is kept. Nothing is ever deleted that ``fill`` did not write.
-
-    Raises:
-        OutputExistsError: ``out`` is non-empty without ``overwrite``, or a written file would replace a
-            directory (or a directory a file).
-    """
-    out = check_output(out, overwrite).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
-        fill(tmp)
-        if not out.exists():
-            os.replace(tmp, out)
-            return out
-        for src in sorted(tmp.rglob("*")):
-            dst = out / src.relative_to(tmp)
-            if src.is_dir():
-                if dst.exists() and not dst.is_dir():
-                    raise OutputExistsError("is a file where the export writes a directory", path=dst)
-                dst.mkdir(exist_ok=True)
-            else:
-                if dst.is_dir():
-                    raise OutputExistsError("is a directory where the export writes a file", path=dst)
-                os.replace(src, dst)
-        shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
 def attach(
     model: nn.Module, config: AdapterConfig | None = None, meta: dict | None = None, pairs=None, tokenizer=None
 ) -> Adapter:
@@ -616,102 +322,6 @@ def data_aware_components(
     return out
 
 
-def _read_adapter_config(d: Path) -> dict:
-    """adapter_config.json of directory ``d``, with every field the loader uses type-checked."""
-    cfg_path = d / CONFIG_NAME
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterFileError(f"not valid JSON ({e}); re-save the adapter", path=cfg_path) from None
-    if not isinstance(cfg, dict):
-        raise AdapterFileError(f"expected a JSON object, got {type(cfg).__name__}", path=cfg_path)
-    if cfg.get("format", "innerpissa") != "innerpissa":
-        raise AdapterFileError(
-            f"field 'format' is {cfg['format']!r}, not 'innerpissa': not an innerpissa adapter "
-            "(a PEFT export loads with peft, not load_adapter)",
-            path=cfg_path,
-            field="format",
-        )
-    version = cfg.get("format_version")
-    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
-        raise AdapterFileError(
-            f"field 'format_version' is {version!r}; this innerpissa reads versions 1.."
-            f"{FORMAT_VERSION} (upgrade innerpissa for newer adapters)",
-            path=cfg_path,
-            field="format_version",
-        )
-    for field in ("adapter", "target_modules", "base_fingerprint"):
-        if field not in cfg:
-            raise AdapterFileError(f"missing field {field!r}; re-save the adapter", path=cfg_path, field=field)
-    names = cfg["target_modules"]
-    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
-        raise AdapterFileError(
-            f"field 'target_modules' must be a non-empty list of module names, got {names!r:.80}",
-            path=cfg_path,
-            field="target_modules",
-        )
-    fp = cfg["base_fingerprint"]
-    if not isinstance(fp, str) or len(fp) != 64 or any(ch not in "0123456789abcdef" for ch in fp):
-        raise AdapterFileError(
-            "field 'base_fingerprint' must be a sha256 hex digest (64 characters 0-9a-f)",
-            path=cfg_path,
-            field="base_fingerprint",
-        )
-    loss = cfg.get("loss")
-    if loss is not None:
-        from ..train.objectives import OBJECTIVES
-
-        if (
-            not isinstance(loss, dict)
-            or loss.get("name") not in OBJECTIVES
-            or isinstance(loss.get("version"), bool)
-            or not isinstance(loss.get("version"), int)
-            or not 1 <= loss["version"] <= OBJECTIVES[loss["name"]]
-        ):
-            known = ", ".join(f"{k} versions 1..{v}" for k, v in OBJECTIVES.items())
-            raise AdapterFileError(
-                f"field 'loss' is {loss!r}; this innerpissa knows {known} (upgrade innerpissa)",
-                path=cfg_path,
-                field="loss",
-            )
-    if version >= 2 and not isinstance(cfg.get("tensor_sha256"), str):
-        raise AdapterFileError(
-            "missing field 'tensor_sha256' (format version 2 stores a checksum of the tensors)",
-            path=cfg_path,
-            field="tensor_sha256",
-        )
-    return cfg
-
-
-def _read_adapter_tensors(d: Path, cfg: dict) -> dict[str, torch.Tensor]:
-    """adapter_model.safetensors, checked against the config's checksum and for finite values."""
-    path = d / WEIGHTS_NAME
-    try:
-        tensors = load_file(str(path))
-    except Exception as e:  # safetensors raises its own error type for truncated / garbled headers
-        raise AdapterFileError(
-            f"unreadable safetensors file ({type(e).__name__}: {e}); the file is truncated or "
-            "corrupted: re-save or re-export the adapter",
-            path=path,
-        ) from None
-    want = cfg.get("tensor_sha256")
-    if want is not None and tensor_checksum(tensors) != want:
-        raise AdapterFileError(
-            "tensor checksum differs from adapter_config.json's tensor_sha256: the file is "
-            "corrupted (or was edited); re-save the adapter",
-            path=path,
-            field="tensor_sha256",
-        )
-    for name, t in tensors.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise NonFiniteError(
-                f"tensor {name!r} holds NaN or inf: the training diverged; retrain with a lower learning rate",
-                path=path,
-                field=name,
-            )
-    return tensors
-
-
 def load_adapter(model: nn.Module, directory: str | Path) -> Adapter:
     """Load an adapter saved by ``Adapter.save`` onto ``model``.
 
@@ -736,7 +346,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> Adapter:
     for f in (CONFIG_NAME, WEIGHTS_NAME):
         if not (d / f).is_file():
             raise MissingFileError(f"{f} not found: not an innerpissa adapter directory", path=d)
-    cfg = _read_adapter_config(d)
+    cfg = read_adapter_config(d)
     config = AdapterConfig.from_dict(cfg["adapter"], source=str(d / CONFIG_NAME))
     made_for = cfg.get("base_model_class")
     if made_for is not None and made_for != type(model).__name__:
@@ -751,7 +361,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> Adapter:
     weights = {n: mods[n].weight for n in cfg["target_modules"]}
     if fingerprint(weights) != cfg["base_fingerprint"]:
         raise ValueError(f"{d}: adapter was made for a different base model (weight fingerprint differs)")
-    tensors = _read_adapter_tensors(d, cfg)
+    tensors = read_adapter_tensors(d, cfg)
     layers = {}
     for name in cfg["target_modules"]:
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from enum import Enum
 from pathlib import Path
 
 import typer
@@ -42,6 +43,22 @@ EngineOpt = typer.Option(
     help="evaluator: auto (rust for GGUF models it reads, else torch), torch "
     "(transformers, any model) or rust (GGUF models: Llama family, Gemma 3; all coefficients "
     "of a method in one pass, 3-5x faster on CPU)",
+)
+
+
+class DtypeChoice(str, Enum):
+    """Weight dtype of the base model in torch (the adapter's U, S, V, θ, δ stay fp32 in every case)."""
+
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+DtypeOpt = typer.Option(
+    DtypeChoice.float32,
+    help="base-model weight dtype for torch training and evaluation (the adapter stays fp32; c = 0 stays exact): "
+    "bfloat16/float16 halve the memory and are slower than float32 on CPUs without AMX; the Rust engine "
+    "computes in float32 whatever this says",
 )
 
 
@@ -106,7 +123,7 @@ def check_run_dir(out: Path, overwrite: bool) -> None:
 
     if overwrite or not out.exists():
         return
-    from ..adapter.model import check_output
+    from ..outputs import check_output
 
     state = out / RUN_STATE
     if not state.is_file():
@@ -122,11 +139,11 @@ def check_run_dir(out: Path, overwrite: bool) -> None:
 def adapter_meta(adapter: Path) -> dict:
     """adapter_config.json of an adapter directory, read before any model is loaded (full checks happen in
     ``load_adapter``). Raises AdapterFileError naming the file."""
-    from ..adapter.model import CONFIG_NAME, _read_adapter_config
+    from ..adapter.storage import CONFIG_NAME, read_adapter_config
     from ..errors import MissingFileError
 
     if not (adapter / CONFIG_NAME).is_file():
         raise MissingFileError(
             f"{CONFIG_NAME} not found: not an adapter directory (from `ipissa train`: RUN/adapter)", path=adapter
         )
-    return _read_adapter_config(adapter)
+    return read_adapter_config(adapter)

@@ -13,6 +13,8 @@ import typer
 
 from ..eval.config import EngineChoice, EvalConfig, WeightsChoice
 from .common import (
+    DtypeChoice,
+    DtypeOpt,
     EngineOpt,
     EvalOpts,
     ModelOpt,
@@ -127,9 +129,10 @@ def eval_cmd(
     weights: WeightsChoice = WeightsOpt,
     allow_network: bool = typer.Option(False),
     threads: int | None = typer.Option(None),
+    dtype: DtypeChoice = DtypeOpt,
 ):
     """Sweep the adapter and the baselines over held-out questions; write report.md, results.json, PNGs."""
-    from ..adapter.model import check_output
+    from ..outputs import check_output
 
     cfg = EvalConfig(
         methods=methods,
@@ -149,11 +152,11 @@ def eval_cmd(
     ).validate()  # a bad option or data file fails before the model loads
     check_output(out, overwrite)
     meta = adapter_meta(adapter)
-    setup(allow_network, threads)
+    torch = setup(allow_network, threads)
     from .. import load_adapter
     from ..models import load_model
 
-    lm = load_model(model or meta.get("base_model"), allow_network=allow_network)
+    lm = load_model(model or meta.get("base_model"), dtype=getattr(torch, dtype.value), allow_network=allow_network)
     ad = load_adapter(lm.model, adapter)
     concept = concept or meta.get("concept", "honesty")
     split = cli_pairs(lm.tokenizer, pairs, n_pairs, seed, concept)
@@ -188,9 +191,11 @@ def sweep_cmd(
     if threads:
         os.environ["RAYON_NUM_THREADS"] = str(threads)
     setup(False, threads)
-    from ..adapter.model import _read_adapter_tensors, check_output, select_layers
+    from ..adapter.storage import read_adapter_tensors
+    from ..adapter.targets import select_layers
     from ..eval import build_methods, check_sweep_coeffs, default_datasets, run_suite, write_report
     from ..models import load_tokenizer
+    from ..outputs import check_output
 
     try:
         parsed = [float(c) for c in coeffs.split(",")]
@@ -213,7 +218,7 @@ def sweep_cmd(
     ).validate()
     check_output(out, overwrite)
     meta = adapter_meta(adapter)
-    _read_adapter_tensors(adapter, meta)  # checksum and finite values, as load_adapter checks them
+    read_adapter_tensors(adapter, meta)  # checksum and finite values, as load_adapter checks them
     spec = model or meta.get("base_model")
     tok = load_tokenizer(spec)
     eng = rust_engine(spec, tok, cfg.weights, cfg.batch_size)

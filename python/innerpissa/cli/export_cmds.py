@@ -48,8 +48,8 @@ def export_cmd(
     threads: int | None = typer.Option(None),
 ):
     """Export a steered model for transformers, llama.cpp, ONNX Runtime or PEFT (see docs/export.md)."""
-    from ..adapter.model import check_output
     from ..errors import ConfigError, finite_coeff
+    from ..outputs import check_output
 
     fmt = ExportFormat(fmt_choice).value
     live = fmt in ("onnx-live", "lora-live")
@@ -122,12 +122,12 @@ def control_vector_cmd(
     threads: int | None = typer.Option(None),
 ):
     """Train a PCA (repeng) or mean-difference control vector on pairs; write llama.cpp's GGUF layout."""
-    from ..adapter.model import check_output
+    from ..outputs import check_output
 
     check_output(out, overwrite, kind="file")
     setup(allow_network, threads)
     from .. import AdapterConfig
-    from ..adapter.model import decoder_blocks, select_layers
+    from ..adapter.targets import decoder_blocks, select_layers
     from ..eval.methods import mean_difference_control_vector, pca_control_vector
     from ..export import export_control_vector
     from ..models import load_model

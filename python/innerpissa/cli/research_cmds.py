@@ -16,7 +16,7 @@ from .common import EvalOpts, OverwriteOpt, app, setup
 
 @app.command("tune")
 def tune_cmd(
-    grid: Path = typer.Option(..., help="grid file (TOML; see innerpissa/tune.py and docs/tuning.md)"),
+    grid: Path = typer.Option(..., help="grid file (TOML; format in the innerpissa.tune docstring and docs/tuning.md)"),
     out: Path = typer.Option(
         Path("runs/tune"), help="search directory: rows.jsonl, runs/, summary.md; a rerun resumes it"
     ),
@@ -89,8 +89,8 @@ def align_cmd(
     threads: int | None = typer.Option(None),
 ):
     """Align a teacher's and a student's task subspaces and test the teacher's directions on the student."""
-    from ..adapter.model import check_output
     from ..errors import finite_coeff
+    from ..outputs import check_output
 
     check_output(out, overwrite)
     fold_coeff = finite_coeff(fold_coeff, "--fold-coeff")
@@ -128,7 +128,7 @@ def align_cmd(
     tensors = {f"map.{k_}": v.contiguous() for k_, v in res.map.state_dict().items()}
     for kind, dirs in (("teacher", res.teacher_dirs), ("student", res.student_dirs), ("mapped", res.mapped_dirs)):
         tensors.update({f"{kind}.{n}": v.float().contiguous() for n, v in dirs.items()})
-    from ..adapter.model import atomic_write
+    from ..outputs import atomic_write
 
     atomic_write(out / "alignment.safetensors", lambda p: save_file(tensors, str(p)))
     if fold is not None:

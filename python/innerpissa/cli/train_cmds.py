@@ -10,6 +10,8 @@ import typer
 from ..eval.config import EngineChoice, EvalConfig, WeightsChoice
 from .common import (
     ConceptOpt,
+    DtypeChoice,
+    DtypeOpt,
     EngineOpt,
     EvalOpts,
     ModelOpt,
@@ -36,6 +38,7 @@ def train_adapter(
     overwrite: bool = False,
     cfg_kwargs: dict | None = None,
     concept: str = "honesty",
+    dtype: str = "float32",
 ):
     from .. import AdapterConfig
     from ..concepts import get_concept
@@ -55,7 +58,7 @@ def train_adapter(
 
     if pairs_path is not None and not pairs_path.is_file():
         raise FileNotFoundError(f"--pairs {pairs_path}: file not found")
-    lm = load_model(model_spec, allow_network=allow_network)
+    lm = load_model(model_spec, dtype=getattr(torch, dtype), allow_network=allow_network)
     split = cli_pairs(lm.tokenizer, pairs_path, n_pairs, seed, concept)
     from ..train.objectives import needs_neutral
 
@@ -131,8 +134,13 @@ def train_cmd(
     overwrite: bool = OverwriteOpt,
     allow_network: bool = typer.Option(False, help="allow Hugging Face hub downloads"),
     threads: int | None = typer.Option(None, help="torch threads (default: all cores)"),
+    dtype: DtypeChoice = DtypeOpt,
 ):
-    """Train an InnerPiSSA adapter at c = +1 and c = −1 with the chosen objective (default: the ReprPO loss)."""
+    """Train an InnerPiSSA adapter at c = +1 and c = −1 with the chosen objective (default: the anchored loss).
+
+    Data-parallel over processes: ``accelerate launch --multi_gpu --num_processes N -m innerpissa.cli train …`` (GPUs,
+    or CPU processes on a machine without CUDA); each process trains on its share of every batch, gradients are
+    averaged, process 0 writes the run."""
     train_adapter(
         model,
         pairs,
@@ -152,6 +160,7 @@ def train_cmd(
             "schedule": schedule,
         },
         concept=concept,
+        dtype=dtype.value,
     )
 
 

@@ -176,7 +176,7 @@ def build_methods(
     if vec_names:
         if layers is None:
             from ..adapter.config import AdapterConfig
-            from ..adapter.model import select_layers
+            from ..adapter.targets import select_layers
 
             cfg = adapter.config if isinstance(adapter, Adapter) else AdapterConfig()
             n_blocks = engine.config["n_layer"] if engine is not None else len(decoder_blocks(model))

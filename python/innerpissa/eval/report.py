@@ -8,7 +8,7 @@ import json
 import math
 from pathlib import Path
 
-from ..adapter.model import atomic_write
+from ..outputs import atomic_write
 
 
 def _f(x, nd: int = 2, sign: bool = True) -> str:

@@ -59,7 +59,7 @@ class RustEngine:
     def set_adapter(self, adapter) -> None:
         """Load an in-memory ``Adapter``: saved to a temporary directory and loaded, unless the engine already
         holds these exact parameters (keyed on their content, so further training is never missed)."""
-        from ..adapter.model import tensor_checksum
+        from ..adapter.storage import tensor_checksum
 
         key = ("mem", tensor_checksum({k: v.detach().cpu() for k, v in adapter.state_dict().items()}))
         if self._adapter_key == key:

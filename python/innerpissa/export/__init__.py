@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..adapter.model import Adapter, atomic_write, check_output
+from ..adapter.model import Adapter
+from ..outputs import atomic_write, check_output
 from .gguf_io import (
     GGUFExportError,
     architecture,

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..adapter.model import atomic_write
 from ..errors import InnerPiSSAError
+from ..outputs import atomic_write
 
 ROW_PERMUTED_ARCHS = {"llama"}
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..adapter.model import Adapter, atomic_dir, check_output
+from ..adapter.model import Adapter
+from ..outputs import atomic_dir, check_output
 from .poly import exact_at
 
 

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..adapter.model import Adapter, atomic_dir, check_output
+from ..adapter.model import Adapter
+from ..outputs import atomic_dir, check_output
 from .hf import provenance
 from .poly import PolyFit
 

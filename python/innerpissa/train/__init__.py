@@ -7,7 +7,7 @@ Per step, for a batch of N contrastive pairs (positive, negative prompt sharing 
    computed once per training pair the schedule draws, before the first step, and reused (``reference_cache``),
    except for objectives that read whole next-token distributions;
 2. one steered pass over [pos; neg] at c = +1 and [pos; neg] at c = −1 (per-row coefficients, 4N rows), and for
-   ``anchored`` the persona-free prompts at 0 and ±1.
+   ``anchored`` the persona-free prompts at ±1 (their c = 0 pass is cached with the pair's).
 
 The ruler (basis, preference direction u, σ) is measured once from the base model and frozen, so the adapter
 cannot win by rotating it; the sign is fixed by construction: +c moves toward the positive persona. Recipe
@@ -32,6 +32,7 @@ from .config import TrainConfig
 from .loop import adapter_stats, bound_rotations, constraint_weight, reprpo_loss, scheduled_pairs, train, validate
 from .objectives import BASES, LOSSES, OBJECTIVES, Passes, Ruler
 from .passes import (
+    batch_free_reference,
     batch_reference,
     compute_passes,
     forward_states,
@@ -53,6 +54,7 @@ __all__ = [
     "Ruler",
     "TrainConfig",
     "adapter_stats",
+    "batch_free_reference",
     "batch_reference",
     "bound_rotations",
     "check_pairs_differ",

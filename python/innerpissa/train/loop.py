@@ -16,13 +16,15 @@ from tqdm.auto import tqdm
 
 from ..adapter import Adapter
 from ..adapter.layer import skew
-from ..adapter.model import atomic_write, decoder_blocks
+from ..adapter.targets import decoder_blocks
 from ..errors import ConfigError, TrainingDivergedError
+from ..outputs import atomic_write
 from ..pairs import ContrastivePair
 from .batches import PairBatch, check_pairs_differ, pairs_sha256, tokenize_neutral, tokenize_pairs
 from .config import TrainConfig
+from .distributed import Processes, processes
 from .objectives import LOSSES, OBJECTIVES, Ruler, needs_full_distribution, needs_neutral
-from .passes import batch_reference, compute_passes, reference_cache
+from .passes import batch_free_reference, batch_reference, compute_passes, reference_cache
 from .ruler import preference_direction
 from .rundir import prepare_run_dir, write_run_state
 
@@ -36,9 +38,11 @@ def reprpo_loss(
     free: PairBatch | None = None,
     omega: float = 1.0,
     reference: tuple | None = None,
+    free_reference: tuple | None = None,
 ) -> tuple[torch.Tensor, dict]:
-    """The configured objective (``cfg.objective``, see ``objectives``) on one batch → (scalar loss, metrics)."""
-    passes = compute_passes(adapter, batch, pref, cfg, block, free, reference)
+    """The configured objective (``cfg.objective``, see ``objectives``) on one batch → (scalar loss, metrics).
+    ``reference`` / ``free_reference``: cached c = 0 outputs (``batch_reference`` / ``batch_free_reference``)."""
+    passes = compute_passes(adapter, batch, pref, cfg, block, free, reference, free_reference)
     return LOSSES[cfg.objective](passes, pref, cfg, omega)
 
 
@@ -47,12 +51,13 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def scheduled_pairs(n_pairs: int, cfg: TrainConfig, total: int) -> list[int]:
-    """The training-pair indices the sampler of ``train`` draws over ``total`` steps (sorted, each once)."""
+def scheduled_pairs(n_pairs: int, cfg: TrainConfig, total: int, procs: Processes | None = None) -> list[int]:
+    """The training-pair indices the sampler of ``train`` draws over ``total`` steps (sorted, each once); with
+    ``procs``, only those of that process's shards."""
     gen, order, used = random.Random(cfg.seed), [], set()
     for _ in range(total):
         idx, order = _next_batch(order, gen, n_pairs, cfg.batch_pairs)
-        used.update(idx)
+        used.update(procs.shard(idx) if procs is not None else idx)
     return sorted(used)
 
 
@@ -138,12 +143,23 @@ def train(
     Raises:
         ValueError: fewer training pairs than one batch.
         ConfigError: pairs whose two prompts tokenize identically; ``anchored`` with pairs lacking a neutral prompt.
+        ConfigError: also for ``batch_pairs`` not a multiple of the process count (``accelerate launch``), and for
+            a base model with gradient checkpointing on.
         ResumeMismatchError: ``run_dir`` holds a run with another configuration or other pairs.
         OutputExistsError: ``run_dir`` holds a finished run, or files that are not a run.
         TrainingDivergedError: the loss became non-finite or exceeded ``max_loss_factor`` × max(1, first loss),
             or a parameter became non-finite (the adapter is not saved; lower ``lr``).
     """
     cfg.validate()
+    procs = processes()  # one, or those of an ``accelerate launch`` (distributed.py)
+    procs.check_batch(cfg.batch_pairs)
+    if getattr(adapter.model, "is_gradient_checkpointing", False):
+        raise ConfigError(
+            "the base model has gradient checkpointing on: its backward pass recomputes blocks after the "
+            "steering hooks are removed, so the adapter would get wrong gradients; call "
+            "model.gradient_checkpointing_disable() (the frozen base model needs no stored gradients)",
+            field="gradient_checkpointing",
+        )
     if len(train_pairs) < cfg.batch_pairs:
         raise ValueError(f"{len(train_pairs)} training pairs < batch_pairs={cfg.batch_pairs}")
     check_pairs_differ(tokenizer, train_pairs)
@@ -175,14 +191,20 @@ def train(
     signature = json.loads(json.dumps(signature))  # tuples -> lists, as read back from run_state.json
     start = 0
     if run is not None:
-        start = prepare_run_dir(run, signature, overwrite)
+        start = _prepare_run_dir_once(run, signature, overwrite, procs)
     pref = preference_direction(adapter, tokenizer, train_pairs, cfg)
     block = decoder_blocks(model)[pref.block_index]
     cache = (
         None
         if needs_full_distribution(cfg.objective)
         else reference_cache(
-            adapter, tokenizer, train_pairs, cfg, block, only=scheduled_pairs(len(train_pairs), cfg, total)
+            adapter,
+            tokenizer,
+            train_pairs,
+            cfg,
+            block,
+            only=scheduled_pairs(len(train_pairs), cfg, total, procs),
+            free=with_free,
         )
     )
     adapter.meta.update(
@@ -191,6 +213,7 @@ def train(
             "train_config": asdict(cfg),
             "coeff_range": [-1.0, 1.0],
             "preference_direction": pref.to_meta(),
+            "train_processes": procs.world,
         }
     )
     params = (
@@ -201,9 +224,10 @@ def train(
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = _scheduler(opt, cfg, total)
     if run is not None:
-        run.mkdir(parents=True, exist_ok=True)
-        write_run_state(run, signature, start, False)
-        atomic_write(run / "train_config.json", lambda p: Path(p).write_text(json.dumps(asdict(cfg), indent=2)))
+        if procs.main:
+            run.mkdir(parents=True, exist_ok=True)
+            write_run_state(run, signature, start, False)
+            atomic_write(run / "train_config.json", lambda p: Path(p).write_text(json.dumps(asdict(cfg), indent=2)))
         if start:
             state = torch.load(run / "checkpoint" / "state.pt", map_location="cpu", weights_only=True)
             adapter.load_state_dict(state["adapter"])
@@ -220,24 +244,28 @@ def train(
         order = _next_batch(order, gen, len(train_pairs), cfg.batch_pairs)[1]
     last_val: dict = {}
     first_loss: float | None = None
-    bar = tqdm(range(start, total), desc="train", disable=not progress, initial=start, total=total)
+    bar = tqdm(range(start, total), desc="train", disable=not (progress and procs.main), initial=start, total=total)
     for step in bar:
         idx, order = _next_batch(order, gen, len(train_pairs), cfg.batch_pairs)
+        idx = procs.shard(idx)  # all of it in one process
         chosen = [train_pairs[i] for i in idx]
         batch = tokenize_pairs(tokenizer, chosen, cfg.max_suffix_tokens)
         free = tokenize_neutral(tokenizer, chosen, cfg.max_suffix_tokens) if with_free else None
         omega = constraint_weight(step, total, cfg.constraint_warmup)
         t0 = time.perf_counter()
         ref = batch_reference(cache, idx, batch) if cache is not None else None
-        loss, m = reprpo_loss(adapter, batch, pref, cfg, block, free, omega, ref)
+        free_ref = batch_free_reference(cache, idx, free) if cache is not None and free is not None else None
+        loss, m = reprpo_loss(adapter, batch, pref, cfg, block, free, omega, ref, free_ref)
         if guard is not None:  # the answer-bias guard (guard.py)
             g, shift_plus, shift_minus = guard.term(adapter, step)
             loss = loss + cfg.bias_weight * omega * g
             m.update(loss=loss.item(), guard=g.item(), yes_shift_plus=shift_plus, yes_shift_minus=shift_minus)
+        m = procs.average(m)  # the same numbers, hence the same decisions, in every process
         first_loss = m["loss"] if first_loss is None else first_loss
         _check_divergence(m["loss"], first_loss, step + 1, cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        procs.average_gradients(params)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
@@ -263,7 +291,7 @@ def train(
         if (step + 1) % cfg.val_every == 0 or step + 1 == total:
             last_val = validate(adapter, tokenizer, val_pairs, pref, cfg, block)
             records.append({"step": step + 1, **{f"val_{k}": v for k, v in last_val.items()}})
-        if run is not None:
+        if run is not None and procs.main:
             with open(run / "metrics.jsonl", "a") as f:
                 for r in records:
                     f.write(json.dumps(r, allow_nan=False) + "\n")
@@ -277,11 +305,28 @@ def train(
                 }
                 atomic_write(run / "checkpoint" / "state.pt", lambda p, state=state: torch.save(state, p))
                 write_run_state(run, signature, step + 1, False)
-    if run is not None:
+    if run is not None and procs.main:
         adapter.save(run / "adapter")
         write_run_state(run, signature, total, True)
         shutil.rmtree(run / "checkpoint", ignore_errors=True)  # finished: the adapter is the result
+    procs.barrier()
     return last_val
+
+
+def _prepare_run_dir_once(run: Path, signature: dict, overwrite: bool, procs: Processes) -> int:
+    """``prepare_run_dir`` in process 0 only; every process gets its start step (or an error, not a hang)."""
+    start, error = 0, None
+    if procs.main:
+        try:
+            start = prepare_run_dir(run, signature, overwrite)
+        except Exception as e:  # re-raised below, after the other processes have been told
+            start, error = -1, e
+    start = procs.broadcast_int(start)
+    if error is not None:
+        raise error
+    if start < 0:
+        raise RuntimeError(f"{run}: process 0 refused the run directory (its error names why)")
+    return start
 
 
 def _check_divergence(loss: float, first: float, step: int, cfg: TrainConfig) -> None:

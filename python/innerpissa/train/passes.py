@@ -4,7 +4,8 @@ c = ±1 (``compute_passes``), the shared-prefix trick (``steered_forward``), and
 Per step, for a batch of N contrastive pairs: the c = 0 pass (adapter skipped, exact base model, no grad) is
 computed once per training pair before the first step and reused (``reference_cache``), except for objectives
 that read whole next-token distributions; then one steered pass over [pos; neg] at c = +1 and [pos; neg] at
-c = −1 (per-row coefficients, 4N rows), and for ``anchored`` the persona-free prompts at 0 and ±1.
+c = −1 (per-row coefficients, 4N rows), and for ``anchored`` the persona-free prompts at ±1 (their c = 0 pass is
+cached with the pair's).
 """
 
 from __future__ import annotations
@@ -123,9 +124,11 @@ def compute_passes(
     block: torch.nn.Module,
     free: PairBatch | None = None,
     reference: tuple | None = None,
+    free_reference: tuple | None = None,
 ) -> Passes:
     """Run the passes an objective needs: c = 0 (no grad; or ``reference`` = (h0, lp0) given), and c = +1 and
-    c = −1 together (per-row coefficients, 4N rows); persona-free rows ``free`` at 0 and ±1 when given."""
+    c = −1 together (per-row coefficients, 4N rows); persona-free rows ``free`` at 0 (or ``free_reference`` =
+    (f0, flp0) given, from ``batch_free_reference``) and ±1 when given."""
     model, n = adapter.model, batch.n_pairs
     full = needs_full_distribution(cfg.objective)
     logp0 = None
@@ -147,8 +150,11 @@ def compute_passes(
         logp=None if logp is None else logp.view(2, 2 * n, *logp.shape[1:]),
     )
     if free is not None:
-        with torch.no_grad():
-            f0, flp0, _ = forward_states(model, free, block, cfg.last_k)
+        if free_reference is None:
+            with torch.no_grad():
+                f0, flp0, _ = forward_states(model, free, block, cfg.last_k)
+        else:
+            f0, flp0 = free_reference
         m = free.n_rows
         f, flp, _ = steered_forward(adapter, free, [1.0, -1.0], block, cfg.last_k, False, min_prefix)
         p.free0, p.free_lp0, p.free_mask = f0, flp0, free.suffix_mask
@@ -164,22 +170,34 @@ def reference_cache(
     cfg: TrainConfig,
     block: torch.nn.Module,
     only: list[int] | None = None,
-) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    free: bool = False,
+) -> dict[int, tuple]:
     """The c = 0 pass of the training pairs, computed once (the base model never changes during training):
-    pair index → (h0 (2, K, d) for [pos, neg], lp0 of its suffix tokens for pos (k,) and neg (k,)). ``only``: the
-    pair indices to cache (default all; ``train`` passes the pairs its schedule will draw, so a short run does not
-    pay for pairs it never sees). Chunks of ``cfg.batch_pairs`` in index order, so a resumed run rebuilds exactly
-    the same cache."""
+    pair index → (h0 (2, K, d) for [pos, neg], lp0 of its suffix tokens for pos (k,) and neg (k,)), and with
+    ``free`` also the pair's persona-free prompt (``tokenize_neutral``): f0 (K, d) and its suffix lp0 (k',).
+    ``only``: the pair indices to cache (default all; ``train`` passes the pairs its schedule will draw, so a short
+    run does not pay for pairs it never sees). Chunks of ``cfg.batch_pairs`` in index order, so a resumed run
+    rebuilds exactly the same cache."""
+    from .batches import tokenize_neutral
+
     ids = sorted(set(range(len(pairs)) if only is None else only))
     out = {}
     for i in range(0, len(ids), cfg.batch_pairs):
         chunk = ids[i : i + cfg.batch_pairs]
-        b = tokenize_pairs(tokenizer, [pairs[j] for j in chunk], cfg.max_suffix_tokens)
+        chosen = [pairs[j] for j in chunk]
+        b = tokenize_pairs(tokenizer, chosen, cfg.max_suffix_tokens)
         h0, lp0, _ = forward_states(adapter.model, b, block, cfg.last_k)
+        if free:
+            fb = tokenize_neutral(tokenizer, chosen, cfg.max_suffix_tokens)
+            f0, flp0, _ = forward_states(adapter.model, fb, block, cfg.last_k)
         n = b.n_pairs
         for j, pair_index in enumerate(chunk):
             k = int(b.suffix_mask[j].sum())
-            out[pair_index] = (torch.stack([h0[j], h0[n + j]]), lp0[j, -k:].clone(), lp0[n + j, -k:].clone())
+            entry = (torch.stack([h0[j], h0[n + j]]), lp0[j, -k:].clone(), lp0[n + j, -k:].clone())
+            if free:
+                kf = int(fb.suffix_mask[j].sum())
+                entry += (f0[j].clone(), flp0[j, -kf:].clone())
+            out[pair_index] = entry
     return out
 
 
@@ -195,6 +213,22 @@ def batch_reference(cache, idx: list[int], batch: PairBatch) -> tuple[torch.Tens
         lp0[r, n_keep - k :] = cache[i][1]
         lp0[n + r, n_keep - k :] = cache[i][2]
     return h0, lp0
+
+
+def batch_free_reference(cache, idx: list[int], free: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Assemble the cached c = 0 outputs of the persona-free prompts of pairs ``idx`` (``reference_cache`` with
+    ``free=True``) in ``free``'s row layout → (f0 (N, K, d), flp0 (N, n_keep))."""
+    n_keep = free.suffix_mask.shape[1]
+    if any(len(cache[i]) < 5 for i in idx):
+        raise RuntimeError("reference cache was built without the persona-free prompts (free=False)")
+    f0 = torch.stack([cache[i][3] for i in idx])
+    flp0 = torch.zeros(len(idx), n_keep)
+    for r, i in enumerate(idx):
+        k = cache[i][4].shape[0]
+        if int(free.suffix_mask[r].sum()) != k:
+            raise RuntimeError("reference cache and batch disagree on a suffix length (tokenizer changed?)")
+        flp0[r, n_keep - k :] = cache[i][4]
+    return f0, flp0
 
 
 def gap_gradients(model, batch: PairBatch, block: torch.nn.Module, basis: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..adapter import Adapter
-from ..adapter.model import block_names, decoder_blocks
+from ..adapter.targets import block_names, decoder_blocks
 from ..directions import fisher_direction, mean_difference, pca_direction
 from ..pairs import ContrastivePair
 from .batches import tokenize_pairs

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 
-from ..adapter.model import CONFIG_NAME, WEIGHTS_NAME, atomic_write
+from ..adapter.storage import CONFIG_NAME, WEIGHTS_NAME
 from ..errors import OutputExistsError, ResumeMismatchError
+from ..outputs import atomic_write
 
 RUN_STATE = "run_state.json"
 _OWN_FILES = (

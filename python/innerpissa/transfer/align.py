@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..adapter.model import decoder_blocks
+from ..adapter.targets import decoder_blocks
 from ..eval.datasets import NEUTRAL_TEXTS
 from ..eval.engines import continuation_logprobs, text_nll
 from ..eval.methods import VectorMethod, last_token_states

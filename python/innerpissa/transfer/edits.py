@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..adapter.model import UnsupportedArchitectureError, decoder_blocks, hidden_size, residual_writers
+from ..adapter.targets import UnsupportedArchitectureError, decoder_blocks, hidden_size, residual_writers
 from ..eval.methods import VectorMethod
 from ..hooks import forward_hooks, shift_output
 from ..prompts import left_pad
@@ -114,7 +114,7 @@ def fold_check(
 
     from transformers import AutoModelForCausalLM
 
-    from ..adapter.model import atomic_dir
+    from ..outputs import atomic_dir
 
     own = result.student_dirs[contrast]
     vec = result.mapped_dirs[contrast] / result.mapped_dirs[contrast].norm() * own.norm() * coeff
