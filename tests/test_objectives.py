@@ -99,16 +99,21 @@ def test_rotation_bound_holds_under_a_large_learning_rate():
     assert float(angles.max()) <= angle + 1e-5
 
 
-def test_cached_reference_gives_the_same_loss():
+def _trained_looking(objective: str):
+    """A tiny adapter with non-zero offsets, its pairs, a config for ``objective``, the ruler and its block."""
     model, tok, split = _setup()
     adapter = attach(model, AdapterConfig(rank=8))
     with torch.no_grad():
         for n in adapter.target_names:
             adapter.layer(n).delta.normal_(0, 0.05)
-    cfg = TrainConfig(batch_pairs=4, objective="reprpo-svd")
+    cfg = TrainConfig(batch_pairs=4, objective=objective)
     pairs = list(split.train)
     ruler = preference_direction(adapter, tok, pairs, cfg)
-    block = decoder_blocks(model)[ruler.block_index]
+    return adapter, tok, pairs, cfg, ruler, decoder_blocks(model)[ruler.block_index]
+
+
+def test_cached_reference_gives_the_same_loss():
+    adapter, tok, pairs, cfg, ruler, block = _trained_looking("reprpo-svd")
     cache = reference_cache(adapter, tok, pairs, cfg, block)
     idx = [5, 0, 11, 3]  # another composition and padding than the cache's chunks
     batch = tokenize_pairs(tok, [pairs[i] for i in idx], cfg.max_suffix_tokens)
@@ -120,15 +125,7 @@ def test_cached_reference_gives_the_same_loss():
 
 
 def test_cached_persona_free_reference_gives_the_same_anchored_loss():
-    model, tok, split = _setup()
-    adapter = attach(model, AdapterConfig(rank=8))
-    with torch.no_grad():
-        for n in adapter.target_names:
-            adapter.layer(n).delta.normal_(0, 0.05)
-    cfg = TrainConfig(batch_pairs=4, objective="anchored")
-    pairs = list(split.train)
-    ruler = preference_direction(adapter, tok, pairs, cfg)
-    block = decoder_blocks(model)[ruler.block_index]
+    adapter, tok, pairs, cfg, ruler, block = _trained_looking("anchored")
     cache = reference_cache(adapter, tok, pairs, cfg, block, free=True)
     idx = [7, 2, 10, 1]  # another composition and padding than the cache's chunks
     chosen = [pairs[i] for i in idx]
