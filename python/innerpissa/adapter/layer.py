@@ -32,9 +32,15 @@ def cayley(a: torch.Tensor, coeff: torch.Tensor) -> torch.Tensor:
         coeff: scalar () or per-sample (B,) steering coefficients.
     Returns:
         (r, r) for a scalar coefficient, (B, r, r) for a vector. Orthogonal for any real c since A is skew.
+
+    On CPU a vector of coefficients is solved one (r, r) system at a time: PyTorch 2.15's batched CPU solve fails
+    for r ≥ 256 ("Pivots given to lu_solve must all be greater or equal to 1", MKL's ?LASWP rejecting its
+    arguments; measured on this project's CI machine), which the default rank d/8 reaches at d ≥ 2048.
     """
     eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
     ca = coeff.reshape(*coeff.shape, 1, 1) * a / 2  # (..., r, r)
+    if ca.dim() == 3 and a.device.type == "cpu":
+        return torch.stack([torch.linalg.solve(eye - m, eye + m) for m in ca])
     return torch.linalg.solve(eye - ca, eye + ca)
 
 
