@@ -75,7 +75,6 @@ def test_cayley_orthogonal_and_inverse():
         assert torch.allclose(r_neg @ r_pos, eye, atol=1e-5)  # −c undoes +c
 
 
-
 def test_cayley_per_sample_at_large_rank():
     """Per-sample coefficients at r = 320 (Qwen3-4B's default rank): PyTorch 2.15's batched CPU solve raised here."""
     torch.manual_seed(0)
@@ -87,6 +86,7 @@ def test_cayley_per_sample_at_large_rank():
         assert torch.allclose(rot[i], cayley(a, c), atol=1e-6)
     assert torch.equal(rot[1], torch.eye(320))
     assert torch.allclose(rot[0] @ rot[2], torch.eye(320), atol=1e-5)
+
 
 def _layer(scale="additive", rotate=True, seed=0):
     gen = torch.Generator().manual_seed(seed)

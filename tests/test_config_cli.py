@@ -70,3 +70,33 @@ def test_package_data_files_load():
     assert ContrastTemplate.from_file(data_path("tour_guide_template.json")) == TOUR_GUIDE
     with pytest.raises(FileNotFoundError):
         read_data("no_such_file.json")
+
+
+def test_device_option_resolves_and_refuses_missing_cuda(monkeypatch):
+    import torch
+    import typer
+
+    from innerpissa.cli.common import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device(None) == "cpu" and resolve_device("cpu") == "cpu"
+    with pytest.raises(typer.BadParameter, match="no CUDA device"):
+        resolve_device("cuda:0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "3")  # accelerate/torchrun: each process its own GPU
+    assert resolve_device(None) == "cuda:3"
+    res = CliRunner().invoke(app, ["train", "--help"])
+    assert res.exit_code == 0 and "--device" in res.output
+
+
+def test_inputs_follow_the_model_and_shifts_follow_the_hidden_states():
+    import torch
+
+    from innerpissa.hooks import on_model_device, shift_output
+
+    model = torch.nn.Linear(2, 2).to(torch.bfloat16)
+    (ids,) = on_model_device(model, torch.ones(3, dtype=torch.long))
+    assert ids.device == next(model.parameters()).device
+    hook = shift_output(lambda h: torch.ones(2, dtype=torch.float64))  # another dtype: cast to h's
+    out = hook(None, (), torch.zeros(1, 2, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and torch.equal(out, torch.ones(1, 2, dtype=torch.bfloat16))

@@ -48,14 +48,21 @@ def forward_hooks(
             h.remove()
 
 
+def on_model_device(model: nn.Module, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``tensors`` moved to the device of ``model``'s first parameter (its input embedding, also under a
+    ``device_map``): token ids, masks and positions are built on the CPU and moved here before a forward pass."""
+    device = next(model.parameters()).device
+    return tuple(t.to(device) for t in tensors)
+
+
 def shift_output(delta: Callable[[torch.Tensor], torch.Tensor]) -> Hook:
     """A hook that adds ``delta(h)`` to a module's hidden states h (B, T, d); ``delta`` may return any shape that
-    broadcasts to h, in any dtype (it is cast to h's). Example: ``shift_output(lambda h: c * v)`` adds c·v at every
-    position (a steering vector)."""
+    broadcasts to h, in any dtype and on any device (it is moved and cast to h's). Example:
+    ``shift_output(lambda h: c * v)`` adds c·v at every position (a steering vector)."""
 
     def hook(_module, _args, out):
         h = hidden_of(out)
-        return replace_hidden(out, h + delta(h).to(h.dtype))
+        return replace_hidden(out, h + delta(h).to(h.device, h.dtype))
 
     return hook
 

@@ -62,6 +62,29 @@ DtypeOpt = typer.Option(
 )
 
 
+DeviceOpt = typer.Option(
+    None,
+    help="torch device of the base model and the adapter: cpu, cuda or cuda:N (default: cuda when CUDA is "
+    "available, the process's own GPU under accelerate/torchrun, else cpu); the Rust engine runs on the CPU",
+)
+
+
+def resolve_device(device: str | None) -> str:
+    """``--device`` → a torch device string: as given, or by default ``cuda:LOCAL_RANK`` when CUDA is available
+    (LOCAL_RANK is set by ``accelerate launch``/``torchrun``, else 0) and ``cpu`` otherwise.
+
+    Raises:
+        typer.BadParameter: a CUDA device was asked for on a machine where torch sees none.
+    """
+    import torch
+
+    if device is None:
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise typer.BadParameter(f"--device {device}: torch sees no CUDA device here; use --device cpu")
+    return device
+
+
 WeightsOpt = typer.Option(
     WeightsChoice.f32,
     help="rust engine weights: f32 (de-quantized, matches torch; fastest on CPU), "

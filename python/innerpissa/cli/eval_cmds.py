@@ -13,6 +13,7 @@ import typer
 
 from ..eval.config import EngineChoice, EvalConfig, WeightsChoice
 from .common import (
+    DeviceOpt,
     DtypeChoice,
     DtypeOpt,
     EngineOpt,
@@ -23,6 +24,7 @@ from .common import (
     adapter_meta,
     app,
     cli_pairs,
+    resolve_device,
     setup,
 )
 
@@ -130,6 +132,7 @@ def eval_cmd(
     allow_network: bool = typer.Option(False),
     threads: int | None = typer.Option(None),
     dtype: DtypeChoice = DtypeOpt,
+    device: str | None = DeviceOpt,
 ):
     """Sweep the adapter and the baselines over held-out questions; write report.md, results.json, PNGs."""
     from ..outputs import check_output
@@ -157,6 +160,7 @@ def eval_cmd(
     from ..models import load_model
 
     lm = load_model(model or meta.get("base_model"), dtype=getattr(torch, dtype.value), allow_network=allow_network)
+    lm.model.to(resolve_device(device))
     ad = load_adapter(lm.model, adapter)
     concept = concept or meta.get("concept", "honesty")
     split = cli_pairs(lm.tokenizer, pairs, n_pairs, seed, concept)

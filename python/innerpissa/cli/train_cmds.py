@@ -10,6 +10,7 @@ import typer
 from ..eval.config import EngineChoice, EvalConfig, WeightsChoice
 from .common import (
     ConceptOpt,
+    DeviceOpt,
     DtypeChoice,
     DtypeOpt,
     EngineOpt,
@@ -20,6 +21,7 @@ from .common import (
     app,
     check_run_dir,
     cli_pairs,
+    resolve_device,
     setup,
 )
 
@@ -39,6 +41,7 @@ def train_adapter(
     cfg_kwargs: dict | None = None,
     concept: str = "honesty",
     dtype: str = "float32",
+    device: str | None = None,
 ):
     from .. import AdapterConfig
     from ..concepts import get_concept
@@ -58,7 +61,9 @@ def train_adapter(
 
     if pairs_path is not None and not pairs_path.is_file():
         raise FileNotFoundError(f"--pairs {pairs_path}: file not found")
+    device = resolve_device(device)
     lm = load_model(model_spec, dtype=getattr(torch, dtype), allow_network=allow_network)
+    lm.model.to(device)
     split = cli_pairs(lm.tokenizer, pairs_path, n_pairs, seed, concept)
     from ..train.objectives import needs_neutral
 
@@ -135,6 +140,7 @@ def train_cmd(
     allow_network: bool = typer.Option(False, help="allow Hugging Face hub downloads"),
     threads: int | None = typer.Option(None, help="torch threads (default: all cores)"),
     dtype: DtypeChoice = DtypeOpt,
+    device: str | None = DeviceOpt,
 ):
     """Train an InnerPiSSA adapter at c = +1 and c = −1 with the chosen objective (default: the anchored loss).
 
@@ -161,6 +167,7 @@ def train_cmd(
         },
         concept=concept,
         dtype=dtype.value,
+        device=device,
     )
 
 
@@ -189,6 +196,7 @@ def run_cmd(
     overwrite: bool = OverwriteOpt,
     allow_network: bool = typer.Option(False),
     threads: int | None = typer.Option(None),
+    device: str | None = DeviceOpt,
 ):
     """The main job: train the concept's adapter, evaluate it against prompting, PCA, mean-difference and random
     vectors at a common KL budget; then the same for the positive control (--control) in OUT/control."""
@@ -221,7 +229,18 @@ def run_cmd(
     for name, run_dir in runs:
         typer.echo(f"== {name}: training and evaluation in {run_dir}")
         lm, adapter, split = train_adapter(
-            model, None, 400, steps, seed, None, run_dir, allow_network, threads, overwrite=overwrite, concept=name
+            model,
+            None,
+            400,
+            steps,
+            seed,
+            None,
+            run_dir,
+            allow_network,
+            threads,
+            overwrite=overwrite,
+            concept=name,
+            device=device,
         )
         evaluate(lm, adapter, split, cfg, run_dir, concept=name)
     typer.echo(f"main job finished in {(time.perf_counter() - t0) / 60:.1f} min")

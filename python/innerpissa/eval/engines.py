@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, finite_coeff
+from ..hooks import on_model_device
 from ..prompts import left_pad, render_prompt
 from .datasets import EvalDataset
 
@@ -299,9 +300,10 @@ class TorchEngine:
             for r, b in enumerate(bodies):
                 mask[r, keep - len(b) :] = True
             targets = torch.tensor([[0] * (keep - len(b)) + b for b in bodies])
+            targets, mask = on_model_device(model, targets, mask)
 
             def logp(head, ctx, bodies=bodies, keep=keep):
-                ids, am, pos = left_pad([head + b for b in bodies], tok.pad_token_id)
+                ids, am, pos = on_model_device(model, *left_pad([head + b for b in bodies], tok.pad_token_id))
                 with ctx():
                     out = model(
                         input_ids=ids, attention_mask=am, position_ids=pos, logits_to_keep=keep + 1, use_cache=False
@@ -357,7 +359,7 @@ def answer_scores(
     mass = np.zeros(len(prompts))
     for i in range(0, len(order), batch_size):
         idx = order[i : i + batch_size]
-        ids, mask, pos = left_pad([toks[j] for j in idx], tokenizer.pad_token_id)
+        ids, mask, pos = on_model_device(model, *left_pad([toks[j] for j in idx], tokenizer.pad_token_id))
         logits = (
             model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1, use_cache=False)
             .logits[:, -1]
@@ -366,8 +368,8 @@ def answer_scores(
         logp = logits.log_softmax(-1)  # (B, V)
         lp_pos = logp[:, pos_ids].logsumexp(-1)
         lp_neg = logp[:, neg_ids].logsumexp(-1)
-        scores[idx] = (lp_pos - lp_neg).numpy()
-        mass[idx] = (lp_pos.exp() + lp_neg.exp()).numpy()
+        scores[idx] = (lp_pos - lp_neg).cpu().numpy()
+        mass[idx] = (lp_pos.exp() + lp_neg.exp()).cpu().numpy()
     return scores, mass
 
 
@@ -383,7 +385,7 @@ def continuation_logprobs(
     for i in range(0, len(heads), batch_size):
         hs = [token_ids(tokenizer, h) for h in heads[i : i + batch_size]]
         bs = [token_ids(tokenizer, b) for b in bodies[i : i + batch_size]]
-        ids, mask, pos = left_pad([h + b for h, b in zip(hs, bs)], tokenizer.pad_token_id)
+        ids, mask, pos = on_model_device(model, *left_pad([h + b for h, b in zip(hs, bs)], tokenizer.pad_token_id))
         logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits.float()
         logp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (B, T-1)
         for r, b in enumerate(bs):

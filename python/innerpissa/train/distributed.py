@@ -28,10 +28,13 @@ from ..errors import ConfigError
 
 @dataclasses.dataclass(frozen=True)
 class Processes:
-    """This process's place among the training processes: ``rank`` in 0 … ``world`` − 1."""
+    """This process's place among the training processes: ``rank`` in 0 … ``world`` − 1, and the device its
+    collectives run on (``cuda:N`` under nccl; the model must be there too, which ``ipissa train``'s default
+    ``--device`` arranges)."""
 
     rank: int = 0
     world: int = 1
+    device: str = "cpu"
 
     @property
     def main(self) -> bool:
@@ -70,7 +73,7 @@ class Processes:
         if self.world == 1:
             return metrics
         keys = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
-        vals = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+        vals = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(vals)
         return {**metrics, **{k: float(v) / self.world for k, v in zip(keys, vals.tolist())}}
 
@@ -78,7 +81,7 @@ class Processes:
         """Process 0's ``value``, in every process."""
         if self.world == 1:
             return value
-        t = torch.tensor([value if self.main else 0], dtype=torch.int64)
+        t = torch.tensor([value if self.main else 0], dtype=torch.int64, device=self.device)
         torch.distributed.all_reduce(t)
         return int(t.item())
 
@@ -108,4 +111,4 @@ def processes() -> Processes:
             f"WORLD_SIZE is {world} but accelerate set up {state.num_processes} process(es); launch with "
             "`accelerate launch --multi_gpu --num_processes N` or `torchrun --nproc_per_node N`"
         )
-    return Processes(rank=state.process_index, world=state.num_processes)
+    return Processes(rank=state.process_index, world=state.num_processes, device=str(state.device))

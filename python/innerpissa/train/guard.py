@@ -24,6 +24,7 @@ from functools import lru_cache
 import torch
 
 from ..datafiles import read_data
+from ..hooks import on_model_device
 from ..prompts import left_pad, render_prompt
 
 
@@ -68,9 +69,10 @@ class BiasGuard:
         ids, mask, pos = left_pad([self.ids[i] for i in idx], self._pad)
         if twice:
             ids, mask, pos = ids.repeat(2, 1), mask.repeat(2, 1), pos.repeat(2, 1)
+        ids, mask, pos = on_model_device(model, ids, mask, pos)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits[:, -1]
         logp = logits.float().log_softmax(-1)
-        return logp[:, self.yes].logsumexp(-1) - logp[:, self.no].logsumexp(-1)
+        return (logp[:, self.yes].logsumexp(-1) - logp[:, self.no].logsumexp(-1)).cpu()
 
     def term(self, adapter, step: int) -> tuple[torch.Tensor, float, float]:
         """(unweighted guard loss, mean shift at +1, mean shift at −1) for step ``step``; shifts in nats."""

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..adapter import Adapter
-from ..hooks import capture_outputs, forward_hooks, shift_output
+from ..hooks import capture_outputs, forward_hooks, on_model_device, shift_output
 from ..pairs import ContrastivePair
 from ..prompts import left_pad
 from .batches import PairBatch, tokenize_pairs
@@ -34,21 +34,25 @@ def forward_states(
     Only the last n_keep + 1 positions get logits (``logits_to_keep``), which keeps big-vocabulary models cheap.
     With ``past_key_values`` (a cache of a shared prefix), ``batch.attention_mask`` covers prefix + rows and the
     rows continue the prefix.
+
+    The batch is moved to the model's device; the outputs come back on the CPU (differentiably), where the
+    objectives compute the loss.
     """
     n_keep = batch.suffix_mask.shape[1]
+    ids, mask, pos = on_model_device(model, batch.input_ids, batch.attention_mask, batch.position_ids)
     with capture_outputs({"h": block}, lambda h: h[:, -last_k:]) as captured:
         out = model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=batch.position_ids,
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
             logits_to_keep=n_keep + 1,
             past_key_values=past_key_values,
             use_cache=past_key_values is not None,
         )
     logp = out.logits[:, :-1].float().log_softmax(-1)  # (B, n_keep, V)
-    targets = batch.input_ids[:, -n_keep:]  # the tokens the kept positions predict
+    targets = ids[:, -n_keep:]  # the tokens the kept positions predict
     token_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, n_keep)
-    return captured["h"].float(), token_logp, (logp if full else None)
+    return captured["h"].float().cpu(), token_logp.cpu(), (logp.cpu() if full else None)
 
 
 def shared_prefix_len(batch: PairBatch, keep_tail: int) -> int:
@@ -102,9 +106,8 @@ def steered_forward(
     ids, mask, pos = left_pad(rest, 0)  # padding sits between prefix and rest; masked, its id is irrelevant
     pos = torch.where(mask.bool(), pos + p, torch.zeros_like(pos))
     with adapter.steer(torch.tensor(coeffs, dtype=torch.float32)):
-        cache = model(
-            input_ids=prefix.expand(g, -1), position_ids=torch.arange(p).expand(g, -1), use_cache=True
-        ).past_key_values
+        prefix_ids, prefix_pos = on_model_device(model, prefix.expand(g, -1), torch.arange(p).expand(g, -1))
+        cache = model(input_ids=prefix_ids, position_ids=prefix_pos, use_cache=True).past_key_values
     cache.batch_repeat_interleave(b)
     rest_batch = PairBatch(
         ids.repeat(g, 1),

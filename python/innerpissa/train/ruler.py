@@ -66,7 +66,7 @@ def preference_direction(
         name = "pca"
     else:
         name = _basis_for_block(adapter, idx)
-        basis = adapter.layer(name).U.detach().clone()  # (d, r)
+        basis = adapter.layer(name).U.detach().cpu().clone()  # (d, r), on the CPU with the loss
     proj = diffs_t @ basis  # (n, k)
     coords = basis.T @ mean_diff
     if coords.norm() == 0:
