@@ -27,7 +27,7 @@ import torch
 
 from ..adapter import Adapter, decoder_blocks
 from ..errors import ConfigError, NonFiniteError
-from ..hooks import capture_outputs, forward_hooks, shift_output
+from ..hooks import capture_outputs, forward_hooks, on_model_device, shift_output
 from ..pairs import ContrastivePair, persona_instruction
 from .engines import check_sweep_coeffs
 
@@ -244,16 +244,15 @@ def last_token_states(
     from ..prompts import left_pad
 
     blocks = decoder_blocks(model)
-    device = next(model.parameters()).device
     out: dict[int, list[torch.Tensor]] = {ell: [] for ell in layers}
     with capture_outputs({ell: blocks[ell] for ell in layers}, lambda h: h[:, -1].float().cpu()) as captured:
         for i in range(0, len(texts), batch_size):
             seqs = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[i : i + batch_size]]
-            ids, mask, pos = left_pad(seqs, tokenizer.pad_token_id)
+            ids, mask, pos = on_model_device(model, *left_pad(seqs, tokenizer.pad_token_id))
             model(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                position_ids=pos.to(device),
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=pos,
                 logits_to_keep=1,
                 use_cache=False,
             )
