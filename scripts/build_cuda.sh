@@ -10,7 +10,8 @@
 #     libcublas, libcublasLt and libnvrtc are empty stubs built here and kept as dependencies
 #     (--no-as-needed), so the extension resolves their symbols from the real libraries at import on the GPU
 #     machine (scripts/gpu_check.sh puts torch's nvidia/*/lib folders on LD_LIBRARY_PATH).
-# The wheel is abi3 (Python ≥ 3.10), so it installs on the GPU machine's Python 3.12. It is not built in CI.
+# The wheel is abi3 (Python ≥ 3.10; -F on the command line replaces pyproject's features, so they are named again),
+# so it installs on the GPU machine's Python 3.12. It is not built in CI.
 #
 #   bash scripts/build_cuda.sh [OUT_DIR]        (default dist-cuda/; log in OUT_DIR/build.log)
 #   CUDA_VERSION=13.0 CUDA_COMPUTE_CAP=90 PYTHON=.venv/bin/python  (environment, with their defaults)
@@ -50,12 +51,16 @@ done
 export PATH="$TK/bin:$PATH" CUDA_HOME="$TK" CUDA_PATH="$TK"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/innerpissa/target-cuda}"  # keeps the CPU build's cache
 export CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-$(nproc)}"
-export RUSTFLAGS="-L native=$STUBS -C link-arg=-Wl,--no-as-needed -C link-arg=-lcuda -C link-arg=-lcublas \
--C link-arg=-lcublasLt -C link-arg=-lnvrtc -C link-arg=-lcurand -C link-arg=-lcudart"
+# link flags for the extension only (maturin passes args after `--` to `cargo rustc` for the final crate): in
+# RUSTFLAGS they would also link build scripts against the stubs, which then cannot start here (no libcuda.so.1)
+# --auditwheel skip: the CUDA libraries must not be copied into the wheel (the GPU machine's driver and torch's
+# nvidia packages supply them at import), and the stubs would make maturin's repair fail.
+LINK=(-L "native=$STUBS" -C link-arg=-Wl,--no-as-needed)
+for lib in cuda cublas cublasLt nvrtc curand cudart; do LINK+=(-C "link-arg=-l$lib"); done
 mkdir -p "$OUT"
 start=$(date +%s)
 echo "build_cuda: maturin build --release -F cuda (sm_$CUDA_COMPUTE_CAP, CUDA $CUDA_VERSION); log $OUT/build.log"
-if ! "$PY" -m maturin build --release -F cuda --out "$OUT" >"$OUT/build.log" 2>&1; then
+if ! "$PY" -m maturin build --release -F cuda,pyo3/abi3-py310,pyo3/extension-module --auditwheel skip --out "$OUT" -- "${LINK[@]}" >"$OUT/build.log" 2>&1; then
   tail -40 "$OUT/build.log" >&2
   echo "build_cuda: failed after $(( $(date +%s) - start )) s; full log in $OUT/build.log" >&2
   exit 1
