@@ -48,7 +48,6 @@ class TrainConfig:
     tv_tau: float = 0.0  # 0: mean over tokens; > 0: soft maximum with this temperature
     shift_target: float = 0.5  # anchored: persona-free shift at c = ±1, in σ units
     shift_weight: float = 1.0
-    free_kl_weight: float = 0.0  # anchored: > 0 adds this × KL(p₀ ‖ p_c) (nats/token) on the persona-free suffixes
     share_prefix: bool = True  # run the prompt prefix all rows share once per coefficient (same result, faster)
     direction: str = "mean-diff"  # the ruler's u in its basis: directions.DIRECTIONS
     fisher_damping: float = 1e-5  # direction "fisher": λ relative to the mean eigenvalue of the Fisher matrix
@@ -120,7 +119,6 @@ class TrainConfig:
             "tv_tau": (0, None),
             "shift_target": (0, None),
             "shift_weight": (0, None),
-            "free_kl_weight": (0, None),
             "fisher_damping": (0, None),
             "bias_weight": (0, None),
         }

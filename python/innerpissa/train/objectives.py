@@ -48,13 +48,6 @@ the pair's suffix after a neutral instruction): with a_i(c) = mean over the last
   This is the one objective that says where a prompt *without* the persona should go (the evaluation prompts
   have none); σ/2 is about the distance from a neutral prompt to either persona along u.
 
-  With ``free_kl_weight`` = λ > 0 it also pays for every change of the persona-free next-token distributions:
-
-    L_kl    = λ · ω(step) · mean over persona-free suffix tokens, both c, of KL(p_0,t ‖ p_c,t)   (nats/token)
-
-  The shift hinge asks for a fixed move along u and L_kl asks for it at the least KL, the quantity the evaluator
-  budgets (``eval/metrics``): the adapter is pushed to spend its distribution change on the concept direction.
-
 ω(step) ramps the constraint terms linearly from 1/W to 1 over the first W = ``constraint_warmup`` · steps (1
 throughout when 0).
 """
@@ -126,8 +119,6 @@ class Passes:
     logp0, logp: full next-token log-distributions (2N, n_keep, V) / (2, 2N, n_keep, V), or None when the
     objective does not need them.  free0, free: persona-free rows (``anchored``): hidden (N, K, d) / (2, N, K, d),
     their token log-probs free_lp0 (N, n_free) / free_lp (2, N, n_free) and mask free_mask (N, n_free); else None.
-    free_logp0, free_logp: their full next-token log-distributions (N, n_free, V) / (2, N, n_free, V) when the
-    objective's ``free_kl_weight`` > 0, else None.
     """
 
     h0: torch.Tensor
@@ -142,8 +133,6 @@ class Passes:
     free_lp0: torch.Tensor | None = None
     free_lp: torch.Tensor | None = None
     free_mask: torch.Tensor | None = None
-    free_logp0: torch.Tensor | None = None
-    free_logp: torch.Tensor | None = None
 
     @property
     def n_pairs(self) -> int:
@@ -158,22 +147,6 @@ def needs_full_distribution(objective: str) -> bool:
 def needs_neutral(objective: str) -> bool:
     """Whether the objective needs persona-free prompts (``ContrastivePair.neutral``)."""
     return objective == "anchored"
-
-
-def needs_free_distribution(cfg) -> bool:
-    """Whether the objective reads the persona-free rows' whole next-token distributions (``free_kl_weight``)."""
-    return needs_neutral(cfg.objective) and cfg.free_kl_weight > 0
-
-
-def token_kl(logp0: torch.Tensor, logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over masked tokens and coefficients of KL(p_0,t ‖ p_c,t) = Σ_v p_0(v) (log p_0(v) − log p_c(v)), nats.
-
-    logp0: (R, n, V) base log-probs; logp: (G, R, n, V) steered; mask: (R, n) bool. Differentiable in ``logp``.
-    """
-    p0 = logp0.exp()
-    kl = torch.special.xlogy(p0, p0).sum(-1).unsqueeze(0) - (p0.unsqueeze(0) * logp).sum(-1)  # (G, R, n)
-    m = mask.float().unsqueeze(0).expand_as(kl)
-    return (kl * m).sum() / m.sum()
 
 
 def nll_hinge(lp0: torch.Tensor, lp: torch.Tensor, mask: torch.Tensor, tau: float) -> tuple[torch.Tensor, float]:
@@ -304,13 +277,6 @@ def anchored(p: Passes, ruler: Ruler, cfg, omega: float = 1.0) -> tuple[torch.Te
     l_shift = F.relu(cfg.shift_target - shift[0]) + F.relu(cfg.shift_target + shift[1])
     coh_free, dnll_free = nll_hinge(p.free_lp0, p.free_lp, p.free_mask, cfg.coherence_tau)
     loss = loss + cfg.shift_weight * l_shift.mean() + omega * cfg.coherence_weight * coh_free
-    extra = {}
-    if needs_free_distribution(cfg):
-        if p.free_logp0 is None or p.free_logp is None:
-            raise ValueError("anchored with free_kl_weight > 0 needs Passes.free_logp0 / free_logp")
-        kl = token_kl(p.free_logp0, p.free_logp, p.free_mask)
-        loss = loss + omega * cfg.free_kl_weight * kl
-        extra["kl_free"] = kl.item()
     return loss, {
         "loss": loss.item(),
         **m,
@@ -318,7 +284,6 @@ def anchored(p: Passes, ruler: Ruler, cfg, omega: float = 1.0) -> tuple[torch.Te
         "shift_minus": -shift[1].mean().item(),
         "coh_free": coh_free.item(),
         "dnll_free": dnll_free,
-        **extra,
     }
 
 

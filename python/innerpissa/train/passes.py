@@ -5,7 +5,7 @@ Per step, for a batch of N contrastive pairs: the c = 0 pass (adapter skipped, e
 computed once per training pair before the first step and reused (``reference_cache``), except for objectives
 that read whole next-token distributions; then one steered pass over [pos; neg] at c = +1 and [pos; neg] at
 c = −1 (per-row coefficients, 4N rows), and for ``anchored`` the persona-free prompts at ±1 (their c = 0 pass is
-cached with the pair's, except with ``free_kl_weight`` > 0, which reads their whole c = 0 distributions).
+cached with the pair's).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from ..hooks import capture_outputs, forward_hooks, on_model_device, shift_outpu
 from ..pairs import ContrastivePair
 from ..prompts import left_pad
 from .batches import PairBatch, tokenize_pairs
-from .objectives import Passes, Ruler, needs_free_distribution, needs_full_distribution
+from .objectives import Passes, Ruler, needs_full_distribution
 
 if TYPE_CHECKING:
     from .config import TrainConfig
@@ -153,19 +153,15 @@ def compute_passes(
         logp=None if logp is None else logp.view(2, 2 * n, *logp.shape[1:]),
     )
     if free is not None:
-        free_full = needs_free_distribution(cfg)
-        flogp0 = None
-        if free_reference is None or free_full:  # the cache holds token log-probs, not distributions
+        if free_reference is None:
             with torch.no_grad():
-                f0, flp0, flogp0 = forward_states(model, free, block, cfg.last_k, free_full)
+                f0, flp0, _ = forward_states(model, free, block, cfg.last_k)
         else:
             f0, flp0 = free_reference
         m = free.n_rows
-        f, flp, flogp = steered_forward(adapter, free, [1.0, -1.0], block, cfg.last_k, free_full, min_prefix)
+        f, flp, _ = steered_forward(adapter, free, [1.0, -1.0], block, cfg.last_k, False, min_prefix)
         p.free0, p.free_lp0, p.free_mask = f0, flp0, free.suffix_mask
         p.free, p.free_lp = f.view(2, m, *f.shape[1:]), flp.view(2, m, -1)
-        p.free_logp0 = flogp0
-        p.free_logp = None if flogp is None else flogp.view(2, m, *flogp.shape[1:])
     return p
 
 
