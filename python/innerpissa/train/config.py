@@ -31,6 +31,7 @@ class TrainConfig:
     coherence_weight: float = 1.0
     mono_margin: float = 0.1  # nats
     mono_weight: float = 1.0
+    even_weight: float = 0.0  # > 0: penalise the part of the suffix ΔNLL that is the same at c = +1 and −1
     max_suffix_tokens: int = 24
     val_every: int = 25
     checkpoint_every: int = 25
@@ -109,6 +110,7 @@ class TrainConfig:
             "coherence_tau": (0, None),
             "coherence_weight": (0, None),
             "mono_weight": (0, None),
+            "even_weight": (0, None),
             "loss_layer": (0, 1),
             "max_loss_factor": (1, None),
             "epochs": (0, None),

@@ -21,7 +21,7 @@ With D_i(c) = mean over the last K tokens of Bᵀ(h_pos,i(c) − h_neg,i(c)) (k,
     L_coh  = w_coh · mean over suffix tokens, both c, of ReLU(NLL_c(t) − NLL_0(t) − τ)²
     g(c)   = [log p_c(suffix | pos) − log p_c(suffix | neg)] − [the same at c = 0]            (nats)
     L_mono = w_mono · (ReLU(m − g(+1)) + ReLU(m + g(−1)))
-    L      = L_sep + ω(step) · (L_coh + L_mono)
+    L      = L_sep + ω(step) · (L_coh + L_mono [+ L_even, below])
 
 **antiparallel** (version 1; the idea of AntiPaSTO's projection term with the sign fixed, and its coherence
 barrier): δ_i(±1) = D_i(±1) − D_i(0), everything divided per dimension by the base spread ς (k,) of D:
@@ -47,6 +47,16 @@ the pair's suffix after a neutral instruction): with a_i(c) = mean over the last
 
   This is the one objective that says where a prompt *without* the persona should go (the evaluation prompts
   have none); σ/2 is about the distance from a neutral prompt to either persona along u.
+
+**The even-response penalty** (``even_weight`` = w_even > 0; reprpo-svd and anchored): with the per-token change
+Δ_c(t) = log p_c(t) − log p_0(t) of each suffix token,
+
+    ē(t)   = ½ (Δ_{+1}(t) + Δ_{−1}(t))                  (the part of the change that does not flip with c)
+    L_even = w_even · ω(step) · mean over suffix tokens (pairs and persona-free rows) of ē(t)²
+
+A steering adapter should act oddly in c (−c undoes +c); a change both poles make, such as a base model learning
+to predict its chat template at c = ±1 alike, is not steering, and at the evaluation's small coefficients it
+spends KL without any signed effect.
 
 ω(step) ramps the constraint terms linearly from 1/W to 1 over the first W = ``constraint_warmup`` · steps (1
 throughout when 0).
@@ -169,6 +179,17 @@ def mono_gap(lp0: torch.Tensor, lp: torch.Tensor, mask: torch.Tensor) -> torch.T
     return seq[:, :n] - seq[:, n:] - (seq0[:n] - seq0[n:])
 
 
+def even_change(lp0: torch.Tensor, lp: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Mean over masked tokens of ē(t)², ē = ½ (Δ_{+1} + Δ_{−1}) with Δ_c = log p_c − log p_0, and the mean ē
+    (nats/token; positive: both poles make the tokens likelier).
+
+    lp0: (R, n) base token log-probs; lp: (2, R, n) at c = +1, −1; mask: (R, n) bool.
+    """
+    even = 0.5 * (lp[0] + lp[1]) - lp0
+    m = mask.float()
+    return ((even**2) * m).sum() / m.sum(), float((even.detach() * m).sum() / m.sum())
+
+
 def tv_barrier(
     logp0: torch.Tensor, logp: torch.Tensor, mask: torch.Tensor, kappa: float, tau: float
 ) -> tuple[torch.Tensor, float]:
@@ -203,7 +224,8 @@ def _reprpo_terms(p: Passes, ruler: Ruler, cfg, omega: float) -> tuple[torch.Ten
     coh, dnll = nll_hinge(p.lp0, p.lp, p.mask, cfg.coherence_tau)
     g = mono_gap(p.lp0, p.lp, p.mask)
     mono = F.relu(cfg.mono_margin - g[0]) + F.relu(cfg.mono_margin + g[1])
-    loss = sep.mean() + omega * (cfg.coherence_weight * coh + cfg.mono_weight * mono.mean())
+    even, even_mean = even_change(p.lp0, p.lp, p.mask)
+    loss = sep.mean() + omega * (cfg.coherence_weight * coh + cfg.mono_weight * mono.mean() + cfg.even_weight * even)
     metrics = {
         "sep": sep.mean().item(),
         "coh": coh.item(),
@@ -211,6 +233,7 @@ def _reprpo_terms(p: Passes, ruler: Ruler, cfg, omega: float) -> tuple[torch.Ten
         "ds_plus": ((s[0] - s0) / ruler.sigma).mean().item(),
         "ds_minus": ((s0 - s[1]) / ruler.sigma).mean().item(),
         "dnll": dnll,
+        "dnll_even": -even_mean,
     }
     return loss, metrics
 
@@ -276,7 +299,12 @@ def anchored(p: Passes, ruler: Ruler, cfg, omega: float = 1.0) -> tuple[torch.Te
     shift = (a - a0.unsqueeze(0)) / ruler.sigma
     l_shift = F.relu(cfg.shift_target - shift[0]) + F.relu(cfg.shift_target + shift[1])
     coh_free, dnll_free = nll_hinge(p.free_lp0, p.free_lp, p.free_mask, cfg.coherence_tau)
-    loss = loss + cfg.shift_weight * l_shift.mean() + omega * cfg.coherence_weight * coh_free
+    even_free, even_free_mean = even_change(p.free_lp0, p.free_lp, p.free_mask)
+    loss = (
+        loss
+        + cfg.shift_weight * l_shift.mean()
+        + omega * (cfg.coherence_weight * coh_free + cfg.even_weight * even_free)
+    )
     return loss, {
         "loss": loss.item(),
         **m,
@@ -284,6 +312,7 @@ def anchored(p: Passes, ruler: Ruler, cfg, omega: float = 1.0) -> tuple[torch.Te
         "shift_minus": -shift[1].mean().item(),
         "coh_free": coh_free.item(),
         "dnll_free": dnll_free,
+        "dnll_free_even": -even_free_mean,
     }
 
 
