@@ -57,6 +57,7 @@ the pair's suffix after a neutral instruction): with a_i(c) = mean over the last
 A steering adapter should act oddly in c (−c undoes +c); a change both poles make, such as a base model learning
 to predict its chat template at c = ±1 alike, is not steering, and at the evaluation's small coefficients it
 spends KL without any signed effect.
+The logged ``dnll`` and ``dnll_free`` (ΔNLL averaged over both poles) are −mean ē: the even part's mean.
 
 ω(step) ramps the constraint terms linearly from 1/W to 1 over the first W = ``constraint_warmup`` · steps (1
 throughout when 0).
@@ -224,7 +225,7 @@ def _reprpo_terms(p: Passes, ruler: Ruler, cfg, omega: float) -> tuple[torch.Ten
     coh, dnll = nll_hinge(p.lp0, p.lp, p.mask, cfg.coherence_tau)
     g = mono_gap(p.lp0, p.lp, p.mask)
     mono = F.relu(cfg.mono_margin - g[0]) + F.relu(cfg.mono_margin + g[1])
-    even, even_mean = even_change(p.lp0, p.lp, p.mask)
+    even, _ = even_change(p.lp0, p.lp, p.mask)  # its mean is −dnll: the mean over ±1 of ΔNLL is its even part
     loss = sep.mean() + omega * (cfg.coherence_weight * coh + cfg.mono_weight * mono.mean() + cfg.even_weight * even)
     metrics = {
         "sep": sep.mean().item(),
@@ -233,7 +234,6 @@ def _reprpo_terms(p: Passes, ruler: Ruler, cfg, omega: float) -> tuple[torch.Ten
         "ds_plus": ((s[0] - s0) / ruler.sigma).mean().item(),
         "ds_minus": ((s0 - s[1]) / ruler.sigma).mean().item(),
         "dnll": dnll,
-        "dnll_even": -even_mean,
     }
     return loss, metrics
 
@@ -299,7 +299,7 @@ def anchored(p: Passes, ruler: Ruler, cfg, omega: float = 1.0) -> tuple[torch.Te
     shift = (a - a0.unsqueeze(0)) / ruler.sigma
     l_shift = F.relu(cfg.shift_target - shift[0]) + F.relu(cfg.shift_target + shift[1])
     coh_free, dnll_free = nll_hinge(p.free_lp0, p.free_lp, p.free_mask, cfg.coherence_tau)
-    even_free, even_free_mean = even_change(p.free_lp0, p.free_lp, p.free_mask)
+    even_free, _ = even_change(p.free_lp0, p.free_lp, p.free_mask)
     loss = (
         loss
         + cfg.shift_weight * l_shift.mean()
@@ -312,7 +312,6 @@ def anchored(p: Passes, ruler: Ruler, cfg, omega: float = 1.0) -> tuple[torch.Te
         "shift_minus": -shift[1].mean().item(),
         "coh_free": coh_free.item(),
         "dnll_free": dnll_free,
-        "dnll_free_even": -even_free_mean,
     }
 
 
