@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from conftest import SHARED_DATA
 from tiny_gguf import tiny_llama_for_gguf, write_llama_gguf
@@ -101,6 +103,16 @@ def test_successive_halving_on_dev_items_resumes(tmp_path, monkeypatch, byte_yes
     n = len((out / "rows.jsonl").read_text().splitlines())
     run_search(grid, out, SHARED_DATA, log=lambda *_: None)  # finished rows are reused, nothing reruns
     assert len((out / "rows.jsonl").read_text().splitlines()) == n
+    # another grid whose first rung is longer: rung 0 is now 0.04 epochs, so no 0.02-epoch run may be reused
+    grid.write_text(
+        GRID.format(model=path).replace("rungs = [0.02, 0.04]", "rungs = [0.04]").replace("keep = 0.5", "keep = 1.0")
+    )
+    longer = [r for r in run_search(grid, out, SHARED_DATA, log=lambda *_: None) if r.get("rung") == 0]
+    fresh = [r for r in longer if r["epochs"] == 0.04]
+    assert len(fresh) == 4 and sum(r["train_minutes"] is not None for r in fresh) == 2  # two ran at rung 1 already
+    for r in fresh:
+        saved = json.loads((out / "runs" / r["key"] / "epochs0.04" / "train_config.json").read_text())
+        assert saved["epochs"] == 0.04
 
 
 def test_lora_trials_need_the_pca_ruler(tmp_path):

@@ -37,7 +37,7 @@ coefficient and train/eval minutes.
 
 Outputs in ``out``: ``rows.jsonl`` (one row per trial × rung and per baseline, appended as each finishes, so an
 interrupted search loses at most the trial in progress; a rerun skips finished rows and resumes an unfinished
-training run), ``runs/<key>/rung<k>/`` (training run directories) and ``summary.md`` (tables, best first).
+training run), ``runs/<key>/epochs<e>/`` (training run directories) and ``summary.md`` (tables, best first).
 One process at a time: run nothing else CPU-heavy beside it.
 """
 

@@ -135,7 +135,7 @@ def _run_trial(
     tcfg = TrainConfig(**tr, epochs=float(epochs), seed=train_seed)
     meta = {"base_model": ctx.lm.spec, "concept": t["concept"], "pairs": f"builtin:{t['concept']}"}
     family = params.get("family", "innerpissa")
-    run_dir = out / "runs" / key / f"rung{rung}"
+    run_dir = out / "runs" / key / f"epochs{epochs:g}"  # by length, not rung index: grids with other rungs share it
     state = run_dir / "run_state.json"
     finished = state.is_file() and json.loads(state.read_text()).get("finished")
     engine = None  # the search's engine (Rust where the model is a GGUF it runs) ...
