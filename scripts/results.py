@@ -51,6 +51,7 @@ ADDED_LATER = {
     "rotate_side": "v",
     "bias_weight": 0.0,
     "bias_batch": 8,
+    "even_weight": 0.0,
 }
 _UNSET = object()
 

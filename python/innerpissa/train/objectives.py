@@ -54,9 +54,9 @@ the pair's suffix after a neutral instruction): with a_i(c) = mean over the last
     ē(t)   = ½ (Δ_{+1}(t) + Δ_{−1}(t))                  (the part of the change that does not flip with c)
     L_even = w_even · ω(step) · mean over suffix tokens (pairs and persona-free rows) of ē(t)²
 
-A steering adapter should act oddly in c (−c undoes +c); a change both poles make, such as a base model learning
-to predict its chat template at c = ±1 alike, is not steering, and at the evaluation's small coefficients it
-spends KL without any signed effect.
+A steering adapter should act oddly in c (−c undoes +c). A change both poles make, such as a base model learning
+to predict the training replies' openings at c = ±1 alike, is not steering: at the evaluation's small
+coefficients it spends KL without any signed effect.
 The logged ``dnll`` and ``dnll_free`` (ΔNLL averaged over both poles) are −mean ē: the even part's mean.
 
 ω(step) ramps the constraint terms linearly from 1/W to 1 over the first W = ``constraint_warmup`` · steps (1
