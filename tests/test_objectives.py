@@ -57,6 +57,18 @@ def _readings(adapter, tok, pairs, ruler, cfg):
     return s, a
 
 
+def _train_tiny(objective: str, run_dir=None, **extra):
+    """30 steps of ``objective`` on the tiny Llama → (adapter, tokenizer, split, config, readings (s, a))."""
+    model, tok, split = _setup()
+    adapter = attach(model, AdapterConfig(rank=8))
+    cfg = TrainConfig(
+        steps=30, batch_pairs=4, lr=2e-2, val_every=30, checkpoint_every=100, objective=objective, **extra
+    )
+    train(adapter, tok, list(split.train), list(split.val), cfg, run_dir=run_dir, progress=False)
+    ruler = preference_direction(adapter, tok, list(split.train), cfg)  # c = 0 is the base model: same ruler
+    return adapter, tok, split, cfg, _readings(adapter, tok, list(split.val), ruler, cfg)
+
+
 @pytest.mark.parametrize(
     "objective,extra",
     [
@@ -66,14 +78,7 @@ def _readings(adapter, tok, pairs, ruler, cfg):
     ],
 )
 def test_each_objective_orders_the_separation(tmp_path, objective, extra):
-    model, tok, split = _setup()
-    adapter = attach(model, AdapterConfig(rank=8))
-    cfg = TrainConfig(
-        steps=30, batch_pairs=4, lr=2e-2, val_every=30, checkpoint_every=100, objective=objective, **extra
-    )
-    train(adapter, tok, list(split.train), list(split.val), cfg, run_dir=tmp_path, progress=False)
-    ruler = preference_direction(adapter, tok, list(split.train), cfg)  # c = 0 is the base model: same ruler
-    s, a = _readings(adapter, tok, list(split.val), ruler, cfg)
+    _, tok, _, _, (s, a) = _train_tiny(objective, tmp_path, **extra)
     assert s[2] > s[1] + 0.05 and s[1] > s[0] + 0.05, s
     if objective == "anchored":  # persona-free prompts move toward the positive side at +1, away at −1
         assert a[2] > a[1] + 0.05 and a[1] > a[0] + 0.05, a
@@ -104,20 +109,7 @@ def test_even_penalty_keeps_the_objective_sign_and_shrinks_the_even_change():
     """even_weight > 0 leaves anchored's ordering and shift intact and cuts the change both poles make alike."""
     even, readings = {}, {}  # the tiny random model changes by ~1e-2 nats, hence the large weight
     for weight in (0.0, 1e4):
-        model, tok, split = _setup()
-        adapter = attach(model, AdapterConfig(rank=8))
-        cfg = TrainConfig(
-            steps=30,
-            batch_pairs=4,
-            lr=2e-2,
-            val_every=30,
-            checkpoint_every=100,
-            objective="anchored",
-            even_weight=weight,
-        )
-        train(adapter, tok, list(split.train), list(split.val), cfg, progress=False)
-        ruler = preference_direction(adapter, tok, list(split.train), cfg)
-        readings[weight] = _readings(adapter, tok, list(split.val), ruler, cfg)
+        adapter, tok, split, cfg, readings[weight] = _train_tiny("anchored", even_weight=weight)
         even[weight] = _even_change(adapter, tok, list(split.val), cfg)
     s, a = readings[1e4]
     assert s[2] > s[1] + 0.05 and s[1] > s[0] + 0.05, s
