@@ -4,16 +4,17 @@ balanced effect and bias side by side.
 
     python scripts/results.py --models embedded:smollm2 embedded:gemma3-270m --concepts honesty sentiment
 
-The recipe is ``TrainConfig`` / ``AdapterConfig``'s defaults (``--steps``/``--epochs``/``--objective`` override
-them). Pairs, evaluation items and the dev/test split are fixed by ``--seed``; each of ``--seeds`` trains its own
-InnerPiSSA adapter and its own LoRA (adapter init, batch order). For each model × concept, under
-``OUT/<model>/<concept>/<recipe>/`` (``<recipe>`` names the objective, its version and a hash of the whole
-configuration, so results of another recipe are never reused):
+The recipe is ``TrainConfig`` / ``AdapterConfig``'s defaults (``--steps``/``--epochs``/``--objective`` and
+``--set FIELD=VALUE`` override them). Pairs, evaluation items and the dev/test split are fixed by ``--seed``; each
+of ``--seeds`` trains its own InnerPiSSA adapter and its own LoRA (adapter init, batch order). For each model ×
+concept, under ``OUT/<model>/<concept>/<recipe>/`` (``<recipe>`` names the objective, its version and a hash of the
+whole configuration, so results of another recipe are never reused):
 
 - ``<family>-seed<k>/``: the training run (an unfinished one resumes, a finished one is reused) and its
   evaluation ``summary.json``;
-- ``baselines/summary.json``: prompting, PCA, mean-difference and random vectors from the same training pairs
-  (deterministic given the pairs; random uses ``--seed``).
+- ``../baselines-<hash>/summary.json``: prompting, PCA, mean-difference and random vectors from the same training
+  pairs (deterministic given the pairs; random uses ``--seed``), shared by every recipe with the same adapter
+  configuration (the layers the vectors steer).
 
 Everything is swept with the Rust engine (both embedded models are GGUF files) on label-balanced seeded items,
 dev/test split stratified by label; tables report **test** items. A trained method's numbers are pooled over seeds
@@ -71,6 +72,7 @@ def recipe(args):
         for k, v in (("steps", args.steps), ("epochs", args.epochs), ("objective", args.objective))
         if v is not None
     }
+    kw |= parse_sets(getattr(args, "set", None) or [])
     if "steps" in kw and "epochs" not in kw:  # --steps means steps, whatever the default recipe says
         kw["epochs"] = 0.0
     tcfg = TrainConfig(**kw)
@@ -87,6 +89,31 @@ def recipe(args):
     }
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True, default=list).encode()).hexdigest()[:8]
     return kw, acfg, f"{tcfg.objective}-v{OBJECTIVES[tcfg.objective]}-{digest}"
+
+
+def parse_sets(items: list[str]) -> dict:
+    """``--set FIELD=VALUE`` items as TrainConfig keyword arguments, each VALUE converted to the field's type.
+
+    Raises:
+        SystemExit: naming the item, when it is not ``FIELD=VALUE``, FIELD is not a TrainConfig field, or VALUE
+            does not convert.
+    """
+    from innerpissa.train import TrainConfig
+
+    types = {f.name: type(f.default) for f in dataclasses.fields(TrainConfig)}
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or name not in types:
+            raise SystemExit(
+                f"--set {item}: expected FIELD=VALUE with FIELD one of TrainConfig's fields ({', '.join(types)})"
+            )
+        kind = types[name]
+        try:
+            out[name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+        except ValueError:
+            raise SystemExit(f"--set {item}: {value!r} is not a {kind.__name__}") from None
+    return out
 
 
 def _strip(method_result: dict) -> dict:
@@ -201,7 +228,7 @@ def run_one(spec: str, concept_name: str, args) -> None:
     base = args.out / slug(spec) / concept_name / tag
     units = [(u, s) for u in TRAINED if u in args.methods for s in args.seeds]
     units += [("baselines", args.seed)] if set(args.methods) & set(BASELINES) else []
-    todo = [(u, s) for u, s in units if not (base / _unit_dir(u, s) / "summary.json").is_file()]
+    todo = [(u, s) for u, s in units if not (_unit_path(base, u, s, acfg) / "summary.json").is_file()]
     if not todo:
         return
     concept = get_concept(concept_name)
@@ -215,26 +242,34 @@ def run_one(spec: str, concept_name: str, args) -> None:
     _write_json(base / "recipe.json", {"train": kw, "adapter": dataclasses.asdict(acfg), "tag": tag})
     for unit, seed in todo:
         print(f"== {spec} / {concept_name} / {tag}: {unit} seed {seed}", flush=True)
-        run_unit(
-            lm, split, concept, spec, unit, seed, base / _unit_dir(unit, seed), args, kw, acfg, eng, datasets, targets
-        )
+        run = _unit_path(base, unit, seed, acfg)
+        run.mkdir(parents=True, exist_ok=True)
+        run_unit(lm, split, concept, spec, unit, seed, run, args, kw, acfg, eng, datasets, targets)
         write_doc(args, finished(args), (time.perf_counter() - args.t0) / 60)  # the doc grows unit by unit
 
 
-def _unit_dir(unit: str, seed: int) -> str:
-    return "baselines" if unit == "baselines" else f"{unit}-seed{seed}"
+def _unit_path(base: Path, unit: str, seed: int, acfg) -> Path:
+    """A unit's directory: ``base/<family>-seed<k>`` for a trained method; the baselines do not depend on the
+    training recipe, so they live beside the recipes in ``baselines-<hash of the adapter config>`` (the layers
+    they steer) and every recipe of a model × concept reuses them."""
+    if unit != "baselines":
+        return base / f"{unit}-seed{seed}"
+    ident = {k: v for k, v in dataclasses.asdict(acfg).items() if k != "seed" and ADDED_LATER.get(k, _UNSET) != v}
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True, default=list).encode()).hexdigest()[:8]
+    return base.parent / f"baselines-{digest}"
 
 
 def finished(args) -> list[dict]:
     """One pooled summary per model × concept with any finished unit: methods → pooled numbers per dataset."""
     from innerpissa.eval.metrics import pool_seeds
 
-    _, _, tag = recipe(args)
+    _, acfg, tag = recipe(args)
     out = []
     for spec in args.models:
         for c in args.concepts:
             base = args.out / slug(spec) / c / tag
-            units = [json.loads(p.read_text()) for p in sorted(base.glob("*/summary.json"))]
+            paths = sorted(base.glob("*/summary.json")) + [_unit_path(base, "baselines", 0, acfg) / "summary.json"]
+            units = [json.loads(p.read_text()) for p in paths if p.is_file()]
             if not units:
                 continue
             methods, minutes, loss = {}, 0.0, None
@@ -290,9 +325,17 @@ def tables(s: dict) -> list[str]:
     others = [d for d, info in ds.items() if info["labelled"] and not info.get("expected_sign")]
     unl = [d for d, info in ds.items() if not info["labelled"]]
     loss = s.get("loss") or {}
-    kw = ", ".join(f"{k} {v}" for k, v in s.get("recipe_kw", {}).items()) or "defaults"
+    rkw = s.get("recipe_kw", {})
+    kw = ", ".join(f"{k} {v}" for k, v in rkw.items()) or "defaults"
+    flags = " ".join(
+        f"--{k} {v}" if k in ("steps", "epochs", "objective") else f"--set {k}={v}" for k, v in rkw.items()
+    )
     out = [
-        f"### {s['model']} — {s['concept']}",
+        f"### {s['model']} — {s['concept']}" + (f" ({flags})" if flags else ""),
+        "",
+        f"Reproduce: `python scripts/results.py --models {s['model']} --concepts {s['concept']}"
+        + (f" {flags}" if flags else "")
+        + "`.",
         "",
         f"Recipe `{s['recipe']}`: objective {loss.get('name', '?')} v{loss.get('version', '?')} ({kw}; the rest "
         f"TrainConfig/AdapterConfig defaults). Trained methods pooled over seeds "
@@ -334,11 +377,21 @@ def tables(s: dict) -> list[str]:
     return out + [""]
 
 
-def readme_table(summaries: list[dict]) -> list[str]:
-    """The README's compact table: per model × concept, each method's balanced effect on the target sets at the
-    KL budget (signed so that + is the concept's direction; trained methods pooled over seeds), test items."""
-    methods = list(dict.fromkeys(m for s in summaries for m in s["methods"]))
-    out = ["| model | concept | target set | " + " | ".join(methods) + " |", "|---|---|---|" + "---|" * len(methods)]
+def readme_table(summaries: list[dict], old: str = "") -> list[str]:
+    """The README's compact table: per model × concept × recipe, each method's balanced effect on the target sets
+    at the KL budget (signed so that + is the concept's direction; trained methods pooled over seeds), test items.
+    Rows of ``old`` (a previous table's markdown) whose model, concept and recipe are not in ``summaries`` are
+    kept, so units finished on another machine stay listed."""
+    methods = list(TRAINED + BASELINES)
+    head = ["| model | concept | recipe | target set | " + " | ".join(methods) + " |"]
+    head.append("|---|---|---|---|" + "---|" * len(methods))
+    rows: dict[tuple, str] = {}
+    for line in old.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 + len(methods) and cells[0] not in ("model",) and not cells[0].startswith("---"):
+            rows[tuple(cells[:4])] = line
+    fresh = {(s["model"], s["concept"], s["recipe"]) for s in summaries}
+    rows = {k: v for k, v in rows.items() if k[:3] not in fresh}
     for s in summaries:
         for d, info in s["datasets"].items():
             if not info.get("expected_sign"):
@@ -352,20 +405,41 @@ def readme_table(summaries: list[dict]) -> list[str]:
                 sign = info["expected_sign"]
                 lo, hi = sorted((sign * r["ci"][0], sign * r["ci"][1]))
                 cells.append(f"{sign * r['effect']:+.2f} [{lo:+.2f}, {hi:+.2f}]")
-            out.append(f"| {s['model']} | {s['concept']} | {d} | " + " | ".join(cells) + " |")
-    return out
+            key = (s["model"], s["concept"], s["recipe"], d)
+            rows[key] = f"| {' | '.join(key)} | " + " | ".join(cells) + " |"
+    return head + [rows[k] for k in sorted(rows)]
 
 
 def write_readme_table(summaries: list[dict], readme: Path = Path("README.md")) -> None:
-    """Replace the README's table between ``<!-- results-table -->`` markers (if present) with ``readme_table``."""
+    """Replace the README's table between ``<!-- results-table -->`` markers (if present) with ``readme_table``,
+    keeping the rows of other model × concept × recipe units."""
     if not readme.is_file():
         return
     text = readme.read_text()
     m = re.search(r"<!-- results-table -->.*?<!-- /results-table -->", text, re.S)
     if not m:
         return
-    body = "\n".join(["<!-- results-table -->", *readme_table(summaries), "<!-- /results-table -->"])
+    body = "\n".join(["<!-- results-table -->", *readme_table(summaries, m.group(0)), "<!-- /results-table -->"])
     readme.write_text(text[: m.start()] + body + text[m.end() :])
+
+
+def merge_tables(old_doc: str, summaries: list[dict]) -> list[str]:
+    """The doc's "## Tables" part: ``tables`` of each summary, plus each section of ``old_doc``'s tables whose
+    model, concept and recipe (its header and its "Recipe `tag`" line) no summary regenerates, in the old order
+    with new sections after them."""
+    fresh = {(s["model"], s["concept"], s["recipe"]): tables(s) for s in summaries}
+    part = old_doc.split("\n## Tables\n", 1)[1] if "\n## Tables\n" in old_doc else ""
+    out = []
+    for sec in re.split(r"\n(?=### )", part):
+        head = re.match(r"### (.+?) — (\S+)", sec)
+        tag = re.search(r"Recipe `([^`]+)`", sec)
+        if not head or not tag:
+            continue
+        key = (head.group(1), head.group(2), tag.group(1))
+        out += fresh.pop(key) if key in fresh else [sec.rstrip("\n"), ""]
+    for lines in fresh.values():
+        out += lines
+    return out
 
 
 def write_doc(args, summaries: list[dict], minutes: float) -> None:
@@ -402,8 +476,7 @@ def write_doc(args, summaries: list[dict], minutes: float) -> None:
         "## Tables",
         "",
     ]
-    for s in summaries:
-        lines += tables(s)
+    lines += merge_tables(old, summaries)
     args.doc.write_text("\n".join(lines) + "\n")
     write_readme_table(summaries)
 
@@ -421,6 +494,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="override TrainConfig.steps (and train by steps)")
     ap.add_argument("--epochs", type=float, default=None, help="override TrainConfig.epochs")
     ap.add_argument("--objective", default=None, help="override TrainConfig.objective")
+    ap.add_argument(
+        "--set",
+        action="append",
+        metavar="FIELD=VALUE",
+        help="override any TrainConfig field (repeatable), e.g. --set even_weight=10; part of the recipe tag",
+    )
     ap.add_argument("--seed", type=int, default=0, help="pairs, evaluation items, dev/test split, random vector")
     ap.add_argument("--kl-budget", type=float, default=0.05)
     ap.add_argument("--n-target", type=int, default=64)

@@ -58,7 +58,8 @@ def test_results_pools_training_seeds_and_reuses_finished_units(tmp_path, monkey
     monkeypatch.setattr(sys, "argv", argv)
     _load().main()
     runs = sorted(p.parent.name for p in (tmp_path / "out").rglob("summary.json"))
-    assert runs == ["baselines", "innerpissa-seed0", "innerpissa-seed1", "lora-seed0", "lora-seed1"]
+    assert runs[1:] == ["innerpissa-seed0", "innerpissa-seed1", "lora-seed0", "lora-seed1"]
+    assert runs[0].startswith("baselines-")  # beside the recipe directories, shared by every recipe
     units = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "out").rglob("summary.json")}
     target = "okay-with-deceiving-a-user-to-help-them"
     e0 = units["innerpissa-seed0"]["methods"]["innerpissa"]["datasets"][target]["effect"]
@@ -69,8 +70,34 @@ def test_results_pools_training_seeds_and_reuses_finished_units(tmp_path, monkey
     assert f"{e0:+.2f} / {e1:+.2f}" in doc  # each seed's effect is listed beside the pooled one
     pooled = (e0 + e1) / 2  # equal items in both seeds: the pooled effect is the mean of the seeds' effects
     row = next(x for x in (tmp_path / "README.md").read_text().splitlines() if f"| {target} |" in x)
-    cell = row.split("|")[4].strip()  # model | concept | target | innerpissa | ...
+    cell = row.split("|")[5].strip()  # model | concept | recipe | target | innerpissa | ...
     assert cell.startswith(f"{-pooled:+.2f} [")  # the set's expected sign is −: the README shows − × effect
     stamp = {n: (tmp_path / "out").rglob(f"{n}/summary.json").__next__().stat().st_mtime_ns for n in units}
     _load().main()  # every unit finished: nothing retrains or re-evaluates
     assert {n: next((tmp_path / "out").rglob(f"{n}/summary.json")).stat().st_mtime_ns for n in units} == stamp
+
+    # another recipe (--set) trains its own units, reuses the baselines, and adds its section and README rows
+    # beside the first recipe's instead of replacing them
+    seeds = argv.index("--seeds")
+    other = [*argv[: seeds + 1], "0", *argv[seeds + 3 :], "--set", "mono_weight=2"]
+    monkeypatch.setattr(sys, "argv", other)
+    _load().main()
+    assert next((tmp_path / "out").rglob(f"{runs[0]}/summary.json")).stat().st_mtime_ns == stamp[runs[0]]
+    assert len(list((tmp_path / "out").rglob("innerpissa-seed0/summary.json"))) == 2
+    doc = (tmp_path / "results.md").read_text()
+    assert doc.count(f"### {model} — honesty") == 2 and "--set mono_weight=2" in doc
+    assert f"{e0:+.2f} / {e1:+.2f}" in doc  # the first recipe's section is kept
+    rows = [x for x in (tmp_path / "README.md").read_text().splitlines() if f"| {target} |" in x]
+    assert len(rows) == 2 and row in rows
+
+
+def test_set_overrides_are_typed_and_bad_ones_name_the_item():
+    mod = _load()
+    assert mod.parse_sets(["even_weight=10", "steps=5", "share_prefix=false"]) == {
+        "even_weight": 10.0,
+        "steps": 5,
+        "share_prefix": False,
+    }
+    for bad, words in (("even_weight", "FIELD=VALUE"), ("nope=1", "FIELD=VALUE"), ("steps=x", "not a int")):
+        with pytest.raises(SystemExit, match=words):
+            mod.parse_sets([bad])
