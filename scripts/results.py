@@ -112,7 +112,7 @@ def parse_sets(items: list[str]) -> dict:
         try:
             out[name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
         except ValueError:
-            raise SystemExit(f"--set {item}: {value!r} is not a {kind.__name__}") from None
+            raise SystemExit(f"--set {item}: {value!r} is not of type {kind.__name__}") from None
     return out
 
 

@@ -98,6 +98,6 @@ def test_set_overrides_are_typed_and_bad_ones_name_the_item():
         "steps": 5,
         "share_prefix": False,
     }
-    for bad, words in (("even_weight", "FIELD=VALUE"), ("nope=1", "FIELD=VALUE"), ("steps=x", "not a int")):
+    for bad, words in (("even_weight", "FIELD=VALUE"), ("nope=1", "FIELD=VALUE"), ("steps=x", "not of type int")):
         with pytest.raises(SystemExit, match=words):
             mod.parse_sets([bad])
