@@ -130,3 +130,36 @@ def test_row_keys_change_with_the_scoring_settings():
     base = dict(TUNE_DEFAULTS)
     assert trial_key({"train.lr": 1e-3}, base) != trial_key({"train.lr": 1e-3}, {**base, "kl_budget": 0.1})
     assert trial_key({"train.lr": 1e-3}, base) == trial_key({"train.lr": 1e-3}, {**base, "batch_size": 8})
+
+
+def test_tables_group_rows_by_training_length_not_rung_index(tmp_path):
+    """Two grids sharing an output directory: rung 0 is 0.5 epochs in one and 1 epoch in the other. A setting's
+    rows at different lengths are never pooled as seeds, and each length gets its own table."""
+    from innerpissa.tune import seed_summary, write_summary
+
+    g = tmp_path / "g.toml"
+    g.write_text('[tune]\nrungs = [1.0]\n[grid]\n"train.lr" = [1e-3]\n')
+    grid = load_grid(g)
+
+    def row(epochs, seed, score, rung=0):
+        return {
+            "kind": "trial",
+            "key": f"k{seed}",
+            "params": {"train.lr": 1e-3},
+            "rung": rung,
+            "epochs": epochs,
+            "train_seed": seed,
+            "score": score,
+            "targets": {},
+            "budget_reached": True,
+            "kl_coeff": 0.3,
+        }
+
+    rows = [row(0.5, 0, 1.4), row(1.0, 0, 1.1), row(1.0, 1, 0.9), row(None, 2, 1.0)]  # None: an old row, rung 0
+    groups = {g["epochs"]: g for g in seed_summary(rows, grid)}
+    assert set(groups) == {0.5, 1.0}
+    assert groups[0.5]["n_seeds"] == 1 and groups[1.0]["n_seeds"] == 3
+    assert groups[1.0]["mean"] == pytest.approx(1.0)
+    write_summary(rows, tmp_path / "summary.md", grid)
+    text = (tmp_path / "summary.md").read_text()
+    assert "## 0.5 epochs (1 trials)" in text and "## Rung 0: 1 epochs (3 trials)" in text

@@ -26,7 +26,7 @@ from .tune import load_grid, run_search, seed_summary
 
 
 def plot(rows: list[dict], grid, path: Path) -> None:
-    """Horizontal bars: mean score over training seeds per setting (last rung), with the 95 % t-interval."""
+    """Horizontal bars: mean score over training seeds per setting (longest training), with the 95 % t-interval."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -35,8 +35,8 @@ def plot(rows: list[dict], grid, path: Path) -> None:
     groups = seed_summary(rows, grid)
     if not groups:
         return
-    last = max(g["rung"] for g in groups)
-    groups = [g for g in groups if g["rung"] == last][::-1]
+    last = max(g["epochs"] for g in groups)
+    groups = [g for g in groups if g["epochs"] == last][::-1]
     axes = grid.columns()
     labels = [", ".join(f"{a.split('.')[-1]}={g['params'].get(a)}" for a in axes) or "default" for g in groups]
     means = [g["mean"] for g in groups]

@@ -1,4 +1,9 @@
-"""The search's tables: ``summary.md`` (one table per rung, best first) and the per-seed summary with t-intervals."""
+"""The search's tables: ``summary.md`` (one table per training length, best first) and the per-seed summary with
+t-intervals.
+
+Rows are grouped by their training length (``epochs``), not by their rung index: several grids may share one output
+directory (``docs/tuning.md`` runs them so), and rung 0 of one grid can be 0.5 epochs while rung 0 of another is 1.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +15,14 @@ import numpy as np
 from .grid import Grid
 
 
+def _epochs(row: dict, grid: Grid) -> float:
+    """A trial row's training length in epochs (rows written before rows carried ``epochs``: its grid rung's)."""
+    return float(row["epochs"]) if row.get("epochs") is not None else float(grid.tune["rungs"][row["rung"]])
+
+
 def write_summary(rows: list[dict], path: Path, grid: Grid) -> None:
-    """summary.md: the baselines, then one table per rung, best score first (numbers on dev items)."""
+    """summary.md: the baselines, then one table per training length, shortest first, best score first within it
+    (numbers on dev items). Rows of other grids in the same output directory are listed too."""
     from ..outputs import atomic_write
 
     t = grid.tune
@@ -81,11 +92,13 @@ def write_summary(rows: list[dict], path: Path, grid: Grid) -> None:
     base = [r for r in rows if r["kind"] == "baseline"]
     if base:
         lines += ["## Baselines", "", head, sep, *[cells(r) for r in sorted(base, key=lambda r: -r["score"])], ""]
-    for rung, epochs in enumerate(t["rungs"]):
-        rs = [r for r in rows if r["kind"] == "trial" and r["rung"] == rung]
+    trials = [r for r in rows if r["kind"] == "trial"]
+    for epochs in sorted({_epochs(r, grid) for r in trials}):
+        rs = [r for r in trials if _epochs(r, grid) == epochs]
+        rung = next((f"rung {i}: " for i, e in enumerate(t["rungs"]) if float(e) == epochs), "")
         if rs:
             lines += [
-                f"## Rung {rung}: {epochs:g} epochs ({len(rs)} trials)",
+                f"## {rung.capitalize()}{epochs:g} epochs ({len(rs)} trials)",
                 "",
                 head,
                 sep,
@@ -98,14 +111,14 @@ def write_summary(rows: list[dict], path: Path, grid: Grid) -> None:
 
 
 def seed_summary(rows: list[dict], grid: Grid) -> list[dict]:
-    """Per trial setting and rung, the score over training seeds: mean, sample standard deviation, a 95 %
-    t-interval of the mean (scipy; none for one seed), each seed's score, and the trainable parameter count."""
+    """Per trial setting and training length, the score over training seeds: mean, sample standard deviation, a
+    95 % t-interval of the mean (scipy; none for one seed), each seed's score, and the trainable parameter count."""
     from scipy import stats
 
     groups: dict[str, list[dict]] = {}
     for r in rows:
         if r["kind"] == "trial":
-            groups.setdefault(json.dumps([r["params"], r["rung"]], sort_keys=True), []).append(r)
+            groups.setdefault(json.dumps([r["params"], _epochs(r, grid)], sort_keys=True), []).append(r)
     out = []
     for rs in groups.values():
         scores = np.array([r["score"] for r in rs])
@@ -118,7 +131,7 @@ def seed_summary(rows: list[dict], grid: Grid) -> list[dict]:
         out.append(
             {
                 "params": rs[0]["params"],
-                "rung": rs[0]["rung"],
+                "epochs": _epochs(rs[0], grid),
                 "n_seeds": n,
                 "mean": float(scores.mean()),
                 "sd": sd,
@@ -127,7 +140,7 @@ def seed_summary(rows: list[dict], grid: Grid) -> list[dict]:
                 "trainable_params": rs[0].get("trainable_params"),
             }
         )
-    return sorted(out, key=lambda g: (g["rung"], -g["mean"]))
+    return sorted(out, key=lambda g: (g["epochs"], -g["mean"]))
 
 
 def seed_table(rows: list[dict], grid: Grid) -> list[str]:
@@ -139,7 +152,7 @@ def seed_table(rows: list[dict], grid: Grid) -> list[str]:
     lines = [
         "## Over training seeds",
         "",
-        "| " + " | ".join(["rung", *axes, "seeds", "mean score [95 % t-CI]", "sd", "per seed", "params"]) + " |",
+        "| " + " | ".join(["epochs", *axes, "seeds", "mean score [95 % t-CI]", "sd", "per seed", "params"]) + " |",
         "|" + "---|" * (len(axes) + 6),
     ]
     for g in groups:
@@ -148,7 +161,7 @@ def seed_table(rows: list[dict], grid: Grid) -> list[str]:
         sd = "–" if g["sd"] is None else f"{g['sd']:.3f}"
         vals = [str(g["params"].get(a, "")) for a in axes]
         lines.append(
-            f"| {g['rung']} | "
+            f"| {g['epochs']:g} | "
             + " | ".join([*vals, str(g["n_seeds"]), f"{g['mean']:+.3f}{ci}", sd, per, str(g["trainable_params"])])
             + " |"
         )
