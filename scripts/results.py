@@ -92,28 +92,18 @@ def recipe(args):
 
 
 def parse_sets(items: list[str]) -> dict:
-    """``--set FIELD=VALUE`` items as TrainConfig keyword arguments, each VALUE converted to the field's type.
+    """``--set FIELD=VALUE`` items as TrainConfig keyword arguments (``innerpissa.train.config.parse_overrides``).
 
     Raises:
-        SystemExit: naming the item, when it is not ``FIELD=VALUE``, FIELD is not a TrainConfig field, or VALUE
-            does not convert.
+        SystemExit: with the one-line message of the ConfigError naming the bad item.
     """
-    from innerpissa.train import TrainConfig
+    from innerpissa.errors import ConfigError
+    from innerpissa.train.config import parse_overrides
 
-    types = {f.name: type(f.default) for f in dataclasses.fields(TrainConfig)}
-    out = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or name not in types:
-            raise SystemExit(
-                f"--set {item}: expected FIELD=VALUE with FIELD one of TrainConfig's fields ({', '.join(types)})"
-            )
-        kind = types[name]
-        try:
-            out[name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
-        except ValueError:
-            raise SystemExit(f"--set {item}: {value!r} is not of type {kind.__name__}") from None
-    return out
+    try:
+        return parse_overrides(items)
+    except ConfigError as e:
+        raise SystemExit(str(e)) from None
 
 
 def _strip(method_result: dict) -> dict:
@@ -330,10 +320,13 @@ def tables(s: dict) -> list[str]:
     flags = " ".join(
         f"--{k} {v}" if k in ("steps", "epochs", "objective") else f"--set {k}={v}" for k, v in rkw.items()
     )
+    seeds = next((m["seeds"] for m in ms.values() if m["seeds"]), [])
+    extra = "" if list(ms) == list(TRAINED + BASELINES) else f" --methods {','.join(ms)}"
+    extra += "" if seeds in ([], [0, 1, 2]) else f" --seeds {' '.join(map(str, seeds))}"
     out = [
         f"### {s['model']} — {s['concept']}" + (f" ({flags})" if flags else ""),
         "",
-        f"Reproduce: `python scripts/results.py --models {s['model']} --concepts {s['concept']}"
+        f"Command: `python scripts/results.py --models {s['model']} --concepts {s['concept']}{extra}"
         + (f" {flags}" if flags else "")
         + "`.",
         "",
@@ -456,9 +449,9 @@ def write_doc(args, summaries: list[dict], minutes: float) -> None:
     lines = [
         "# Results",
         "",
-        f"Command: `python scripts/results.py {command}` (doc written {datetime.date.today()}; "
-        f"the runs below took {sum(s['minutes'] for s in summaries):.0f} min in all, {minutes:.0f} of them in "
-        f"this call; {cpu}; 2 threads; data seed {args.seed}, training seeds {' '.join(map(str, args.seeds))}).",
+        "Each table below names the `scripts/results.py` command that produced it (it reuses every finished "
+        f"unit). This doc was last written on {datetime.date.today()} by `python scripts/results.py {command}` "
+        f"({minutes:.0f} min in that call; {cpu}; {args.threads} threads; data seed {args.seed}).",
         "",
         "Protocol (the `innerpissa.eval.metrics` module docstring): label-balanced items, a separate seeded draw per "
         "dataset, dev/test split stratified by label, **test items only** below. Every method is read at its "

@@ -100,3 +100,12 @@ def test_inputs_follow_the_model_and_shifts_follow_the_hidden_states():
     hook = shift_output(lambda h: torch.ones(2, dtype=torch.float64))  # another dtype: cast to h's
     out = hook(None, (), torch.zeros(1, 2, dtype=torch.bfloat16))
     assert out.dtype == torch.bfloat16 and torch.equal(out, torch.ones(1, 2, dtype=torch.bfloat16))
+
+
+def test_train_config_overrides_are_typed():
+    from innerpissa.train.config import parse_overrides
+
+    got = parse_overrides(["even_weight=10", "steps=5", "share_prefix=false", " objective = anchored"])
+    assert got == {"even_weight": 10.0, "steps": 5, "share_prefix": False, "objective": "anchored"}
+    assert type(got["even_weight"]) is float and type(got["steps"]) is int
+    assert parse_overrides([]) == {}

@@ -68,6 +68,8 @@ def test_results_pools_training_seeds_and_reuses_finished_units(tmp_path, monkey
     doc = (tmp_path / "results.md").read_text()
     assert "| innerpissa |" in doc and "| lora |" in doc and "| prompting |" in doc
     assert f"{e0:+.2f} / {e1:+.2f}" in doc  # each seed's effect is listed beside the pooled one
+    cmd = f"Command: `python scripts/results.py --models {model} --concepts honesty --methods innerpissa,lora,prompting"
+    assert f"{cmd} --seeds 0 1 --steps 1`" in doc  # the table names the command that reproduces it
     pooled = (e0 + e1) / 2  # equal items in both seeds: the pooled effect is the mean of the seeds' effects
     row = next(x for x in (tmp_path / "README.md").read_text().splitlines() if f"| {target} |" in x)
     cell = row.split("|")[5].strip()  # model | concept | recipe | target | innerpissa | ...

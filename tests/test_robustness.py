@@ -597,3 +597,31 @@ def test_cli_run_dir_checks_come_before_compute(tmp_path, capsys):
     assert code == 1 and "no innerpissa run" not in out and "not empty" in out
     code, out = _cli(["train", "--out", str(tmp_path / "new"), "--steps", "0"], capsys)
     assert code == 1 and "steps" in out
+
+
+@pytest.mark.parametrize(
+    "cmd, item, words",
+    [
+        ("train", "nope=1", "expected FIELD=VALUE"),
+        ("train", "even_weight", "expected FIELD=VALUE"),
+        ("train", "steps=x", "not of type int"),
+        ("run", "even_weight=-1", "even_weight must be >= 0"),
+        ("run", "share_prefix=maybe", "not of type bool"),
+    ],
+)
+def test_cli_set_errors_name_the_item_before_compute(tmp_path, capsys, cmd, item, words):
+    code, out = _cli([cmd, "--out", str(tmp_path / "new"), "--set", item], capsys)
+    assert code == 1 and words in out and len(out.strip().splitlines()) == 1, out
+    assert not (tmp_path / "new").exists()  # nothing was written
+
+
+def test_cli_set_reaches_the_training_config(tmp_path, capsys):
+    from test_distributed import _tiny_model_dir
+
+    model = _tiny_model_dir(tmp_path / "tiny")
+    argv = ["train", "--model", str(model), "--steps", "1", "--batch-pairs", "4", "--n-pairs", "40", "--threads", "1"]
+    sets = ["--set", "even_weight=3", "--set", "lr=0.02"]
+    code, out = _cli([*argv, "--lr", "1e-2", *sets, "--out", str(tmp_path / "r")], capsys)
+    assert code == 0, out
+    saved = json.loads((tmp_path / "r" / "train_config.json").read_text())
+    assert saved["even_weight"] == 3.0 and saved["lr"] == 0.02  # --set wins over the named --lr

@@ -23,6 +23,16 @@ OverwriteOpt = typer.Option(
 )
 
 
+#: ``--set FIELD=VALUE``: any TrainConfig field, repeatable (``train.config.parse_overrides``).
+SetOpt = typer.Option(
+    None,
+    "--set",
+    metavar="FIELD=VALUE",
+    help="set any TrainConfig field, repeatable, e.g. --set even_weight=10 --set bias_weight=10 (the Gemma 3 recipe "
+    "of docs/results.md; innerpissa/train/config.py lists the fields); wins over the named options",
+)
+
+
 ModelOpt = typer.Option(
     None,
     "--model",

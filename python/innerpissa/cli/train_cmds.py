@@ -17,6 +17,7 @@ from .common import (
     EvalOpts,
     ModelOpt,
     OverwriteOpt,
+    SetOpt,
     WeightsOpt,
     app,
     check_run_dir,
@@ -42,13 +43,16 @@ def train_adapter(
     concept: str = "honesty",
     dtype: str = "float32",
     device: str | None = None,
+    overrides: list[str] | None = None,
 ):
     from .. import AdapterConfig
     from ..concepts import get_concept
     from ..train import TrainConfig
+    from ..train.config import parse_overrides
 
     get_concept(concept)
     kw = {k: v for k, v in {"steps": steps, **(cfg_kwargs or {})}.items() if v is not None}  # unset: TrainConfig's
+    kw |= parse_overrides(overrides or [])  # --set FIELD=VALUE wins over the named options
     if "steps" in kw and "epochs" not in kw:  # an explicit --steps means steps, whatever the default recipe says
         kw["epochs"] = 0.0
     tcfg = TrainConfig(seed=seed, **kw)  # validated before any compute
@@ -141,6 +145,7 @@ def train_cmd(
     threads: int | None = typer.Option(None, help="torch threads (default: all cores)"),
     dtype: DtypeChoice = DtypeOpt,
     device: str | None = DeviceOpt,
+    set_: list[str] | None = SetOpt,
 ):
     """Train an InnerPiSSA adapter at c = +1 and c = −1 with the chosen objective (default: the anchored loss).
 
@@ -168,6 +173,7 @@ def train_cmd(
         concept=concept,
         dtype=dtype.value,
         device=device,
+        overrides=set_,
     )
 
 
@@ -197,6 +203,7 @@ def run_cmd(
     allow_network: bool = typer.Option(False),
     threads: int | None = typer.Option(None),
     device: str | None = DeviceOpt,
+    set_: list[str] | None = SetOpt,
 ):
     """The main job: train the concept's adapter, evaluate it against prompting, PCA, mean-difference and random
     vectors at a common KL budget; then the same for the positive control (--control) in OUT/control."""
@@ -207,6 +214,10 @@ def run_cmd(
     if control:
         get_concept(control)
     from ..eval.datasets import data_dir as resolve_data_dir
+    from ..train import TrainConfig
+    from ..train.config import parse_overrides
+
+    TrainConfig(**parse_overrides(set_ or []))  # a bad --set fails before any model loads
 
     cfg = EvalConfig(
         methods=methods,
@@ -241,6 +252,7 @@ def run_cmd(
             overwrite=overwrite,
             concept=name,
             device=device,
+            overrides=set_,
         )
         evaluate(lm, adapter, split, cfg, run_dir, concept=name)
     typer.echo(f"main job finished in {(time.perf_counter() - t0) / 60:.1f} min")

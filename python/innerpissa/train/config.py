@@ -134,3 +134,34 @@ class TrainConfig:
     def total_steps(self, n_train: int) -> int:
         """Optimizer steps: ``ceil(epochs · n_train / batch_pairs)`` when ``epochs`` > 0, else ``steps``."""
         return max(1, math.ceil(self.epochs * n_train / self.batch_pairs)) if self.epochs > 0 else self.steps
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``FIELD=VALUE`` strings (the CLI's ``--set``) as ``TrainConfig`` keyword arguments, each VALUE converted to
+    the field's type (bool: 1/true/yes or 0/false/no). The values are range-checked when the config is built.
+
+    Raises:
+        ConfigError: naming the item, when it is not ``FIELD=VALUE``, FIELD is not a TrainConfig field, or VALUE
+            does not convert.
+    """
+    types = {f.name: type(f.default) for f in fields(TrainConfig)}
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        name, value = name.strip(), value.strip()
+        if not sep or name not in types:
+            raise ConfigError(
+                f"--set {item}: expected FIELD=VALUE with FIELD one of TrainConfig's fields ({', '.join(types)})",
+                field=name or item,
+            )
+        kind = types[name]
+        try:
+            if kind is bool:
+                if value.lower() not in ("1", "true", "yes", "0", "false", "no"):
+                    raise ValueError(value)
+                out[name] = value.lower() in ("1", "true", "yes")
+            else:
+                out[name] = kind(value)
+        except ValueError:
+            raise ConfigError(f"--set {item}: {value!r} is not of type {kind.__name__}", field=name) from None
+    return out
