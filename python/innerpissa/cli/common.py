@@ -28,8 +28,9 @@ SetOpt = typer.Option(
     None,
     "--set",
     metavar="FIELD=VALUE",
-    help="set any TrainConfig field, repeatable, e.g. --set even_weight=10 --set bias_weight=10 (the Gemma 3 recipe "
-    "of docs/results.md; innerpissa/train/config.py lists the fields); wins over the named options",
+    help="set any TrainConfig field, repeatable, e.g. --set even_weight=10 --set bias_weight=10 (with "
+    "--epochs 1, the recipe docs/results.md tries on Gemma 3 270M; innerpissa/train/config.py lists the fields); "
+    "wins over the named options",
 )
 
 
