@@ -316,6 +316,8 @@ def tables(s: dict) -> list[str]:
     unl = [d for d, info in ds.items() if not info["labelled"]]
     loss = s.get("loss") or {}
     rkw = s.get("recipe_kw", {})
+    if "steps" in rkw and rkw.get("epochs") == 0.0:  # --steps implies training by steps (``recipe``)
+        rkw = {k: v for k, v in rkw.items() if k != "epochs"}
     kw = ", ".join(f"{k} {v}" for k, v in rkw.items()) or "defaults"
     flags = " ".join(
         f"--{k} {v}" if k in ("steps", "epochs", "objective") else f"--set {k}={v}" for k, v in rkw.items()
