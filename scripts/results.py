@@ -77,18 +77,17 @@ def recipe(args):
         kw["epochs"] = 0.0
     tcfg = TrainConfig(**kw)
     acfg = AdapterConfig()
-    ident = {
-        "train": {
-            k: v
-            for k, v in dataclasses.asdict(tcfg).items()
-            if k not in ("seed", "share_prefix") and ADDED_LATER.get(k, _UNSET) != v
-        },
-        "adapter": {
-            k: v for k, v in dataclasses.asdict(acfg).items() if k != "seed" and ADDED_LATER.get(k, _UNSET) != v
-        },
-    }
-    digest = hashlib.sha256(json.dumps(ident, sort_keys=True, default=list).encode()).hexdigest()[:8]
-    return kw, acfg, f"{tcfg.objective}-v{OBJECTIVES[tcfg.objective]}-{digest}"
+    ident = {"train": _identity(tcfg, ("seed", "share_prefix")), "adapter": _identity(acfg, ("seed",))}
+    return kw, acfg, f"{tcfg.objective}-v{OBJECTIVES[tcfg.objective]}-{_digest(ident)}"
+
+
+def _identity(cfg, skip: tuple[str, ...]) -> dict:
+    """A config's fields that name a recipe: all but ``skip`` and the ``ADDED_LATER`` fields at their old value."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip and ADDED_LATER.get(k, _UNSET) != v}
+
+
+def _digest(ident: dict) -> str:
+    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=list).encode()).hexdigest()[:8]
 
 
 def parse_sets(items: list[str]) -> dict:
@@ -244,9 +243,7 @@ def _unit_path(base: Path, unit: str, seed: int, acfg) -> Path:
     they steer) and every recipe of a model × concept reuses them."""
     if unit != "baselines":
         return base / f"{unit}-seed{seed}"
-    ident = {k: v for k, v in dataclasses.asdict(acfg).items() if k != "seed" and ADDED_LATER.get(k, _UNSET) != v}
-    digest = hashlib.sha256(json.dumps(ident, sort_keys=True, default=list).encode()).hexdigest()[:8]
-    return base.parent / f"baselines-{digest}"
+    return base.parent / f"baselines-{_digest(_identity(acfg, ('seed',)))}"
 
 
 def finished(args) -> list[dict]:
@@ -383,7 +380,7 @@ def readme_table(summaries: list[dict], old: str = "") -> list[str]:
     rows: dict[tuple, str] = {}
     for line in old.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 4 + len(methods) and cells[0] not in ("model",) and not cells[0].startswith("---"):
+        if len(cells) == 4 + len(methods) and cells[0] != "model" and not cells[0].startswith("---"):
             rows[tuple(cells[:4])] = line
     fresh = {(s["model"], s["concept"], s["recipe"]) for s in summaries}
     rows = {k: v for k, v in rows.items() if k[:3] not in fresh}

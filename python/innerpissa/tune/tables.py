@@ -95,16 +95,15 @@ def write_summary(rows: list[dict], path: Path, grid: Grid) -> None:
     trials = [r for r in rows if r["kind"] == "trial"]
     for epochs in sorted({_epochs(r, grid) for r in trials}):
         rs = [r for r in trials if _epochs(r, grid) == epochs]
-        rung = next((f"rung {i}: " for i, e in enumerate(t["rungs"]) if float(e) == epochs), "")
-        if rs:
-            lines += [
-                f"## {rung.capitalize()}{epochs:g} epochs ({len(rs)} trials)",
-                "",
-                head,
-                sep,
-                *[cells(r) for r in sorted(rs, key=lambda r: -r["score"])],
-                "",
-            ]
+        rung = next((f"Rung {i}: " for i, e in enumerate(t["rungs"]) if float(e) == epochs), "")
+        lines += [
+            f"## {rung}{epochs:g} epochs ({len(rs)} trials)",
+            "",
+            head,
+            sep,
+            *[cells(r) for r in sorted(rs, key=lambda r: -r["score"])],
+            "",
+        ]
     lines += seed_table(rows, grid)
     text = "\n".join(lines) + "\n"
     atomic_write(path, lambda p: Path(p).write_text(text, encoding="utf-8"))
