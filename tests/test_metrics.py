@@ -103,7 +103,7 @@ def test_pooled_effect_over_seeds():
     assert eff == pytest.approx(2.0) and per == [1.0, 3.0] and lo == pytest.approx(2.0)
 
 
-def test_pool_seeds_averages_items_and_keeps_the_worst_rho():
+def test_pool_seeds_averages_items_and_keeps_each_seeds_rho():
     sw1 = _sweep(lambda c, i: 0.5 * c * LABELS[i] + 0.1 * c, kl_fn=lambda c: 0.05 * abs(c))
     sw2 = _sweep(lambda c, i: 1.5 * c * LABELS[i] - 0.3 * c, kl_fn=lambda c: 0.05 * abs(c))
     ds = [EvalDataset("d", "yesno", tuple(EvalItem(str(i), "q", int(LABELS[i])) for i in range(6)), "mem")]
@@ -115,7 +115,7 @@ def test_pool_seeds_averages_items_and_keeps_the_worst_rho():
     assert pooled["effect"] == pytest.approx(1.0) and pooled["effect_seeds"] == pytest.approx([0.5, 1.5])
     assert pooled["bias"] == pytest.approx((0.1 - 0.3) / 2) and pooled["bias_seeds"] == pytest.approx([0.1, -0.3])
     assert pooled["ci"][0] <= 1.0 <= pooled["ci"][1] and pooled["n_seeds"] == 2
-    assert pooled["spearman_min"] == pytest.approx(1.0)
+    assert pooled["spearman_seeds"] == pytest.approx([1.0, 1.0])
     with pytest.raises(ValueError, match="different items"):
         pool_seeds([per[0], {**per[1], "item_labels": per[1]["item_labels"][::-1]}])
 

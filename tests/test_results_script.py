@@ -68,6 +68,10 @@ def test_results_pools_training_seeds_and_reuses_finished_units(tmp_path, monkey
     doc = (tmp_path / "results.md").read_text()
     assert "| innerpissa |" in doc and "| lora |" in doc and "| prompting |" in doc
     assert f"{e0:+.2f} / {e1:+.2f}" in doc  # each seed's effect is listed beside the pooled one
+    rho = [units[f"innerpissa-seed{k}"]["methods"]["innerpissa"]["datasets"][target]["spearman"] for k in (0, 1)]
+    assert (
+        "ρ per seed" in doc and " / ".join("–" if x != x else f"{x:+.2f}" for x in rho) in doc
+    )  # each seed's ρ, signed
     cmd = f"Command: `python scripts/results.py --models {model} --concepts honesty --methods innerpissa,lora,prompting"
     assert f"{cmd} --seeds 0 1 --steps 1`" in doc  # the table names the command that reproduces it
     pooled = (e0 + e1) / 2  # equal items in both seeds: the pooled effect is the mean of the seeds' effects

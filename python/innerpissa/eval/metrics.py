@@ -295,7 +295,8 @@ def pool_seeds(per_seed: list[dict], seed: int = 0) -> dict:
             at its own seed's KL-matched coefficient.
     Returns: ``effect`` and ``ci`` from ``pooled_effect`` (items averaged over seeds, then the class-stratified
         bootstrap over items; nats), ``effect_seeds`` (each seed's balanced effect), ``bias`` (mean over seeds,
-        nats) with ``bias_seeds``, ``spearman_min`` (the worst seed's ρ), the mean ``effect_neg_side`` /
+        nats) with ``bias_seeds``, ``spearman_seeds`` (each seed's Spearman ρ of the effect over the sweep, None where
+        undefined; unsigned, so a set whose expected sign is − wants −1), the mean ``effect_neg_side`` /
         ``effect_pos_side``, ``decision_shift_net``, invalid rates and ``flip_score`` over seeds, and
         ``n_seeds``. A dataset without labels gets the bias fields only.
     Raises:
@@ -318,12 +319,14 @@ def pool_seeds(per_seed: list[dict], seed: int = 0) -> dict:
     if any(m["item_labels"] != labels for m in per_seed):
         raise ValueError("pool_seeds: the seeds were scored on different items (item_labels differ)")
     eff, lo, hi, per = pooled_effect([m["item_effects"] for m in per_seed], labels, seed)
-    rhos = [m["spearman"] for m in per_seed if m.get("spearman") is not None and np.isfinite(m["spearman"])]
+    rhos = [
+        float(m["spearman"]) if m.get("spearman") is not None and np.isfinite(m["spearman"]) else None for m in per_seed
+    ]
     out.update(
         effect=eff,
         ci=[lo, hi],
         effect_seeds=per,
-        spearman_min=min(rhos) if rhos else None,
+        spearman_seeds=rhos,
         effect_neg_side=float(np.mean([m["effect_neg_side"] for m in per_seed])),
         effect_pos_side=float(np.mean([m["effect_pos_side"] for m in per_seed])),
     )
