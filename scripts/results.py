@@ -81,6 +81,18 @@ def recipe(args):
     return kw, acfg, f"{tcfg.objective}-v{OBJECTIVES[tcfg.objective]}-{_digest(ident)}"
 
 
+def lora_sets(args) -> dict:
+    """``--lora-set FIELD=VALUE`` items: TrainConfig overrides applied to the LoRA units only, on top of the recipe
+    (a learning rate at which LoRA's different parametrisation stays stable, say). Not part of the recipe tag, so
+    InnerPiSSA's units and the baselines are shared; they name LoRA's unit directories instead (``_unit_path``)."""
+    return parse_sets(getattr(args, "lora_set", None) or [])
+
+
+def _unit_suffix(unit: str, lora_kw: dict) -> str:
+    """The part of a trained unit's directory name after its family: the LoRA overrides, e.g. ``-lr0.001``."""
+    return "".join(f"-{k}{v}" for k, v in sorted(lora_kw.items())) if unit == "lora" else ""
+
+
 def _identity(cfg, skip: tuple[str, ...]) -> dict:
     """A config's fields that name a recipe: all but ``skip`` and the ``ADDED_LATER`` fields at their old value."""
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip and ADDED_LATER.get(k, _UNSET) != v}
@@ -160,7 +172,7 @@ def run_unit(
                 steer = LoRASteering(lm.model, cfg, meta)
             else:
                 steer = attach(lm.model, cfg, meta=meta, pairs=list(split.train), tokenizer=lm.tokenizer)
-            tcfg = TrainConfig(**recipe_kw, seed=seed)
+            tcfg = TrainConfig(**(recipe_kw | (lora_sets(args) if unit == "lora" else {})), seed=seed)
             if unit == "lora" and tcfg.basis != "pca":  # LoRA has no singular vectors to read the loss in
                 tcfg = dataclasses.replace(tcfg, basis="pca")
             try:
@@ -217,7 +229,7 @@ def run_one(spec: str, concept_name: str, args) -> None:
     base = args.out / slug(spec) / concept_name / tag
     units = [(u, s) for u in TRAINED if u in args.methods for s in args.seeds]
     units += [("baselines", args.seed)] if set(args.methods) & set(BASELINES) else []
-    todo = [(u, s) for u, s in units if not (_unit_path(base, u, s, acfg) / "summary.json").is_file()]
+    todo = [(u, s) for u, s in units if not (_unit_path(base, u, s, acfg, lora_sets(args)) / "summary.json").is_file()]
     if not todo:
         return
     concept = get_concept(concept_name)
@@ -231,18 +243,18 @@ def run_one(spec: str, concept_name: str, args) -> None:
     _write_json(base / "recipe.json", {"train": kw, "adapter": dataclasses.asdict(acfg), "tag": tag})
     for unit, seed in todo:
         print(f"== {spec} / {concept_name} / {tag}: {unit} seed {seed}", flush=True)
-        run = _unit_path(base, unit, seed, acfg)
+        run = _unit_path(base, unit, seed, acfg, lora_sets(args))
         run.mkdir(parents=True, exist_ok=True)
         run_unit(lm, split, concept, spec, unit, seed, run, args, kw, acfg, eng, datasets, targets)
         write_doc(args, finished(args), (time.perf_counter() - args.t0) / 60)  # the doc grows unit by unit
 
 
-def _unit_path(base: Path, unit: str, seed: int, acfg) -> Path:
-    """A unit's directory: ``base/<family>-seed<k>`` for a trained method; the baselines do not depend on the
-    training recipe, so they live beside the recipes in ``baselines-<hash of the adapter config>`` (the layers
-    they steer) and every recipe of a model × concept reuses them."""
+def _unit_path(base: Path, unit: str, seed: int, acfg, lora_kw: dict | None = None) -> Path:
+    """A unit's directory: ``base/<family>[-<LoRA overrides>]-seed<k>`` for a trained method; the baselines do not
+    depend on the training recipe, so they live beside the recipes in ``baselines-<hash of the adapter config>``
+    (the layers they steer) and every recipe of a model × concept reuses them."""
     if unit != "baselines":
-        return base / f"{unit}-seed{seed}"
+        return base / f"{unit}{_unit_suffix(unit, lora_kw or {})}-seed{seed}"
     return base.parent / f"baselines-{_digest(_identity(acfg, ('seed',)))}"
 
 
@@ -255,7 +267,12 @@ def finished(args) -> list[dict]:
     for spec in args.models:
         for c in args.concepts:
             base = args.out / slug(spec) / c / tag
-            paths = sorted(base.glob("*/summary.json")) + [_unit_path(base, "baselines", 0, acfg) / "summary.json"]
+            # trained units of this command's LoRA overrides only (``lora-seed0`` and ``lora-lr0.001-seed0`` are
+            # two LoRA recipes, not two seeds)
+            lkw = lora_sets(args)
+            own = re.compile("|".join(re.escape(t + _unit_suffix(t, lkw)) + r"-seed\d+" for t in TRAINED))
+            paths = [p for p in sorted(base.glob("*/summary.json")) if own.fullmatch(p.parent.name)]
+            paths.append(_unit_path(base, "baselines", 0, acfg) / "summary.json")
             units = [json.loads(p.read_text()) for p in paths if p.is_file()]
             if not units:
                 continue
@@ -289,6 +306,7 @@ def finished(args) -> list[dict]:
                     "minutes": minutes,
                     "datasets": units[0]["datasets"],
                     "methods": methods,
+                    "lora_kw": lkw if "lora" in methods else {},
                     "recipe_kw": json.loads((base / "recipe.json").read_text())["train"]
                     if (base / "recipe.json").is_file()
                     else {},
@@ -322,15 +340,20 @@ def tables(s: dict) -> list[str]:
     seeds = next((m["seeds"] for m in ms.values() if m["seeds"]), [])
     extra = "" if list(ms) == list(TRAINED + BASELINES) else f" --methods {','.join(ms)}"
     extra += "" if seeds in ([], [0, 1, 2]) else f" --seeds {' '.join(map(str, seeds))}"
+    lkw = s.get("lora_kw") or {}
+    lflags = "".join(f" --lora-set {k}={v}" for k, v in lkw.items())
     out = [
         f"### {s['model']} — {s['concept']}" + (f" ({flags})" if flags else ""),
         "",
         f"Command: `python scripts/results.py --models {s['model']} --concepts {s['concept']}{extra}"
         + (f" {flags}" if flags else "")
+        + lflags
         + "`.",
         "",
         f"Recipe `{s['recipe']}`: objective {loss.get('name', '?')} v{loss.get('version', '?')} ({kw}; the rest "
-        f"TrainConfig/AdapterConfig defaults). Trained methods pooled over seeds "
+        f"TrainConfig/AdapterConfig defaults"
+        + (f"; LoRA with {', '.join(f'{k} {v}' for k, v in lkw.items())}" if lkw else "")
+        + "). Trained methods pooled over seeds "
         f"{', '.join(str(x) for x in next((m['seeds'] for m in ms.values() if m['seeds']), []))}; {s['minutes']:.0f} "
         "min of training and evaluation in all (Rust engine, 2 threads).",
         "",
@@ -492,6 +515,13 @@ def main() -> None:
         metavar="FIELD=VALUE",
         help="override any TrainConfig field (repeatable), e.g. --set even_weight=10; part of the recipe tag",
     )
+    ap.add_argument(
+        "--lora-set",
+        action="append",
+        metavar="FIELD=VALUE",
+        help="override a TrainConfig field for the LoRA units only (repeatable), e.g. --lora-set lr=0.001; names "
+        "their directories, not the recipe tag, so InnerPiSSA's units and the baselines are shared",
+    )
     ap.add_argument("--seed", type=int, default=0, help="pairs, evaluation items, dev/test split, random vector")
     ap.add_argument("--kl-budget", type=float, default=0.05)
     ap.add_argument("--n-target", type=int, default=64)
@@ -521,7 +551,7 @@ def main() -> None:
         ap.error(f"--methods: unknown {sorted(unknown)}; known: {', '.join(TRAINED + BASELINES)}")
     os.environ.setdefault("RAYON_NUM_THREADS", str(args.threads))
     args.t0 = time.perf_counter()
-    recipe(args)  # a bad override fails before any model loads
+    recipe(args), lora_sets(args)  # a bad override fails before any model loads
     if not args.doc_only:
         for spec in args.models:
             for concept in args.concepts:

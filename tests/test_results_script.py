@@ -58,6 +58,7 @@ def test_results_pools_training_seeds_and_reuses_finished_units(tmp_path, monkey
     monkeypatch.setattr(sys, "argv", argv)
     _load().main()
     runs = sorted(p.parent.name for p in (tmp_path / "out").rglob("summary.json"))
+    first = next((tmp_path / "out").rglob("lora-seed0/summary.json")).parent.parent  # the first recipe's dir
     assert runs[1:] == ["innerpissa-seed0", "innerpissa-seed1", "lora-seed0", "lora-seed1"]
     assert runs[0].startswith("baselines-")  # beside the recipe directories, shared by every recipe
     units = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "out").rglob("summary.json")}
@@ -95,6 +96,21 @@ def test_results_pools_training_seeds_and_reuses_finished_units(tmp_path, monkey
     assert f"{e0:+.2f} / {e1:+.2f}" in doc  # the first recipe's section is kept
     rows = [x for x in (tmp_path / "README.md").read_text().splitlines() if f"| {target} |" in x]
     assert len(rows) == 2 and row in rows
+
+    # LoRA-only overrides (--lora-set) train LoRA units of their own beside the first ones and reuse InnerPiSSA's
+    # units and the baselines; the table pools the new LoRA units only and names the override in its command
+    before = {p: p.stat().st_mtime_ns for p in first.glob("*/summary.json")}
+    monkeypatch.setattr(sys, "argv", [*argv, "--lora-set", "lr=0.01"])
+    _load().main()
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    new = sorted(first.glob("lora-lr0.01-seed*/train_config.json"))
+    assert len(new) == 2 and all(json.loads(p.read_text())["lr"] == 0.01 for p in new)
+    assert json.loads((first / "innerpissa-seed0" / "train_config.json").read_text())["lr"] != 0.01
+    doc = (tmp_path / "results.md").read_text()
+    assert f"{cmd} --seeds 0 1 --steps 1 --lora-set lr=0.01`" in doc and "LoRA with lr 0.01" in doc
+    lora = [json.loads((p.parent / "summary.json").read_text()) for p in new]
+    e = [u["methods"]["lora"]["datasets"][target]["effect"] for u in lora]
+    assert f"| lora | {target} | {e[0]:+.2f} / {e[1]:+.2f} |" in doc  # the new LoRA seeds, not the first ones
 
 
 def test_set_overrides_are_typed_and_bad_ones_name_the_item():
