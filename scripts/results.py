@@ -353,9 +353,9 @@ def tables(s: dict) -> list[str]:
         f"Recipe `{s['recipe']}`: objective {loss.get('name', '?')} v{loss.get('version', '?')} ({kw}; the rest "
         f"TrainConfig/AdapterConfig defaults"
         + (f"; LoRA with {', '.join(f'{k} {v}' for k, v in lkw.items())}" if lkw else "")
-        + "). Trained methods pooled over seeds "
-        f"{', '.join(str(x) for x in next((m['seeds'] for m in ms.values() if m['seeds']), []))}; {s['minutes']:.0f} "
-        "min of training and evaluation in all (Rust engine, 2 threads).",
+        + "). Trained methods pooled over seeds ("
+        + "; ".join(f"{n} {', '.join(map(str, m['seeds']))}" for n, m in ms.items() if m["seeds"])
+        + f"); {s['minutes']:.0f} min of training and evaluation in all (Rust engine, 2 threads).",
         "",
         "| method | C_b (per seed) | KL at ±C_b | "
         + " | ".join(f"{d} ({'+' if ds[d]['expected_sign'] > 0 else '−'}): effect [CI] / bias" for d in targets)

@@ -73,6 +73,7 @@ def test_results_pools_training_seeds_and_reuses_finished_units(tmp_path, monkey
     assert (
         "ρ per seed" in doc and " / ".join("–" if x != x else f"{x:+.2f}" for x in rho) in doc
     )  # each seed's ρ, signed
+    assert "pooled over seeds (innerpissa 0, 1; lora 0, 1)" in doc  # each trained method names its own seeds
     cmd = f"Command: `python scripts/results.py --models {model} --concepts honesty --methods innerpissa,lora,prompting"
     assert f"{cmd} --seeds 0 1 --steps 1`" in doc  # the table names the command that reproduces it
     pooled = (e0 + e1) / 2  # equal items in both seeds: the pooled effect is the mean of the seeds' effects
