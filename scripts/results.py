@@ -551,7 +551,8 @@ def main() -> None:
         ap.error(f"--methods: unknown {sorted(unknown)}; known: {', '.join(TRAINED + BASELINES)}")
     os.environ.setdefault("RAYON_NUM_THREADS", str(args.threads))
     args.t0 = time.perf_counter()
-    recipe(args), lora_sets(args)  # a bad override fails before any model loads
+    recipe(args)  # a bad override fails before any model loads
+    lora_sets(args)
     if not args.doc_only:
         for spec in args.models:
             for concept in args.concepts:
