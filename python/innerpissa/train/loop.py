@@ -147,8 +147,9 @@ def train(
             a base model with gradient checkpointing on.
         ResumeMismatchError: ``run_dir`` holds a run with another configuration or other pairs.
         OutputExistsError: ``run_dir`` holds a finished run, or files that are not a run.
-        TrainingDivergedError: the loss became non-finite or exceeded ``max_loss_factor`` × max(1, first loss),
-            or a parameter became non-finite (the adapter is not saved; lower ``lr``).
+        TrainingDivergedError: the objective's loss became non-finite or exceeded ``max_loss_factor`` × max(1,
+            first loss), the suffix ΔNLL exceeded ``max_dnll`` nats/token, or a parameter became non-finite (the
+            adapter is not saved; lower ``lr``; ``_check_divergence``).
     """
     cfg.validate()
     procs = processes()  # one, or those of an ``accelerate launch`` (distributed.py)
@@ -256,13 +257,15 @@ def train(
         ref = batch_reference(cache, idx, batch) if cache is not None else None
         free_ref = batch_free_reference(cache, idx, free) if cache is not None and free is not None else None
         loss, m = reprpo_loss(adapter, batch, pref, cfg, block, free, omega, ref, free_ref)
+        objective_loss = m["loss"]  # the divergence guard's loss: without the answer-bias penalty below
         if guard is not None:  # the answer-bias guard (guard.py)
             g, shift_plus, shift_minus = guard.term(adapter, step)
             loss = loss + cfg.bias_weight * omega * g
             m.update(loss=loss.item(), guard=g.item(), yes_shift_plus=shift_plus, yes_shift_minus=shift_minus)
+        m["objective_loss"] = objective_loss
         m = procs.average(m)  # the same numbers, hence the same decisions, in every process
-        first_loss = m["loss"] if first_loss is None else first_loss
-        _check_divergence(m["loss"], first_loss, step + 1, cfg)
+        first_loss = m["objective_loss"] if first_loss is None else first_loss
+        _check_divergence(m, first_loss, step + 1, cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         procs.average_gradients(params)
@@ -329,13 +332,30 @@ def _prepare_run_dir_once(run: Path, signature: dict, overwrite: bool, procs: Pr
     return start
 
 
-def _check_divergence(loss: float, first: float, step: int, cfg: TrainConfig) -> None:
-    """Raise TrainingDivergedError when ``loss`` is non-finite or > max_loss_factor × max(1, first)."""
+def _check_divergence(m: dict, first: float, step: int, cfg: TrainConfig) -> None:
+    """Raise TrainingDivergedError when training has run away.
+
+    Two tests, either stops the run: the objective's loss ``m["objective_loss"]`` (without the answer-bias
+    penalty, which is large by design while it corrects a Yes/No shift) is non-finite or above
+    ``max_loss_factor`` × max(1, ``first``), the first step's; or the model itself is broken: the suffix ΔNLL
+    averaged over c = ±1 (``m["dnll"]``, and ``m["dnll_free"]`` on the persona-free rows; nats/token, weight-free,
+    so it does not depend on how the loss terms are weighted) is above ``max_dnll`` (0: off). The loss test alone
+    misfired: at step 1 the adapter is the identity and every constraint term is 0, so later steps whose
+    constraint terms merely work (a trust region at its hinge) can pass 100× the first loss on a sound model.
+    """
+    loss = m["objective_loss"]
     limit = cfg.max_loss_factor * max(1.0, first)
     if not math.isfinite(loss) or loss > limit:
         raise TrainingDivergedError(
             f"training diverged at step {step}: loss {loss:.4g} (first step {first:.4g}, "
             f"limit {limit:.4g}); lower --lr (now {cfg.lr:g}) and rerun with --overwrite",
+            field="lr",
+        )
+    dnll = max(m.get("dnll", 0.0), m.get("dnll_free", 0.0))
+    if cfg.max_dnll > 0 and not dnll <= cfg.max_dnll:
+        raise TrainingDivergedError(
+            f"training diverged at step {step}: the steered model's suffix ΔNLL is {dnll:.3g} nats/token "
+            f"(limit max_dnll={cfg.max_dnll:g}); lower --lr (now {cfg.lr:g}) and rerun with --overwrite",
             field="lr",
         )
 
