@@ -163,3 +163,24 @@ def test_tables_group_rows_by_training_length_not_rung_index(tmp_path):
     write_summary(rows, tmp_path / "summary.md", grid)
     text = (tmp_path / "summary.md").read_text()
     assert "## 0.5 epochs (1 trials)" in text and "## Rung 0: 1 epochs (3 trials)" in text
+
+
+def test_a_diverging_trial_is_recorded_ranked_last_and_the_search_goes_on(tmp_path, byte_yes_no):
+    path = write_llama_gguf(tiny_llama_for_gguf(), tmp_path / "tiny.gguf")
+    grid = tmp_path / "grid.toml"
+    text = GRID.format(model=path).replace('baselines = ["prompting"]', "baselines = []")
+    text = text.replace('"train.lr" = [1e-3, 3e-2]', '"train.lr" = [1e6, 1e-3]')
+    grid.write_text(text.replace('"adapter.depth_range" = [[0.25], [0.5, 0.75]]', ""))
+    out = tmp_path / "search"
+    logged: list[str] = []
+    rows = run_search(grid, out, SHARED_DATA, log=logged.append)
+    bad = [r for r in rows if r["params"]["train.lr"] == 1e6]
+    good = [r for r in rows if r["params"]["train.lr"] == 1e-3]
+    assert len(bad) == 1 and bad[0]["score"] is None and "training diverged" in bad[0]["diverged"]
+    assert [r["rung"] for r in good] == [0, 1] and all(r["score"] is not None for r in good)  # it went on alone
+    assert any("lower --lr" in line for line in logged)
+    summary = (out / "summary.md").read_text()
+    assert "## Diverged" in summary and bad[0]["key"] in summary.split("## Diverged")[1]
+    n = len((out / "rows.jsonl").read_text().splitlines())
+    run_search(grid, out, SHARED_DATA, log=lambda *_: None)  # the diverged row is a finished row: not retrained
+    assert len((out / "rows.jsonl").read_text().splitlines()) == n

@@ -35,8 +35,7 @@ class TrainConfig:
     max_suffix_tokens: int = 24
     val_every: int = 25
     checkpoint_every: int = 25
-    max_loss_factor: float = 100.0  # stop when the objective's loss exceeds this × max(1, first loss): diverging
-    max_dnll: float = 3.0  # stop when the suffix ΔNLL (nats/token, mean of c = ±1) exceeds this: broken; 0 = off
+    max_loss_factor: float = 100.0  # stop when the objective's loss (answer-bias term excluded) > this × max(1, first)
     seed: int = 0
     objective: str = "anchored"  # objectives.OBJECTIVES
     basis: str = "pca"  # the ruler's basis: adapter-u (the adapted writer's U) or pca (base-model PCA)
@@ -114,7 +113,6 @@ class TrainConfig:
             "even_weight": (0, None),
             "loss_layer": (0, 1),
             "max_loss_factor": (1, None),
-            "max_dnll": (0, None),
             "epochs": (0, None),
             "constraint_warmup": (0, 1),
             "max_angle": (0, 3.0),

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import TrainingDivergedError
 from .grid import PEFT_ONLY, Grid, load_grid, split_params, train_seeds, trial_key
 from .tables import write_summary
 
@@ -164,6 +165,16 @@ def _run_trial(
     else:
         adapter = attach(ctx.lm.model, acfg, meta=meta, pairs=list(ctx.split.train), tokenizer=ctx.lm.tokenizer)
     n_params = _trainable(adapter)
+    row = {
+        "kind": "trial",
+        "key": key,
+        "rung": rung,
+        "epochs": epochs,
+        "params": params,
+        "train_seed": train_seed,
+        "trainable_params": n_params,
+        "steps": tcfg.total_steps(len(ctx.split.train)),
+    }
     try:
         if not finished:
             try:
@@ -176,6 +187,8 @@ def _run_trial(
                     run_dir=run_dir,
                     progress=False,
                 )
+            except TrainingDivergedError as e:  # a result of the setting, not a crash: recorded, ranked last
+                return row | {"score": None, "diverged": str(e), "train_minutes": (time.perf_counter() - t0) / 60}
             finally:
                 if family == "lora":  # the trained LoRA in InnerPiSSA form (exact), which the Rust engine runs
                     trained, _ = adapter.to_adapter(), adapter.remove()
@@ -187,20 +200,14 @@ def _run_trial(
     finally:
         if family in PEFT_ONLY:
             adapter.remove()  # the model is the base model again for the next trial
-    row = score_row(res, family, ctx.targets)
-    row.update(
-        kind="trial",
-        key=key,
-        rung=rung,
-        epochs=epochs,
-        params=params,
-        train_seed=train_seed,
-        trainable_params=n_params,
-        train_minutes=train_min,
-        eval_minutes=(time.perf_counter() - t1) / 60,
-        steps=tcfg.total_steps(len(ctx.split.train)),
+    return (
+        score_row(res, family, ctx.targets)
+        | row
+        | {
+            "train_minutes": train_min,
+            "eval_minutes": (time.perf_counter() - t1) / 60,
+        }
     )
-    return row
 
 
 def run_search(grid_path: str | Path, out: str | Path, data_dir=None, log=print) -> list[dict]:
@@ -209,6 +216,9 @@ def run_search(grid_path: str | Path, out: str | Path, data_dir=None, log=print)
     Raises:
         ConfigError / FileNotFoundError: a bad grid file (before any compute).
         ResumeMismatchError: a trial's training directory holds a run with other settings (changed by hand).
+
+    A trial whose training diverges (``TrainingDivergedError``) is not an error of the search: its row has
+    ``score`` None and ``diverged`` (the message), it ranks last, and the search goes on.
     """
     grid = load_grid(grid_path)
     out = Path(out)
@@ -257,14 +267,18 @@ def run_search(grid_path: str | Path, out: str | Path, data_dir=None, log=print)
                 _append(rows_path, row)
                 rows.append(row)
                 done[(key, rung, epochs)] = row
-                log(
-                    f"  score {row['score']:+.3f} (C_b {row['kl_coeff']:.3g}, {(row['train_minutes'] or 0):.1f} + "
-                    f"{row['eval_minutes']:.1f} min)"
-                )
+                if row["score"] is None:
+                    log(f"  {row['diverged']}")
+                else:
+                    log(
+                        f"  score {row['score']:+.3f} (C_b {row['kl_coeff']:.3g}, "
+                        f"{(row['train_minutes'] or 0):.1f} + {row['eval_minutes']:.1f} min)"
+                    )
                 write_summary(rows, out / "summary.md", grid)
 
-        def mean_score(params, rung=rung, epochs=epochs):
-            return float(np.mean([done[(trial_key(params, t, s), rung, epochs)]["score"] for s in seeds]))
+        def mean_score(params, rung=rung, epochs=epochs):  # a seed that diverged ranks the setting last
+            scores = [done[(trial_key(params, t, s), rung, epochs)]["score"] for s in seeds]
+            return -math.inf if None in scores else float(np.mean(scores))
 
         ranked = sorted(survivors, key=mean_score, reverse=True)
         survivors = ranked[: max(1, math.ceil(t["keep"] * len(ranked)))]

@@ -92,7 +92,7 @@ def write_summary(rows: list[dict], path: Path, grid: Grid) -> None:
     base = [r for r in rows if r["kind"] == "baseline"]
     if base:
         lines += ["## Baselines", "", head, sep, *[cells(r) for r in sorted(base, key=lambda r: -r["score"])], ""]
-    trials = [r for r in rows if r["kind"] == "trial"]
+    trials = [r for r in rows if r["kind"] == "trial" and r["score"] is not None]
     for epochs in sorted({_epochs(r, grid) for r in trials}):
         rs = [r for r in trials if _epochs(r, grid) == epochs]
         rung = next((f"Rung {i}: " for i, e in enumerate(t["rungs"]) if float(e) == epochs), "")
@@ -104,6 +104,24 @@ def write_summary(rows: list[dict], path: Path, grid: Grid) -> None:
             *[cells(r) for r in sorted(rs, key=lambda r: -r["score"])],
             "",
         ]
+    diverged = [r for r in rows if r["kind"] == "trial" and r["score"] is None]
+    if diverged:
+        lines += [
+            "## Diverged (training stopped; no score)",
+            "",
+            "| " + " | ".join(["trial", *axes, "epochs", "seed", "why"]) + " |",
+            "|" + "---|" * (len(axes) + 4),
+            *[
+                "| "
+                + " | ".join(
+                    [r["key"], *[str(r["params"].get(a, "")) for a in axes], f"{_epochs(r, grid):g}"]
+                    + [str(r.get("train_seed", "")), r["diverged"].replace("|", "/")]
+                )
+                + " |"
+                for r in diverged
+            ],
+            "",
+        ]
     lines += seed_table(rows, grid)
     text = "\n".join(lines) + "\n"
     atomic_write(path, lambda p: Path(p).write_text(text, encoding="utf-8"))
@@ -111,7 +129,8 @@ def write_summary(rows: list[dict], path: Path, grid: Grid) -> None:
 
 def seed_summary(rows: list[dict], grid: Grid) -> list[dict]:
     """Per trial setting and training length, the score over training seeds: mean, sample standard deviation, a
-    95 % t-interval of the mean (scipy; none for one seed), each seed's score, and the trainable parameter count."""
+    95 % t-interval of the mean (scipy; none for one seed), each seed's score, and the trainable parameter count.
+    Seeds whose training diverged have no score: they are left out and counted in ``n_diverged``."""
     from scipy import stats
 
     groups: dict[str, list[dict]] = {}
@@ -119,7 +138,10 @@ def seed_summary(rows: list[dict], grid: Grid) -> list[dict]:
         if r["kind"] == "trial":
             groups.setdefault(json.dumps([r["params"], _epochs(r, grid)], sort_keys=True), []).append(r)
     out = []
-    for rs in groups.values():
+    for group in groups.values():
+        rs = [r for r in group if r["score"] is not None]
+        if not rs:
+            continue
         scores = np.array([r["score"] for r in rs])
         n = len(scores)
         sd = float(scores.std(ddof=1)) if n > 1 else None
@@ -137,6 +159,7 @@ def seed_summary(rows: list[dict], grid: Grid) -> list[dict]:
                 "ci": ci,
                 "scores": {r.get("train_seed"): r["score"] for r in rs},
                 "trainable_params": rs[0].get("trainable_params"),
+                "n_diverged": len(group) - len(rs),
             }
         )
     return sorted(out, key=lambda g: (g["epochs"], -g["mean"]))
@@ -157,6 +180,7 @@ def seed_table(rows: list[dict], grid: Grid) -> list[str]:
     for g in groups:
         ci = "" if g["ci"] is None else f" [{g['ci'][0]:+.3f}, {g['ci'][1]:+.3f}]"
         per = ", ".join(f"{v:+.3f}" for v in g["scores"].values())
+        per += f"; {g['n_diverged']} diverged" if g["n_diverged"] else ""
         sd = "–" if g["sd"] is None else f"{g['sd']:.3f}"
         vals = [str(g["params"].get(a, "")) for a in axes]
         lines.append(
