@@ -234,11 +234,13 @@ def test_bad_objective_and_missing_neutral_prompts_are_refused():
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
 def test_shared_prefix_pass_equals_full_rows_in_value_and_gradient(arch):
-    """The steered pass that runs the common prompt prefix once per coefficient gives the hidden states, token
-    log-probs and adapter gradients of the plain pass over full rows."""
+    """The steered pass that runs the common prompt prefix once per coefficient, and the blocks below the adapter
+    once for both coefficients, gives the hidden states, token log-probs and adapter gradients of the plain pass
+    over full rows, each sharing alone and both together."""
     from conftest import tiny_gemma3
 
     from innerpissa.train import shared_prefix_len, steered_forward
+    from innerpissa.train.passes import first_adapted_block
 
     _, tok, split = _setup()
     model = (tiny_llama if arch == "llama" else tiny_gemma3)(vocab_size=len(tok))
@@ -252,19 +254,24 @@ def test_shared_prefix_pass_equals_full_rows_in_value_and_gradient(arch):
     batch = tokenize_pairs(tok, list(split.train[:4]))
     assert shared_prefix_len(batch, 5) >= 4  # the template and the persona instruction's start are shared
     block = decoder_blocks(model)[3]
+    assert 0 < first_adapted_block(adapter) <= 3  # blocks below the adapter exist: the branch point is exercised
     outs = []
-    for min_prefix in (4, 1 << 30):  # shared prefix, then full rows
-        h, lp, logp = steered_forward(adapter, batch, [1.0, -1.0], block, 3, True, min_prefix)
+    # (min_prefix, share_lower): full rows; shared prefix; shared lower blocks; both (the default)
+    for min_prefix, lower in ((1 << 30, False), (4, False), (1 << 30, True), (4, True)):
+        h, lp, logp = steered_forward(adapter, batch, [1.0, -1.0], block, 3, True, min_prefix, lower)
         loss = h.square().mean() + lp.mean() + logp.exp()[..., :7].sum()
         grads = torch.autograd.grad(loss, [adapter.layer(n).theta for n in adapter.target_names])
         outs.append((h.detach(), lp.detach(), logp.detach(), grads))
-    (h1, lp1, lg1, g1), (h2, lp2, lg2, g2) = outs
-    torch.testing.assert_close(h1, h2, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(lp1, lp2, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(lg1, lg2, atol=1e-4, rtol=1e-4)
-    for a, b in zip(g1, g2):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-3)
+    h1, lp1, lg1, g1 = outs[0]
+    assert h1.shape[0] == 2 * batch.n_rows and lp1.shape == (2 * batch.n_rows, batch.suffix_mask.shape[1])
+    for h2, lp2, lg2, g2 in outs[1:]:
+        torch.testing.assert_close(h2, h1, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(lp2, lp1, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(lg2, lg1, atol=1e-4, rtol=1e-4)
+        for a, b in zip(g2, g1):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-3)
     assert max(float(g.abs().max()) for g in g1) > 1e-6  # gradients reach the adapter
+    assert (h1[: batch.n_rows] - h1[batch.n_rows :]).abs().max() > 1e-4  # the two coefficients differ
 
 
 def test_short_sliding_window_falls_back_to_full_rows():
@@ -279,10 +286,15 @@ def test_short_sliding_window_falls_back_to_full_rows():
     assert batch.input_ids.shape[1] > model.config.sliding_window
     block = decoder_blocks(model)[3]
     with torch.no_grad():
+        for n in adapter.target_names:
+            adapter.layer(n).delta.normal_(0, 0.05)
         a = steered_forward(adapter, batch, [1.0, -1.0], block, 3, False, 4)
         b = steered_forward(adapter, batch, [1.0, -1.0], block, 3, False, 1 << 30)
+        c = steered_forward(adapter, batch, [1.0, -1.0], block, 3, False, 1 << 30, False)  # no sharing at all
     torch.testing.assert_close(a[0], b[0])
     torch.testing.assert_close(a[1], b[1])
+    torch.testing.assert_close(b[0], c[0], atol=1e-5, rtol=1e-4)  # the lower blocks once, with sliding layers
+    torch.testing.assert_close(b[1], c[1], atol=1e-5, rtol=1e-4)
 
 
 def test_data_aware_selection_picks_components_the_pairs_use(tmp_path):

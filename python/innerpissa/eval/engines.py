@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, finite_coeff
-from ..hooks import on_model_device
+from ..hooks import logit_positions, on_model_device
 from ..prompts import left_pad, render_prompt
 from .datasets import EvalDataset
 
@@ -304,10 +304,15 @@ class TorchEngine:
 
             def logp(head, ctx, bodies=bodies, keep=keep):
                 ids, am, pos = on_model_device(model, *left_pad([head + b for b in bodies], tok.pad_token_id))
+                t = ids.shape[1]
                 with ctx():
                     out = model(
-                        input_ids=ids, attention_mask=am, position_ids=pos, logits_to_keep=keep + 1, use_cache=False
-                    ).logits[:, :-1]
+                        input_ids=ids,
+                        attention_mask=am,
+                        position_ids=pos,
+                        logits_to_keep=logit_positions(model, t - keep - 1, t - 1),
+                        use_cache=False,
+                    ).logits
                 return out.float().log_softmax(-1)  # (B, keep, V)
 
             lpc = logp(hc, steer) if steer is not None else logp(h0, _null)

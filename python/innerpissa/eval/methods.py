@@ -27,7 +27,7 @@ import torch
 
 from ..adapter import Adapter, decoder_blocks
 from ..errors import ConfigError, NonFiniteError
-from ..hooks import capture_outputs, forward_hooks, on_model_device, shift_output
+from ..hooks import capture_outputs, forward_hooks, on_model_device, run_until, shift_output
 from ..pairs import ContrastivePair, persona_instruction
 from .engines import check_sweep_coeffs
 
@@ -249,13 +249,8 @@ def last_token_states(
         for i in range(0, len(texts), batch_size):
             seqs = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts[i : i + batch_size]]
             ids, mask, pos = on_model_device(model, *left_pad(seqs, tokenizer.pad_token_id))
-            model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=pos,
-                logits_to_keep=1,
-                use_cache=False,
-            )
+            top = blocks[max(layers)]  # nothing above the highest block read is run
+            run_until(model, top, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
             for ell in layers:
                 out[ell].append(captured[ell])
     return {ell: torch.cat(v) for ell, v in out.items()}

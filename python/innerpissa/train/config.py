@@ -49,7 +49,7 @@ class TrainConfig:
     tv_tau: float = 0.0  # 0: mean over tokens; > 0: soft maximum with this temperature
     shift_target: float = 0.5  # anchored: persona-free shift at c = ±1, in σ units
     shift_weight: float = 1.0
-    share_prefix: bool = True  # run the prompt prefix all rows share once per coefficient (same result, faster)
+    share_prefix: bool = True  # run the shared prompt prefix once per c, the blocks below the adapter once for all c
     direction: str = "mean-diff"  # the ruler's u in its basis: directions.DIRECTIONS
     fisher_damping: float = 1e-5  # direction "fisher": λ relative to the mean eigenvalue of the Fisher matrix
     bias_weight: float = 0.0  # > 0: the answer-bias guard (innerpissa.train.guard) with this weight

@@ -13,7 +13,7 @@ from ..directions import fisher_direction, mean_difference, pca_direction
 from ..pairs import ContrastivePair
 from .batches import tokenize_pairs
 from .objectives import Ruler
-from .passes import forward_states, gap_gradients
+from .passes import block_states, gap_gradients
 
 if TYPE_CHECKING:
     from .config import TrainConfig
@@ -54,7 +54,7 @@ def preference_direction(
     pairs = pairs[: cfg.direction_pairs]
     for i in range(0, len(pairs), batch_pairs):
         b = tokenize_pairs(tokenizer, pairs[i : i + batch_pairs], cfg.max_suffix_tokens)
-        h, _, _ = forward_states(adapter.model, b, blocks[idx], 1)
+        h = block_states(adapter.model, b, blocks[idx], 1)
         n = b.n_pairs
         diffs.append(h[:n, -1] - h[n:, -1])  # (N, d)
     diffs_t = torch.cat(diffs)  # (n, d)
