@@ -300,3 +300,49 @@ def test_budget_first_sweep_scores_items_only_at_the_budget():
         budget_first=True,
     )["methods"]["m"]
     assert m["kl_coeff"] == 2.0 and not m["budget_reached"]
+
+
+class _ItemEngine(_QuadraticEngine):
+    """As ``_QuadraticEngine``, but each item's score has its own slope (from its id), and every scored item is
+    counted."""
+
+    def __init__(self, k: float):
+        super().__init__(k)
+        self.n_scored = 0
+
+    def evaluate(self, method, coeffs, datasets, neutral_texts):
+        self.n_scored += len(coeffs) * sum(len(d.items) for d in datasets)
+        out = super().evaluate(method, coeffs, datasets, neutral_texts)
+        for res, c in zip(out, coeffs):
+            for d in datasets:
+                res[d.name] = (
+                    res[d.name][0] + c * np.array([np.sin(7.0 * int(it.id)) for it in d.items]),
+                    res[d.name][1],
+                )
+        return out
+
+
+def test_scoring_only_the_test_items_gives_the_same_test_numbers_with_half_the_item_passes():
+    from types import SimpleNamespace
+
+    from innerpissa.eval.suite import run_suite
+
+    labels = [1, -1] * 10
+    datasets = [
+        EvalDataset(name, "yesno", tuple(EvalItem(str(i), "q", y) for i, y in enumerate(labels)), "mem")
+        for name in ("a", "b")
+    ]
+    method = SimpleNamespace(name="m", kind="vector", coeffs=(-2.0, -1.0, 0.0, 1.0, 2.0))
+    runs = {}
+    for both in (True, False):
+        eng = _ItemEngine(2.0)
+        kw = dict(kl_budget=0.05, progress=False, neutral_texts=["x"], budget_first=True, seed=3)
+        runs[both] = (run_suite(eng, [method], datasets, score_other_split=both, **kw), eng.n_scored)
+    (full, n_full), (test_only, n_test) = runs[True], runs[False]
+    assert n_test * 2 == n_full  # the dev half is not scored
+    for name in ("a", "b"):
+        f, t = full["methods"]["m"]["datasets"][name], test_only["methods"]["m"]["datasets"][name]
+        assert "dev" in f and "dev" not in t
+        assert {k: v for k, v in f.items() if k != "dev"} == t  # the same items in the same order: equal numbers
+        assert f["effect"] != 0 and len(test_only["item_ids"][name]) == 10
+        assert test_only["datasets"][name] | {"n_scored": 20} == full["datasets"][name]

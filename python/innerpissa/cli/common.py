@@ -129,6 +129,12 @@ EvalOpts = dict(
         "set: length-normalised log-likelihood of true minus false answers; a target of the "
         "honesty concept",
     ),
+    dev_items=typer.Option(
+        False,
+        "--dev-items",
+        help="also score the dev items (their effect and bias go in results.json beside the test numbers); "
+        "by default only the reported test items are scored, half the item passes",
+    ),
 )
 
 

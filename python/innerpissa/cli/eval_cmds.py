@@ -82,6 +82,7 @@ def evaluate(lm, adapter, split, cfg, out: Path, concept: str = "honesty"):
         targets=targets,
         concept=concept,
         budget_first=True,
+        score_other_split=cfg.dev_items,
         meta={"model": lm.spec, "concept": concept, "command": "ipissa " + shlex.join(sys.argv[1:])},
     )
     results["meta"]["eval_seconds"] = round(time.perf_counter() - t0, 1)
@@ -116,6 +117,7 @@ def eval_cmd(
     n_other: int = EvalOpts["n_other"],
     n_dd: int = EvalOpts["n_dd"],
     truthfulqa: Path | None = EvalOpts["truthfulqa"],
+    dev_items: bool = EvalOpts["dev_items"],
     batch_size: int = EvalOpts["batch_size"],
     dd_file: Path | None = typer.Option(None, help="DailyDilemmas in the full per-action layout (HF release)"),
     dd_value: str | None = typer.Option(None, help="value that labels DailyDilemmas items, e.g. honesty"),
@@ -152,6 +154,7 @@ def eval_cmd(
         engine=engine,
         weights=weights,
         seed=seed,
+        dev_items=dev_items,
     ).validate()  # a bad option or data file fails before the model loads
     check_output(out, overwrite)
     meta = adapter_meta(adapter)
@@ -181,6 +184,7 @@ def sweep_cmd(
     n_other: int = EvalOpts["n_other"],
     n_dd: int = EvalOpts["n_dd"],
     truthfulqa: Path | None = EvalOpts["truthfulqa"],
+    dev_items: bool = EvalOpts["dev_items"],
     batch_size: int = typer.Option(64, help="prompts per packed pass"),
     mwe: list[Path] | None = typer.Option(None, help="model-written-eval JSONL file(s) instead of the persona sets"),
     seed: int = typer.Option(0),
@@ -219,6 +223,7 @@ def sweep_cmd(
         engine=EngineChoice.rust,
         weights=weights,
         seed=seed,
+        dev_items=dev_items,
     ).validate()
     check_output(out, overwrite)
     meta = adapter_meta(adapter)
@@ -252,6 +257,7 @@ def sweep_cmd(
         seed=cfg.seed,
         kl_budget=cfg.kl_budget,
         budget_first=False,  # the --coeffs grid
+        score_other_split=cfg.dev_items,
         meta={"model": spec, "command": "ipissa " + shlex.join(sys.argv[1:])},
     )
     results["meta"]["eval_seconds"] = round(time.perf_counter() - t0, 1)

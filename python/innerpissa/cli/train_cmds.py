@@ -190,6 +190,7 @@ def run_cmd(
     n_other: int = EvalOpts["n_other"],
     n_dd: int = EvalOpts["n_dd"],
     truthfulqa: Path | None = EvalOpts["truthfulqa"],
+    dev_items: bool = EvalOpts["dev_items"],
     batch_size: int = EvalOpts["batch_size"],
     engine: EngineChoice = EngineOpt,
     weights: WeightsChoice = WeightsOpt,
@@ -231,6 +232,7 @@ def run_cmd(
         engine=engine,
         weights=weights,
         seed=seed,
+        dev_items=dev_items,
     ).validate()
     resolve_data_dir(data_dir)  # the evaluation data must be there before minutes of training
     t0 = time.perf_counter()

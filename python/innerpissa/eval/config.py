@@ -46,6 +46,8 @@ class EvalConfig:
         mwe: model-written-eval JSONL files replacing the persona sets.
         engine, weights: see :class:`EngineChoice`, :class:`WeightsChoice`.
         seed: item sampling, dev/test split and the random vector.
+        dev_items: also score the dev items (``run_suite(score_other_split=True)``); the reported test numbers
+            are the same either way.
     """
 
     methods: tuple[str, ...] = ("innerpissa", "prompting", "pca", "mean-diff", "random")
@@ -62,6 +64,7 @@ class EvalConfig:
     engine: EngineChoice = EngineChoice.auto
     weights: WeightsChoice = WeightsChoice.f32
     seed: int = 0
+    dev_items: bool = False
 
     def validate(self) -> EvalConfig:
         """Check every field without loading a model; returns self.

@@ -249,7 +249,7 @@ def summarize(
         for d in datasets:
             labels = np.array([it.label for it in d.items])
             per[d.name] = dataset_metrics(sw, d.name, labels, splits[d.name][main], cb, seed)
-            if report_split == "test":
+            if report_split == "test" and len(splits[d.name][0]):  # dev items scored too (run_suite)
                 per[d.name]["dev"] = {
                     k: v
                     for k, v in dataset_metrics(sw, d.name, labels, splits[d.name][0], cb, seed).items()

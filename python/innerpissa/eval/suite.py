@@ -134,6 +134,7 @@ def run_suite(
     report_split: str = "test",
     splits: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
     budget_first: bool = False,
+    score_other_split: bool = True,
 ) -> dict:
     """Sweep every method on every dataset with ``engine`` (``TorchEngine`` or ``RustEngine``), then compute
     metrics on the test split (``report_split="dev"``: the dev split, for searches) at each method's
@@ -141,7 +142,10 @@ def run_suite(
     split, e.g. to score datasets that already hold only dev items. ``budget_first`` finds each method's
     KL-matched coefficient on the neutral texts first and scores items only at 0, ±C_b/2 and ±C_b
     (``engines.run_sweep``; ``ipissa eval``/``run``/``tune`` and ``scripts/results.py`` use it); False (the
-    default) sweeps each method's own ``coeffs``. Returns results (JSON-able).
+    default) sweeps each method's own ``coeffs``. ``score_other_split=False`` scores only the items of
+    ``report_split`` (half the item passes; the results then have no ``"dev"`` numbers beside the test ones, and
+    ``raw``/``item_ids`` hold the reported items only); the reported numbers are the same either way. Returns
+    results (JSON-able).
 
     Raises:
         ConfigError: a bad ``kl_budget`` (checked before any compute), a method the engine cannot run.
@@ -153,6 +157,9 @@ def run_suite(
 
     kl_budget = check_budget(kl_budget)
     splits = splits if splits is not None else dataset_splits(datasets, seed)
+    drawn = {d.name: (len(d.items), len(splits[d.name][0]), len(splits[d.name][1])) for d in datasets}
+    if not score_other_split:
+        datasets, splits = _report_items_only(datasets, splits, report_split)
     n_points = 1 + 2 * len(BUDGET_POINTS)
     bar = tqdm(
         total=sum(n_points if budget_first and m.kind != "prompt" else len(m.coeffs) for m in methods),
@@ -175,10 +182,12 @@ def run_suite(
     for d in datasets:
         labels = np.array([it.label for it in d.items])
         test = splits[d.name][1]
+        n_items, n_dev, n_test = drawn[d.name]
         info[d.name] = {
-            "n_items": len(d.items),
-            "n_dev": int(len(splits[d.name][0])),
-            "n_test": int(len(test)),
+            "n_items": n_items,
+            "n_dev": n_dev,
+            "n_test": n_test,
+            "n_scored": len(d.items),
             "n_test_yes": int((labels[test] == 1).sum()),
             "n_test_no": int((labels[test] == -1).sum()),
             "kind": d.kind,
@@ -201,3 +210,18 @@ def run_suite(
         "raw": [dataclasses.asdict(s) for s in sweeps],
         "item_ids": {d.name: [it.id for it in d.items] for d in datasets},
     }
+
+
+def _report_items_only(
+    datasets: list[EvalDataset], splits: dict[str, tuple[np.ndarray, np.ndarray]], report_split: str
+) -> tuple[list[EvalDataset], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Each dataset cut to the items of ``report_split`` (in the split's order, so every per-item statistic and
+    bootstrap draw sees the same items in the same order), with splits over the cut datasets."""
+    part = 1 if report_split == "test" else 0
+    cut, cut_splits = [], {}
+    for d in datasets:
+        idx = splits[d.name][part]
+        cut.append(dataclasses.replace(d, items=tuple(d.items[i] for i in idx)))
+        everything, nothing = np.arange(len(idx)), np.zeros(0, dtype=int)
+        cut_splits[d.name] = (nothing, everything) if part == 1 else (everything, nothing)
+    return cut, cut_splits
