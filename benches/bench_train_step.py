@@ -20,8 +20,9 @@ that still reaches the same depth. The step runs those rows at c = +1 and c = âˆ
   coefficient, the blocks below the first adapted one run once for both coefficients, the output head on a
   contiguous copy of the kept positions).
 
-Prints medians over repeats and each as a ratio to the baseline, and the one-off costs of a run: the ruler
-(``direction_pairs`` pairs) and the c = 0 cache per training pair.
+Prints medians over repeats (the variants timed round-robin, so a drift of the machine's speed hits them alike)
+and each as a ratio to the baseline, and the one-off costs of a run: the ruler (``direction_pairs`` pairs) and the
+c = 0 cache per training pair.
 """
 
 from __future__ import annotations
@@ -130,22 +131,24 @@ def main() -> None:
 
         return run
 
-    def timeit(fn):
+    variants = {
+        "plain forward+backward": plain_step,
+        "no cache, full rows": step(False, False),
+        "strided logits, lower blocks per c": step(True, True, strided=True, lower=False),
+        "lower blocks per c": step(True, True, lower=False),
+        "default": step(True, True),
+    }
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for fn in variants.values():
         fn()  # warm-up
-        out = []
-        for _ in range(args.repeats):
+    for _ in range(args.repeats):  # round-robin, so a drift of the machine's speed hits every variant alike
+        for name, fn in variants.items():
             t = time.perf_counter()
             fn()
-            out.append(time.perf_counter() - t)
-        return statistics.median(out)
-
-    t_plain = timeit(plain_step)
-    steps = {
-        "no cache, full rows": timeit(step(False, False)),
-        "strided logits, lower blocks per c": timeit(step(True, True, strided=True, lower=False)),
-        "lower blocks per c": timeit(step(True, True, lower=False)),
-        "default": timeit(step(True, True)),
-    }
+            times[name].append(time.perf_counter() - t)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    t_plain = med.pop("plain forward+backward")
+    steps = med
     b = rows[-1]
     print(
         f"model={lm.spec} objective={cfg.objective} batch={args.batch_pairs} pairs: plain pass over {b.n_rows} "
