@@ -53,7 +53,6 @@ ADDED_LATER = {
     "bias_weight": 0.0,
     "bias_batch": 8,
     "even_weight": 0.0,
-    "focus_weight": 0.0,
 }
 _UNSET = object()
 

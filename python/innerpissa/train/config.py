@@ -49,7 +49,6 @@ class TrainConfig:
     tv_tau: float = 0.0  # 0: mean over tokens; > 0: soft maximum with this temperature
     shift_target: float = 0.5  # anchored: persona-free shift at c = ±1, in σ units
     shift_weight: float = 1.0
-    focus_weight: float = 0.0  # anchored: > 0 prices the persona-free hidden change off the direction u (σ² units)
     share_prefix: bool = True  # run the shared prompt prefix once per c, the blocks below the adapter once for all c
     direction: str = "mean-diff"  # the ruler's u in its basis: directions.DIRECTIONS
     fisher_damping: float = 1e-5  # direction "fisher": λ relative to the mean eigenvalue of the Fisher matrix
@@ -122,7 +121,6 @@ class TrainConfig:
             "tv_tau": (0, None),
             "shift_target": (0, None),
             "shift_weight": (0, None),
-            "focus_weight": (0, None),
             "fisher_damping": (0, None),
             "bias_weight": (0, None),
         }

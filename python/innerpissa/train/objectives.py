@@ -48,15 +48,6 @@ the pair's suffix after a neutral instruction): with a_i(c) = mean over the last
   This is the one objective that says where a prompt *without* the persona should go (the evaluation prompts
   have none); σ/2 is about the distance from a neutral prompt to either persona along u.
 
-  Optional *focus* term (``focus_weight`` = w_focus > 0): with Δ_i(c) = h_free,i(c) − h_free,i(0) at the loss
-  block (last K tokens, all d dimensions) and û = B u its unit direction there,
-
-    L_focus = w_focus · ω(step) · mean over c = ±1, pairs, tokens of ‖Δ − ⟨Δ, û⟩ û‖² / σ²
-
-  prices every change of a persona-free prompt's residual stream that is not along u: at w_focus → ∞ the
-  adapter's action on such prompts at the loss block is an input-dependent shift along u alone, the shape of a
-  steering vector's (the idea of AntiPaSTO's "focus", arXiv 2601.07473, as a penalty).
-
 **The even-response penalty** (``even_weight`` = w_even > 0; reprpo-svd and anchored): with the per-token change
 Δ_c(t) = log p_c(t) − log p_0(t) of each suffix token,
 
@@ -309,11 +300,10 @@ def anchored(p: Passes, ruler: Ruler, cfg, omega: float = 1.0) -> tuple[torch.Te
     l_shift = F.relu(cfg.shift_target - shift[0]) + F.relu(cfg.shift_target + shift[1])
     coh_free, dnll_free = nll_hinge(p.free_lp0, p.free_lp, p.free_mask, cfg.coherence_tau)
     even_free, _ = even_change(p.free_lp0, p.free_lp, p.free_mask)
-    focus = off_direction(p.free, p.free0, ruler)
     loss = (
         loss
         + cfg.shift_weight * l_shift.mean()
-        + omega * (cfg.coherence_weight * coh_free + cfg.even_weight * even_free + cfg.focus_weight * focus)
+        + omega * (cfg.coherence_weight * coh_free + cfg.even_weight * even_free)
     )
     return loss, {
         "loss": loss.item(),
@@ -322,21 +312,7 @@ def anchored(p: Passes, ruler: Ruler, cfg, omega: float = 1.0) -> tuple[torch.Te
         "shift_minus": -shift[1].mean().item(),
         "coh_free": coh_free.item(),
         "dnll_free": dnll_free,
-        "off_u_free": focus.item(),
     }
-
-
-def off_direction(h: torch.Tensor, h0: torch.Tensor, ruler: Ruler) -> torch.Tensor:
-    """Mean ‖Δ − ⟨Δ, û⟩ û‖² / σ² of the hidden change Δ = h − h0 off the ruler's direction û = B u (the
-    ``anchored`` focus term; dimensionless).
-
-    h: (G, N, K, d) steered; h0: (N, K, d) base; the mean runs over G, N and K.
-    """
-    u_full = ruler.basis @ ruler.u  # (d,); B has orthonormal columns and u is a unit vector, so ‖û‖ = 1
-    u_full = u_full / u_full.norm().clamp_min(1e-12)
-    delta = h - h0.unsqueeze(0)
-    off = delta - (delta @ u_full).unsqueeze(-1) * u_full
-    return (off**2).sum(-1).mean() / ruler.sigma**2
 
 
 LOSSES = {"reprpo-svd": reprpo_svd, "antiparallel": antiparallel, "anchored": anchored}
