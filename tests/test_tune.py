@@ -124,6 +124,23 @@ def test_lora_trials_need_the_pca_ruler(tmp_path):
     assert len(load_grid(g).trials()) == 2
 
 
+def test_the_shipped_grids_load_and_the_screen_shares_the_full_ablation_keys():
+    """Every grid a doc names (docs/**/*.toml) parses; the one-seed ablation screen's rows are seed-0 rows of the
+    three-seed grid on the same concept, so a three-seed run reuses them."""
+    from pathlib import Path
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    paths = sorted(docs.glob("**/*.toml"))
+    assert len(paths) >= 10
+    grids = {p.name: load_grid(p) for p in paths}
+    assert grids["ablations.toml"].tune["split"] == "test"
+    screen, full = grids["ablations-screen.toml"], grids["ablations.toml"]
+    full_tune = {**full.tune, "concept": screen.tune["concept"]}
+    assert screen.tune["train_seeds"] == [0] and full.tune["train_seeds"][0] == 0
+    screen_keys = {trial_key(p, screen.tune, 0) for p in screen.trials()}
+    assert screen_keys and screen_keys <= {trial_key(p, full_tune, 0) for p in full.trials()}
+
+
 def test_row_keys_change_with_the_scoring_settings():
     from innerpissa.tune import TUNE_DEFAULTS
 
